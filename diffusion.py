@@ -1,0 +1,264 @@
+"""
+Diffusion for AudioChat-mini: the noise schedule, the Audio Transfusion Forcing loss, the samplers
+(DDIM and DPM-Solver++(2M) on a Karras schedule) and classifier-free guidance.
+
+    ┌───────────────────────────── the one convention ─────────────────────────────┐
+    │ t in [0, 1] is the noise level: t = 0 is clean data, t = 1 is pure noise.      │
+    │ alpha = cos(pi t / 2),  sigma = sin(pi t / 2)        (alpha^2 + sigma^2 = 1)   │
+    │ x_t = alpha x0 + sigma eps                           (eps ~ N(0, I))           │
+    │ v   = alpha eps - sigma x0                           (what the model predicts) │
+    │ x0  = alpha x_t - sigma v,   eps = sigma x_t + alpha v                         │
+    │ Clean context (previous audio, text) has t = 0.                                │
+    └────────────────────────────────────────────────────────────────────────────────┘
+
+Every sign below follows from this box. v-prediction on the cosine schedule is what the paper
+uses (DDPM-style, v target); its sampler is DPM-Solver++ on a Karras schedule with CFG scale 3.
+
+    loss, ce, mse = transfusion_forcing_loss(model, collate([[seq] for seq in seqs], pad_id), null_id)
+    audio = sample_audio(model, cache, n_tokens=100, steps=50, sampler="dpmpp", cfg_scale=3.0)
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# The noise schedule
+
+def alpha_sigma(t):
+    """t: tensor of noise levels -> (alpha, sigma) of the same shape (the box above)."""
+    return torch.cos(0.5 * math.pi * t), torch.sin(0.5 * math.pi * t)
+
+
+def add_noise(x0, eps, t):
+    """x0, eps: (B, L, latent), t: (B, L) -> (x_t, v target), both (B, L, latent)."""
+    alpha, sigma = (a[..., None] for a in alpha_sigma(t))
+    return alpha * x0 + sigma * eps, alpha * eps - sigma * x0
+
+
+# -----------------------------------------------------------------------------
+# The batch: encode_dialogue sequences packed into rows, padded to one length
+
+def collate(rows, pad_id):
+    """rows: list of B rows, each a list of tokenizer.encode_dialogue dicts packed one after the
+    other into that row (train.py chooses the packing; [[seq] for seq in seqs] gives one dialogue
+    per row). Returns a dict of (B, ...) tensors, padded at the end of each row to the longest:
+
+        tokens (B, L) long          text ids; audio positions and padding hold pad_id
+        audio (B, L, latent)        clean latents at audio positions, 0 elsewhere
+        span_id (B, L) long         -1 for text and padding, 0, 1, ... per audio span of the row
+        span_is_target (B, S) bool  span made by the assistant (diffusion loss) or supplied by the
+                                    user (conditioning); padded with False, S >= 1
+        text_target (B, L) bool     True where tokens[:, i + 1] is a learned assistant token
+        is_plain_text (B, L) bool   words that classifier-free guidance may drop to <|null|>
+        doc_id (B, L) long          which dialogue of the row each token belongs to; -1 for padding
+        is_pad (B, L) bool          padding at the end of a row
+
+    The mask keeps the dialogues of a row apart (doc_id) and positions restart at each one.
+    """
+    L = max(sum(len(d["tokens"]) for d in row) for row in rows)
+    S = max(1, max(sum(len(d["span_is_target"]) for d in row) for row in rows))
+    B, latent = len(rows), rows[0][0]["audio"].size(1)
+    batch = {
+        "tokens": torch.full((B, L), pad_id, dtype=torch.long),
+        "audio": torch.zeros(B, L, latent),
+        "span_id": torch.full((B, L), -1, dtype=torch.long),
+        "span_is_target": torch.zeros(B, S, dtype=torch.bool),
+        "text_target": torch.zeros(B, L, dtype=torch.bool),
+        "is_plain_text": torch.zeros(B, L, dtype=torch.bool),
+        "doc_id": torch.full((B, L), -1, dtype=torch.long),
+        "is_pad": torch.ones(B, L, dtype=torch.bool),
+    }
+    for b, row in enumerate(rows):
+        i = n_spans = 0
+        for doc, d in enumerate(row):
+            n, s = len(d["tokens"]), len(d["span_is_target"])
+            for key in ("tokens", "audio", "text_target", "is_plain_text"):
+                batch[key][b, i:i + n] = d[key]
+            # span ids count across the dialogues of a row, so that they index span_is_target
+            batch["span_id"][b, i:i + n] = torch.where(d["span_id"] >= 0, d["span_id"] + n_spans, -1)
+            batch["span_is_target"][b, n_spans:n_spans + s] = d["span_is_target"]
+            batch["doc_id"][b, i:i + n] = doc
+            batch["is_pad"][b, i:i + n] = False
+            i, n_spans = i + n, n_spans + s
+    return batch
+
+
+# -----------------------------------------------------------------------------
+# Audio Transfusion Forcing: one noise level per audio span
+
+CONTEXT_T_MAX = 0.1  # a user-supplied span that is not kept clean gets a small t ~ U(0, 0.1)
+
+
+def rand(shape, generator, device, normal=False):
+    """U(0, 1) (or N(0, 1)) numbers drawn on the generator's device, then moved to `device`."""
+    gen_device = generator.device if generator is not None else device
+    draw = torch.randn if normal else torch.rand
+    return draw(shape, generator=generator, device=gen_device).to(device)
+
+
+def sample_noise_levels(span_id, span_is_target, per_frame=False, clean_context_p=0.9, generator=None):
+    """Noise level of every token for one training step (AudioChat's Audio Transfusion Forcing).
+
+    span_id: (B, L) long, span_is_target: (B, S) bool. Returns t: (B, L) float.
+    Every audio span gets its OWN t ~ U(0, 1), independent of the other spans of the dialogue
+    (diffusion forcing across turns): the model sees clean history with a noisy target, noisy
+    history, and everything in between, so it can neither copy the previous turn nor rely on it
+    being clean. per_frame=True draws a t for every audio token instead (Diffusion Forcing's
+    granularity). Spans the user supplies for understanding are kept clean (t = 0) with
+    probability clean_context_p, otherwise they get a small t, so that the text answer about
+    them is learnable. Text tokens have t = 0. Random numbers come from `generator` (on its own
+    device, e.g. a CPU generator for a CUDA batch: the same draws on every device).
+    """
+    B, L = span_id.shape
+    S = span_is_target.size(1)
+    idx = span_id.clamp(min=0)  # text positions read span 0; torch.where below discards them
+    u = rand((B, L), generator, span_id.device) if per_frame else rand((B, S), generator, span_id.device).gather(1, idx)
+    keep_clean = (rand((B, S), generator, span_id.device) < clean_context_p).gather(1, idx)
+    t_context = torch.where(keep_clean, 0.0, CONTEXT_T_MAX * u)
+    t = torch.where(span_is_target.gather(1, idx), u, t_context)
+    return torch.where(span_id >= 0, t, 0.0)
+
+
+def transfusion_forcing_loss(model, batch, null_id, lambda_audio=5.0, cfg_drop_p=0.1,
+                             per_frame=False, clean_context_p=0.9, generator=None):
+    """One training loss: loss = CE(text) + lambda_audio * MSE(v), as in Transfusion and AudioChat.
+
+    batch: the dict made by `collate`, on the model's device. Returns (loss, ce, mse), 0-dim.
+    - Audio is noised at its span's own t (sample_noise_levels) and the model predicts v in place.
+    - With probability cfg_drop_p a whole sample's plain text becomes <|null|> (classifier-free
+      guidance learns the unconditional model); that sample's text CE is off, since its answer
+      words would have to be predicted from nulls.
+    - ce: next-token cross-entropy at text_target positions (assistant words), mean over them.
+    - mse: squared v error averaged over the audio tokens of target spans (and latent channels);
+      user-supplied spans are conditioning only.
+    """
+    tokens, x0, span_id = batch["tokens"], batch["audio"], batch["span_id"]
+    t = sample_noise_levels(span_id, batch["span_is_target"], per_frame, clean_context_p, generator)
+    eps = rand(x0.shape, generator, x0.device, normal=True)
+    x_t, v_target = add_noise(x0, eps, t)  # text positions: x0 = 0 and t = 0, so x_t = 0
+
+    drop = rand((tokens.size(0),), generator, tokens.device) < cfg_drop_p  # (B,)
+    inputs = torch.where(drop[:, None] & batch["is_plain_text"], null_id, tokens)
+    text_logits, v_pred = model(inputs, x_t, t, span_id, batch.get("doc_id"))
+
+    ce_mask = batch["text_target"][:, :-1] & ~drop[:, None]  # position i predicts tokens[i + 1]
+    ce_all = F.cross_entropy(text_logits[:, :-1].transpose(1, 2).float(), tokens[:, 1:], reduction="none")
+    ce = (ce_all * ce_mask).sum() / ce_mask.sum().clamp(min=1)
+
+    is_target = batch["span_is_target"].gather(1, span_id.clamp(min=0)) & (span_id >= 0)  # (B, L)
+    mse_all = (v_pred.float() - v_target).pow(2).mean(-1)
+    mse = (mse_all * is_target).sum() / is_target.sum().clamp(min=1)
+    return ce + lambda_audio * mse, ce, mse
+
+
+# -----------------------------------------------------------------------------
+# Samplers over any denoiser v_fn(x_t, t) -> v, x: (B, N, latent), t: (B,)
+
+def cfg(v_cond, v_uncond, scale):
+    """Classifier-free guidance: v_uncond + scale * (v_cond - v_uncond), on every channel.
+    scale 1 is the conditional model, 0 the unconditional one, > 1 pushes further towards the
+    condition (the paper uses 3). flow_matching's w is scale - 1. v is linear in eps and x0, so
+    guiding v guides both."""
+    return v_uncond + scale * (v_cond - v_uncond)
+
+
+def ddim_sample(v_fn, noise, steps):
+    """Deterministic DDIM (eta = 0) from t = 1 to t = 0 in `steps` equal steps of t.
+
+    noise: (B, N, latent) standard normal, the sample at t = 1. Each step predicts x0 and eps from
+    v (the box), then re-noises x0 with the same eps at the next, lower t.
+    """
+    x = noise
+    ts = torch.linspace(1.0, 0.0, steps + 1, device=noise.device)
+    for t, t_next in zip(ts[:-1], ts[1:]):
+        alpha, sigma = alpha_sigma(t)
+        v = v_fn(x, t.expand(x.size(0)))
+        x0, eps = alpha * x - sigma * v, sigma * x + alpha * v
+        alpha_next, sigma_next = alpha_sigma(t_next)
+        x = alpha_next * x0 + sigma_next * eps
+    return x
+
+
+def karras_ts(steps, sigma_min, sigma_max, rho, device=None):
+    """Karras et al. (2022) schedule: `steps` noise-to-signal ratios s = sigma / alpha, spaced
+    evenly in s^(1/rho) from sigma_max down to sigma_min (denser near the data), then s = 0.
+    Mapped to our noise level by t = (2 / pi) atan(s). Returns (steps + 1,) t values."""
+    ramp = torch.linspace(0, 1, steps, device=device)
+    s = (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    return torch.cat([torch.atan(s) * (2 / math.pi), s.new_zeros(1)])
+
+
+def dpmpp_2m_sample(v_fn, noise, steps, sigma_min=0.002, sigma_max=80.0, rho=7.0):
+    """DPM-Solver++(2M) (Lu et al. 2022): a second-order multistep solver of the probability-flow
+    ODE in data prediction, on a Karras schedule; AudioChat's sampler. One v_fn call per step.
+
+    In lambda = log(alpha / sigma), the exact solution is a weighted integral of x0(lambda); the
+    solver takes x0 linear in lambda through the last two predictions:
+        x_next = (sigma_next / sigma) x - alpha_next (exp(-h) - 1) D,  h = lambda_next - lambda
+        D = (1 + 1/(2r)) x0 - 1/(2r) x0_prev,  r = h_prev / h      (D = x0 on the first step)
+    The last step lands on t = 0, where the update is x = x0. noise: (B, N, latent) ~ N(0, I).
+    sigma_min/sigma_max are the Karras noise-to-signal ratios (EDM defaults); t starts at
+    t_max = (2/pi) atan(sigma_max) just below 1, where x is noise scaled by sigma(t_max).
+    """
+    ts = karras_ts(steps, sigma_min, sigma_max, rho, noise.device)
+    x = alpha_sigma(ts[0])[1] * noise
+    x0_prev = h_prev = None
+    for i in range(steps):
+        alpha, sigma = alpha_sigma(ts[i])
+        v = v_fn(x, ts[i].expand(x.size(0)))
+        x0 = alpha * x - sigma * v
+        if i == steps - 1:  # the next level is t = 0: the ODE's endpoint is the data prediction
+            return x0
+        alpha_next, sigma_next = alpha_sigma(ts[i + 1])
+        h = torch.log(alpha_next / sigma_next) - torch.log(alpha / sigma)
+        D = x0 if x0_prev is None else (1 + h / (2 * h_prev)) * x0 - h / (2 * h_prev) * x0_prev
+        x = (sigma_next / sigma) * x - alpha_next * torch.expm1(-h) * D
+        x0_prev, h_prev = x0, h
+    return x
+
+
+SAMPLERS = {"ddim": ddim_sample, "dpmpp": dpmpp_2m_sample}
+
+
+# -----------------------------------------------------------------------------
+# Sampling one audio span with the model and its prefix cache
+
+@torch.no_grad()
+def sample_audio(model, cache, n_tokens, steps=50, sampler="dpmpp", cfg_scale=3.0, generator=None):
+    """Generate one audio span after the cached prefix (which ends with <|audio|>); commit it.
+
+    cache: the model's KVCache holding the prefix. With cfg_scale != 1 it holds 2B rows:
+    rows [:B] the conditional prefix, rows [B:] the same prefix with its plain text replaced by
+    <|null|> (same length), so that both branches run in ONE forward per step (batched CFG).
+    With cfg_scale == 1 it holds B conditional rows. The prefix's keys and values were computed
+    once; each of the `steps` denoiser calls runs only the n_tokens new audio tokens against them
+    (the prefix cache: nothing before the span attends to it, so its K/V never change).
+    Returns x0: (B, n_tokens, latent) and leaves the clean span (t = 0) committed in every row,
+    ready for the next text turn.
+    """
+    guided = cfg_scale != 1.0
+    rows = cache.batch_size
+    if guided and rows % 2:
+        raise ValueError(f"cfg_scale {cfg_scale} needs conditional and unconditional rows, got {rows} rows")
+    B = rows // 2 if guided else rows
+    dev = model.wte.weight.device
+    latent = model.config.latent_dim
+    # the token ids of audio positions are never read (the audio embedding replaces them)
+    tokens = torch.zeros(rows, n_tokens, dtype=torch.long, device=dev)
+    span_id = torch.zeros(rows, n_tokens, dtype=torch.long, device=dev)  # one span: all see each other
+
+    def v_fn(x, t):
+        x_rows = torch.cat([x, x]) if guided else x
+        t_rows = t.repeat(rows // B)[:, None].expand(rows, n_tokens)
+        _, v = model.extend(cache, tokens, x_rows, t_rows, span_id, layers="all", commit=False)
+        v = v.float()
+        return cfg(v[:B], v[B:], cfg_scale) if guided else v
+
+    noise = rand((B, n_tokens, latent), generator, dev, normal=True)
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}: use {' or '.join(SAMPLERS)}")
+    x0 = SAMPLERS[sampler](v_fn, noise, steps)
+    clean = torch.cat([x0, x0]) if guided else x0
+    model.extend(cache, tokens, clean, torch.zeros(rows, n_tokens, device=dev), span_id, layers="all", commit=True)
+    return x0

@@ -1,0 +1,391 @@
+"""
+The AudioChat-mini model: one transformer that reads and writes text tokens and audio patches.
+
+It is the paper's Self-Cascaded Transformer (SCT, AudioChat section 3.2) at toy scale:
+
+    tokens ──► embedding ──► U understanding layers ──► text head  (next text token)
+     (text ids, or noisy                │
+      audio patches + their              └──► G generation layers ──► diffusion head  (v of each
+      noise level)                                                         audio patch, in place)
+
+Every token passes all U + G layers in training. The text head reads layer U, so decoding text
+needs only the U understanding layers; the diffusion head reads layer U + G and predicts, at each
+audio position, the velocity v of that same patch (see diffusion.py for the convention).
+The ablation variant `dense` is one shared stack of U + G layers with both heads on top.
+
+Attention follows Transfusion: causal everywhere, plus full bidirectional attention inside each
+audio span. The rule is written once (`mask_rule`) and served by three interchangeable backends:
+`math` (explicit masked softmax, to read), `sdpa` (PyTorch's fused kernel with a dense boolean
+mask) and `flex` (FlexAttention with a block mask, compiled on CUDA, which skips fully masked
+blocks). Decoding uses one key/value cache for both text and audio (`new_cache`, `extend`).
+
+    model = AudioChatModel(ModelConfig(vocab_size=1024))
+    text_logits, v_pred = model(tokens, audio, t, span_id)      # training: the whole sequence
+"""
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+# -----------------------------------------------------------------------------
+# The Transfusion attention mask: one rule, three backends
+
+def mask_rule(q_pos, kv_pos, q_span, kv_span, q_doc=None, kv_doc=None):
+    """May the query at q_pos attend to the key at kv_pos? Arguments broadcast against each other.
+
+    Causal OR (both in the same audio span): text (span -1) is causal, an audio span sees all of
+    itself (a patch is denoised together with its neighbours, before and after), and different
+    spans stay causal to each other. With packed sequences (doc ids given) nothing crosses a
+    document boundary. The causal diagonal is always allowed, so no row is fully masked.
+    """
+    allowed = (q_pos >= kv_pos) | ((q_span == kv_span) & (q_span >= 0))
+    if q_doc is not None:
+        allowed = allowed & (q_doc == kv_doc)
+    return allowed
+
+
+def transfusion_mask(span_id, doc_id=None):
+    """span_id: (B, L) long, -1 for text and 0, 1, ... per audio span; doc_id: (B, L) or None.
+    Returns (B, L, L) bool, True where query i may attend to key j."""
+    pos = torch.arange(span_id.size(1), device=span_id.device)
+    q_doc, kv_doc = (None, None) if doc_id is None else (doc_id[:, :, None], doc_id[:, None, :])
+    return mask_rule(pos[:, None], pos[None, :], span_id[:, :, None], span_id[:, None, :], q_doc, kv_doc)
+
+
+def flex_block_mask(span_id, doc_id=None):
+    """The same rule as a FlexAttention BlockMask: blocks of 128 x 128 that are fully masked
+    (a text query block far before an audio span, another document) are never computed."""
+    def mask_mod(b, h, q, kv):
+        q_doc, kv_doc = (None, None) if doc_id is None else (doc_id[b, q], doc_id[b, kv])
+        return mask_rule(q, kv, span_id[b, q], span_id[b, kv], q_doc, kv_doc)
+    B, L = span_id.shape
+    return create_block_mask(mask_mod, B, None, L, L, device=span_id.device)
+
+
+@functools.cache
+def compiled_flex_attention():
+    """torch.compile turns flex_attention into one fused kernel (built on the first CUDA call).
+    Elsewhere flex runs eagerly, and forward only: PyTorch has no flex backward on CPU or MPS."""
+    return torch.compile(flex_attention)
+
+
+def attend(q, k, v, mask, backend):
+    """Scaled dot-product attention with the Transfusion mask.
+
+    q: (B, H, Lq, hd), k, v: (B, H, Lk, hd). mask: (B, Lq, Lk) bool for `math` and `sdpa`,
+    a BlockMask for `flex`. Returns (B, H, Lq, hd). The three backends agree to float tolerance.
+    """
+    if backend == "math":  # what the fused kernels compute, written out
+        att = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))
+        att = att.masked_fill(~mask[:, None], float("-inf"))
+        return F.softmax(att, dim=-1) @ v
+    if backend == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
+    if backend == "flex":
+        flex = compiled_flex_attention() if q.is_cuda else flex_attention
+        return flex(q, k, v, block_mask=mask)
+    raise ValueError(f"unknown attention backend {backend!r}: use math, sdpa or flex")
+
+
+# -----------------------------------------------------------------------------
+# Transformer blocks (nanoGPT, pre-norm)
+
+class SelfAttention(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v at once
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, mask, backend, past_kv=None):
+        """x: (B, L, D) -> (B, L, D), and the keys and values it attended to, each (B, H, T + L, hd):
+        past_kv, the cached (k, v) of T earlier tokens (or None), followed by this chunk's."""
+        B, L, D = x.shape
+        q, k, v = self.c_attn(x).split(D, dim=2)
+        q, k, v = (z.view(B, L, self.n_head, D // self.n_head).transpose(1, 2) for z in (q, k, v))
+        if past_kv is not None:
+            k, v = torch.cat([past_kv[0], k], 2), torch.cat([past_kv[1], v], 2)
+        y = attend(q, k, v, mask, backend)
+        y = y.transpose(1, 2).contiguous().view(B, L, D)
+        return self.resid_dropout(self.c_proj(y)), (k, v)
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = SelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, mask, backend, past_kv=None):
+        """x: (B, L, D) -> (B, L, D), and the (k, v) of the cache plus the chunk."""
+        a, kv = self.attn(self.ln_1(x), mask, backend, past_kv)
+        x = x + a
+        x = x + self.mlp(self.ln_2(x))
+        return x, kv
+
+
+# -----------------------------------------------------------------------------
+# Embedding of an audio patch and its noise level
+
+class NoiseLevelEmbedding(nn.Module):
+    """t: (...) noise level in [0, 1] -> (..., D). Sinusoidal features, then an MLP (DiT's
+    TimestepEmbedder). Every audio token carries its own span's t (diffusion forcing)."""
+
+    def __init__(self, n_embd, n_freq=128):
+        super().__init__()
+        # frequencies from 1 to 1000 cycles over [0, 1]: fine enough to tell t = 0 from t = 0.01
+        self.register_buffer("freqs", torch.exp(torch.linspace(0, math.log(1000.0), n_freq // 2)), persistent=False)
+        self.mlp = nn.Sequential(nn.Linear(n_freq, n_embd), nn.SiLU(), nn.Linear(n_embd, n_embd))
+
+    def forward(self, t):
+        angles = t[..., None].float() * self.freqs * 2 * math.pi
+        return self.mlp(torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1))
+
+
+# -----------------------------------------------------------------------------
+# The key/value cache used for decoding
+
+class KVCache:
+    """Keys and values of every committed token, per layer: k[i], v[i] of shape (B, H, T_i, hd).
+
+    SCT decodes text through the U understanding layers only, so the G generation layers can lag
+    behind: `pending` (B, P, D) holds the layer-U hidden states of the P tokens they have not seen
+    yet, and `pending_span` (B, P) their span ids. They are run through the generation layers, as
+    one chunk, when an audio span next needs those layers. All rows of a batch share one length.
+    """
+
+    def __init__(self, n_layer, batch_size):
+        self.batch_size = batch_size
+        self.k = [None] * n_layer
+        self.v = [None] * n_layer
+        self.pending = None
+        self.pending_span = None
+
+    def __len__(self):
+        """Number of committed tokens (all of them are in the understanding layers)."""
+        return 0 if self.k[0] is None else self.k[0].size(2)
+
+    def past(self, i):
+        return None if self.k[i] is None else (self.k[i], self.v[i])
+
+    def add_pending(self, h, span_id):
+        """h: (B, n, D) layer-U states of a committed chunk, span_id: (B, n)."""
+        if self.pending is None:
+            self.pending, self.pending_span = h, span_id
+            return
+        # the pending tokens are run later as ONE chunk, where equal span ids attend both ways:
+        # shift this chunk's span ids past the pending ones so that separate spans stay separate
+        offset = self.pending_span.max().clamp(min=-1) + 1
+        self.pending = torch.cat([self.pending, h], 1)
+        self.pending_span = torch.cat([self.pending_span, torch.where(span_id >= 0, span_id + offset, span_id)], 1)
+
+
+# -----------------------------------------------------------------------------
+# The model
+
+@dataclass
+class ModelConfig:
+    vocab_size: int
+    latent_dim: int = 128     # floats per audio token (tokenizer.LATENT_DIM)
+    n_layer: int = 6          # U understanding layers (the text head reads layer U)
+    n_gen_layer: int = 3      # G generation layers on top (the paper: G = U / 2); `dense` shares all U + G
+    n_head: int = 4
+    n_embd: int = 192
+    block_size: int = 2048    # longest sequence (learned positions)
+    dropout: float = 0.0      # on embeddings and residual branches (never on attention weights, so backends agree)
+    bias: bool = False        # biases in Linear and LayerNorm
+    arch: str = "sct"         # "sct": text head at layer U | "dense": both heads on top of U + G layers
+    attn: str = "auto"        # "auto" (flex on CUDA, sdpa elsewhere) | "math" | "sdpa" | "flex"
+
+
+class AudioChatModel(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        if config.arch not in ("sct", "dense"):
+            raise ValueError(f"unknown arch {config.arch!r}: use sct or dense")
+        if config.attn not in ("auto", "math", "sdpa", "flex"):
+            raise ValueError(f"unknown attn {config.attn!r}: use auto, math, sdpa or flex")
+        self.config = config
+        n_blocks = config.n_layer + config.n_gen_layer
+        # SCT and dense have the same layers; they differ only in where the text head reads
+        self.text_layer = config.n_layer if config.arch == "sct" else n_blocks
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.audio_in = nn.Linear(config.latent_dim, config.n_embd, bias=config.bias)
+        self.noise_emb = NoiseLevelEmbedding(config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList([Block(config) for _ in range(n_blocks)])
+        self.ln_text = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # weight tying, as in GPT-2
+        self.ln_audio = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.diffusion_head = nn.Linear(config.n_embd, config.latent_dim, bias=config.bias)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_blocks))
+        nn.init.zeros_(self.diffusion_head.weight)  # predict v = 0 at first: a calm start for the MSE
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self):
+        """Parameters, without the position table (as nanoGPT counts them)."""
+        return sum(p.numel() for p in self.parameters()) - self.wpe.weight.numel()
+
+    @property
+    def backend(self):
+        if self.config.attn != "auto":
+            return self.config.attn
+        return "flex" if self.wte.weight.is_cuda else "sdpa"
+
+    def embed(self, tokens, audio, t, span_id, pos):
+        """tokens: (B, L) long, audio: (B, L, latent) noisy patches, t: (B, L) noise levels,
+        span_id: (B, L), pos: (B, L) or (L,) positions -> (B, L, D).
+
+        Text positions take their token embedding; audio positions take a linear projection of the
+        noisy patch plus the embedding of its noise level, rescaled so its norm matches the text
+        embeddings' mean norm: AudioChat's stabiliser, without which the model learns to ignore
+        audio (a fresh projection has a very different scale from the token table).
+        """
+        text = self.wte(tokens)
+        audio = self.audio_in(audio) + self.noise_emb(t)
+        text_norm = self.wte.weight.norm(dim=1).mean().detach()  # a target scale, not a gradient path
+        audio = F.normalize(audio, dim=-1) * text_norm
+        x = torch.where((span_id >= 0)[..., None], audio, text)
+        return self.drop(x + self.wpe(pos))
+
+    def text_head(self, h):
+        return self.lm_head(self.ln_text(h))
+
+    def audio_head(self, h):
+        return self.diffusion_head(self.ln_audio(h))
+
+    def forward(self, tokens, audio, t, span_id, doc_id=None):
+        """The whole sequence at once (training).
+
+        tokens: (B, L) long text ids (anything at audio positions), audio: (B, L, latent) noisy
+        latents (anything at text positions), t: (B, L) noise level per token (0 for text),
+        span_id: (B, L) -1 for text, 0, 1, ... per audio span, doc_id: (B, L) document of each
+        token when several dialogues are packed in one row (positions restart at each document).
+        Returns text_logits (B, L, V) from layer U and v_pred (B, L, latent) from layer U + G.
+        """
+        B, L = tokens.shape
+        if L > self.config.block_size:
+            raise ValueError(f"sequence of {L} tokens is longer than block_size {self.config.block_size}")
+        pos = torch.arange(L, device=tokens.device).expand(B, L)
+        if doc_id is not None:  # each packed document starts at position 0, as it will when sampled
+            starts = torch.ones_like(doc_id, dtype=torch.bool)
+            starts[:, 1:] = doc_id[:, 1:] != doc_id[:, :-1]
+            pos = pos - torch.where(starts, pos, 0).cummax(dim=1).values
+        backend = self.backend
+        mask = flex_block_mask(span_id, doc_id) if backend == "flex" else transfusion_mask(span_id, doc_id)
+        x = self.embed(tokens, audio, t, span_id, pos)
+        for i, block in enumerate(self.blocks):
+            if i == self.text_layer:
+                text_logits = self.text_head(x)
+            x, _ = block(x, mask, backend)
+        if self.text_layer == len(self.blocks):
+            text_logits = self.text_head(x)
+        return text_logits, self.audio_head(x)
+
+    # ---- decoding with the key/value cache ----
+
+    def new_cache(self, batch_size):
+        return KVCache(len(self.blocks), batch_size)
+
+    def _run_chunk(self, cache, x, span_id, blocks, commit):
+        """Run x: (B, n, D) through self.blocks[blocks] as one chunk that sees every cached token of
+        each layer, and itself through the Transfusion rule. Commits the chunk's K/V if asked."""
+        B, n, _ = x.shape
+        within = transfusion_mask(span_id)  # (B, n, n)
+        backend = "math" if self.backend == "math" else "sdpa"  # see extend() for why not flex
+        for i in blocks:
+            past = cache.past(i)
+            seen = past[0].size(2) if past is not None else 0
+            mask = torch.cat([within.new_ones(B, n, seen), within], dim=2)
+            x, kv = self.blocks[i](x, mask, backend, past)
+            if commit:  # kv already holds the cached keys and values followed by the chunk's
+                cache.k[i], cache.v[i] = kv
+        return x
+
+    def extend(self, cache, tokens, audio, t, span_id, layers="all", commit=True):
+        """Run a chunk of n new tokens after everything in the cache.
+
+        tokens, audio, t, span_id: as in forward, with L = n. The chunk sees every committed token
+        and, inside itself, follows the Transfusion rule (an audio span must be given whole, in one
+        chunk). layers="text": only the layers the text head needs (SCT: the U understanding
+        layers; the cheap text path), returns (text_logits (B, n, V), None). layers="all": every
+        layer, returns (text_logits, v_pred (B, n, latent)). commit=False leaves the cache as it
+        was (a diffusion step on the span being sampled); commit=True appends the chunk.
+
+        Text decoding: chunks of one token, layers="text". Audio sampling: the prefix's K/V are
+        already cached, so each diffusion step costs only the span's n tokens (prefix cache);
+        the clean span (t = 0) is committed at the end. The chunks use `sdpa` (or `math`) even
+        when training uses `flex`: their mask is almost dense, and a compiled flex kernel would
+        recompile for every new cache length. Cached outputs equal a full forward.
+        """
+        B, n = tokens.shape
+        if B != cache.batch_size:
+            raise ValueError(f"chunk has batch size {B}, the cache was made for {cache.batch_size}")
+        if layers not in ("text", "all"):
+            raise ValueError(f"layers must be 'text' or 'all', not {layers!r}")
+        T = len(cache)
+        if T + n > self.config.block_size:
+            raise ValueError(f"{T} cached + {n} new tokens exceed block_size {self.config.block_size}")
+        U, n_blocks = self.text_layer, len(self.blocks)
+        if layers == "all" and cache.pending is not None:
+            # the generation layers catch up on the tokens decoded through layer U only
+            self._run_chunk(cache, cache.pending, cache.pending_span, range(U, n_blocks), commit=True)
+            cache.pending = cache.pending_span = None
+        pos = torch.arange(T, T + n, device=tokens.device)
+        x = self.embed(tokens, audio, t, span_id, pos)
+        x = self._run_chunk(cache, x, span_id, range(U), commit)
+        text_logits = self.text_head(x)
+        if U == n_blocks:  # dense: the text head already needed every layer
+            return text_logits, (self.audio_head(x) if layers == "all" else None)
+        if layers == "text":
+            if commit:
+                cache.add_pending(x, span_id)
+            return text_logits, None
+        x = self._run_chunk(cache, x, span_id, range(U, n_blocks), commit)
+        return text_logits, self.audio_head(x)
+
+    # ---- training helpers ----
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        """AdamW; weight decay on 2-D weights only (matrices, embeddings), not on norms and biases."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        # the fused kernel is faster on CUDA; the default elsewhere
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=(device_type == "cuda"))

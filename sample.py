@@ -1,0 +1,309 @@
+"""
+Chat with a trained AudioChat-mini: tell a story, edit it, understand audio — all in one dialogue.
+
+    python sample.py --ckpt out/ckpt.pt --prompt "Tell a story: ava says \"the dog runs home\" in the rain." \
+                     --edit "Make the rain quieter." --out_dir out/chat
+    python sample.py --ckpt out/ckpt.pt --understand story.wav --request "Who says what, and when?"
+    python sample.py --ckpt out/ckpt.pt                  # interactive: type a request, /edit, /understand FILE, /quit
+
+Each audio turn writes `turn_K.wav`, `turn_K.json` (the plan) and `turn_K.png` (both channels'
+spectrograms with the plan's sources as a timeline) into --out_dir.
+
+How a turn runs (the same sequence layout as training, tokenizer.encode_dialogue):
+  1. the user's words are appended to the KV cache;
+  2. the plan (chain of thought) is decoded greedily, token by token, through the understanding
+     layers only (SCT's cheap text path);
+  3. if the model opens an audio span, its length comes from the plan's duration, and the audio is
+     sampled with DPM-Solver++ (or DDIM) and classifier-free guidance: the cache holds two rows,
+     the dialogue and the same dialogue with its words replaced by <|null|>, so both branches run
+     in one batch, and the prefix's keys/values are computed once, not once per step;
+  4. the clean audio is committed to the cache, so the next edit conditions on it, as in training.
+"""
+import json
+import os
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from tokenizer import SR, HOP, PATCH, AudioCodec
+from simulate_data import MAX_DURATION, PlanError, plan_from_text, plot_story
+from diffusion import sample_audio
+from train import load_checkpoint, opt, parse_config, pick_device
+
+
+# -----------------------------------------------------------------------------
+# reading any audio the user hands us
+
+def resample(wav, sr_in, sr_out=SR):
+    """(C, N) at sr_in -> (C, N') at sr_out by band-limited (windowed-sinc) interpolation, done as
+    one FFT-domain operation: drop (or zero-pad) the spectrum above the lower Nyquist."""
+    if sr_in == sr_out:
+        return wav
+    n_out = int(round(wav.shape[-1] * sr_out / sr_in))
+    spec = np.fft.rfft(wav, axis=-1)
+    keep = min(spec.shape[-1], n_out // 2 + 1)
+    out_spec = np.zeros(wav.shape[:-1] + (n_out // 2 + 1,), dtype=spec.dtype)
+    out_spec[..., :keep] = spec[..., :keep]
+    return (np.fft.irfft(out_spec, n=n_out, axis=-1) * (n_out / wav.shape[-1])).astype(np.float32)
+
+
+def load_audio(audio):
+    """A wav path or an array (N,), (N, C) or (C, N) at SR -> stereo float32 (2, N) at SR, N a
+    multiple of 0.1 s. Other sample rates are resampled, mono is duplicated to stereo, longer than
+    MAX_DURATION is refused with a clear message (ValueError)."""
+    if isinstance(audio, (str, os.PathLike)):
+        import soundfile as sf
+        try:
+            wav, sr = sf.read(audio, dtype="float32", always_2d=True)
+        except Exception as e:
+            raise ValueError(f"cannot read {audio!r} as audio ({str(e).splitlines()[0][:100]})")
+        wav = wav.T
+    else:
+        wav, sr = np.asarray(audio, dtype=np.float32), SR
+        wav = wav[None] if wav.ndim == 1 else (wav if wav.shape[0] <= 2 else wav.T)
+    if wav.ndim != 2 or wav.shape[0] not in (1, 2) or wav.shape[1] == 0:
+        raise ValueError(f"expected mono or stereo audio, got shape {tuple(wav.shape)}")
+    if not np.isfinite(wav).all():
+        raise ValueError("the audio contains NaN or infinite samples")
+    seconds = wav.shape[1] / sr
+    if seconds > MAX_DURATION:
+        raise ValueError(f"the audio is {seconds:.1f} s long; this model understands at most {MAX_DURATION:.0f} s")
+    wav = resample(wav, sr)
+    if wav.shape[0] == 1:
+        wav = np.repeat(wav, 2, axis=0)
+    tenth = SR // 10  # whole tenths of a second: whole patches, as in training
+    n = max(tenth, -(-wav.shape[1] // tenth) * tenth)
+    return np.pad(wav, ((0, 0), (0, n - wav.shape[1])))
+
+
+# -----------------------------------------------------------------------------
+# the chat
+
+@dataclass
+class Turn:
+    """What one assistant turn produced: its text (plan or answer), the parsed plan (or None), the
+    stereo audio (2, N) (or None), and an error message when the plan failed validation."""
+    text: str
+    plan: dict = None
+    wav: np.ndarray = None
+    error: str = None
+
+
+class Chat:
+    """One dialogue with the model. generate(instruction) starts a story, edit(instruction) changes
+    the last one, understand(audio, request) answers about a clip; every turn conditions on the
+    whole dialogue so far, exactly as in training.
+
+        chat = Chat.from_checkpoint("out/ckpt.pt")
+        story = chat.generate('Tell a story: ava says "the dog runs home" in the rain.')
+        quieter = chat.edit("Make the rain quieter.")
+        answer = chat.understand("clip.wav", "Who says what, and when?").text
+    """
+
+    def __init__(self, model, tok, codec, sampler="dpmpp", steps=25, cfg_scale=3.0, seed=0, max_new_tokens=400):
+        self.model, self.tok, self.codec = model.eval(), tok, codec
+        self.sampler, self.steps, self.cfg_scale, self.max_new_tokens = sampler, steps, cfg_scale, max_new_tokens
+        self.device = next(model.parameters()).device
+        self.generator = torch.Generator(self.device).manual_seed(seed)
+        self.guided = cfg_scale != 1.0
+        # row 0: the dialogue; row 1 (with guidance): the same dialogue with every word -> <|null|>
+        self.cache = model.new_cache(2 if self.guided else 1)
+        self.ids = {name: tok.special(name) for name in ("<|user|>", "<|assistant|>", "<|end|>", "<|audio|>",
+                                                           "<|/audio|>", "<|null|>", "<|pad|>")}
+        self.turns = []  # what was said, in the dialogue format of simulate_data (plans, answers)
+
+    @classmethod
+    def from_checkpoint(cls, path, device="auto", **kwargs):
+        model, tok, codec, _ = load_checkpoint(path, pick_device(device))
+        return cls(model, tok, codec, **kwargs)
+
+    # ---- the cache, fed one chunk at a time ----
+
+    def _feed(self, ids, plain, layers="text"):
+        """Append text ids (a list) to the dialogue; plain marks words (nulled in the guidance row).
+        -> the text logits of the last position, (V,)."""
+        rows = [ids] + ([[self.ids["<|null|>"] if p else i for i, p in zip(ids, plain)]] if self.guided else [])
+        tokens = torch.tensor(rows, device=self.device)
+        B, n = tokens.shape
+        if len(self.cache) + n > self.model.config.block_size:
+            raise ValueError(f"the dialogue is full ({self.model.config.block_size} tokens): start a new Chat")
+        logits, _ = self.model.extend(self.cache, tokens, torch.zeros(B, n, self.model.config.latent_dim, device=self.device),
+                                      torch.zeros(B, n, device=self.device), torch.full((B, n), -1, device=self.device),
+                                      layers=layers)
+        return logits[0, -1]
+
+    def _feed_words(self, text):
+        ids = self.tok.encode_ordinary(text)
+        return self._feed(ids, [True] * len(ids))
+
+    def _feed_audio(self, z):
+        """Commit a clean audio span z: (T // PATCH, 128) (the user's clip) to the cache."""
+        n = z.shape[0]
+        rows = 2 if self.guided else 1
+        if len(self.cache) + n > self.model.config.block_size:
+            raise ValueError(f"the dialogue is full ({self.model.config.block_size} tokens): start a new Chat")
+        self.model.extend(self.cache, torch.full((rows, n), self.ids["<|pad|>"], device=self.device),
+                          z[None].expand(rows, -1, -1).to(self.device), torch.zeros(rows, n, device=self.device),
+                          torch.zeros(rows, n, dtype=torch.long, device=self.device), layers="all")
+
+    @torch.no_grad()
+    def _decode(self, logits):
+        """Greedy decoding (the paper) until <|audio|> or <|end|>. -> (text, stop id)."""
+        out = []
+        for _ in range(self.max_new_tokens):
+            next_id = int(logits.argmax())
+            special = next_id in (self.ids["<|audio|>"], self.ids["<|end|>"])
+            logits = self._feed([next_id], [not special])
+            if special:
+                return self.tok.decode(out), next_id
+            out.append(next_id)
+        self._feed([self.ids["<|end|>"]], [False])
+        return self.tok.decode(out), self.ids["<|end|>"]
+
+    # ---- the three turns ----
+
+    @torch.no_grad()
+    def _audio_turn(self, instruction, kind):
+        self._feed([self.ids["<|user|>"]], [False])
+        self._feed_words(instruction)
+        logits = self._feed([self.ids["<|end|>"], self.ids["<|assistant|>"]], [False, False])
+        text, stop = self._decode(logits)
+        self.turns.append({"role": "user", "text": instruction, "intent": {"kind": kind}})
+        try:
+            plan = plan_from_text(text)
+        except PlanError as e:
+            if stop == self.ids["<|audio|>"]:  # close the span the model opened, with no audio in it
+                self._feed([self.ids["<|/audio|>"], self.ids["<|end|>"]], [False, False])
+            self.turns.append({"role": "assistant", "text": text})
+            return Turn(text=text, error=f"the model wrote an invalid plan: {e}")
+        if stop != self.ids["<|audio|>"]:
+            self.turns.append({"role": "assistant", "text": text})
+            return Turn(text=text, plan=plan, error="the model wrote a plan but opened no audio span")
+        n_tokens = round(plan["duration"] * SR / HOP) // PATCH
+        z = sample_audio(self.model, self.cache, n_tokens, steps=self.steps, sampler=self.sampler,
+                         cfg_scale=self.cfg_scale, generator=self.generator)[0]
+        self._feed([self.ids["<|/audio|>"], self.ids["<|end|>"]], [False, False])
+        wav = self.codec.decode(AudioCodec.unpatchify(z.float().cpu())).numpy()
+        self.turns.append({"role": "assistant", "plan": plan, "audio": len(self.turns)})
+        return Turn(text=text, plan=plan, wav=wav)
+
+    def generate(self, instruction):
+        """A story from an instruction: plan, then audio. -> Turn."""
+        return self._audio_turn(instruction, "story")
+
+    def edit(self, instruction):
+        """Change the last story as asked: updated plan, then audio that hears the previous audio. -> Turn."""
+        return self._audio_turn(instruction, "edit")
+
+    @torch.no_grad()
+    def understand(self, audio, request="Who says what, and when?"):
+        """Audio (a wav path or an array) + a request -> Turn whose text is the answer (a timed
+        transcript, or every sound with its time span)."""
+        wav = load_audio(audio)
+        z = AudioCodec.patchify(self.codec.encode(wav))
+        self._feed([self.ids["<|user|>"]], [False])
+        self._feed_words(request)
+        self._feed([self.ids["<|audio|>"]], [False])
+        self._feed_audio(z)
+        logits = self._feed([self.ids["<|/audio|>"], self.ids["<|end|>"], self.ids["<|assistant|>"]], [False] * 3)
+        text, stop = self._decode(logits)
+        if stop == self.ids["<|audio|>"]:  # an answer is text only: close the span the model opened
+            self._feed([self.ids["<|/audio|>"], self.ids["<|end|>"]], [False, False])
+        self.turns.append({"role": "user", "text": request, "intent": {"kind": "understand"}})
+        self.turns.append({"role": "assistant", "text": text})
+        return Turn(text=text)
+
+
+# -----------------------------------------------------------------------------
+# writing a turn for people: wav, plan, picture
+
+def save_turn(turn, out_dir, name):
+    """Write name.wav, name.json (the plan) and name.png (spectrograms + plan timeline). -> paths."""
+    import soundfile as sf
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    if turn.plan is not None:
+        paths.append(os.path.join(out_dir, name + ".json"))
+        with open(paths[-1], "w") as f:
+            json.dump(turn.plan, f, indent=1)
+    if turn.wav is not None:
+        paths.append(os.path.join(out_dir, name + ".wav"))
+        sf.write(paths[-1], turn.wav.T, SR)
+        paths.append(os.path.join(out_dir, name + ".png"))
+        plot_story(turn.wav, turn.plan, paths[-1], title=name)
+    return paths
+
+
+def report(turn, out_dir, name):
+    if turn.error:
+        print(f"[{name}] {turn.error}\n  model wrote: {turn.text[:300]}")
+    else:
+        print(f"[{name}] {turn.text}")
+    for path in save_turn(turn, out_dir, name):
+        print(f"  wrote {path}")
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+@dataclass
+class SampleConfig:
+    ckpt: str = opt("out/ckpt.pt", "checkpoint written by train.py")
+    prompt: str = opt("", "story instruction (none and no --understand: interactive chat)")
+    edit: list = opt(None, "edit instruction applied after the story; repeat for several")
+    understand: str = opt("", "a wav file to understand (any sample rate, mono or stereo)")
+    request: str = opt("Who says what, and when?", "what to ask about the --understand audio")
+    out_dir: str = opt("out/chat", "where turn_K.wav/.json/.png go")
+    sampler: str = opt("dpmpp", "dpmpp (DPM-Solver++(2M), Karras) | ddim")
+    steps: int = opt(25, "diffusion steps per audio span")
+    cfg: float = opt(3.0, "classifier-free guidance scale (1 = none)")
+    seed: int = opt(0, "seed of the audio noise")
+    device: str = opt("auto", "auto | cpu | cuda | mps")
+
+
+def main(argv):
+    config = parse_config(SampleConfig, argv)
+    chat = Chat.from_checkpoint(config.ckpt, config.device, sampler=config.sampler, steps=config.steps,
+                                cfg_scale=config.cfg, seed=config.seed)
+    k = 0
+    try:
+        if config.understand:
+            report(chat.understand(config.understand, config.request), config.out_dir, f"turn_{k}")
+            return
+        if config.prompt:
+            report(chat.generate(config.prompt), config.out_dir, f"turn_{k}")
+            for k, instruction in enumerate(config.edit or [], start=1):
+                report(chat.edit(instruction), config.out_dir, f"turn_{k}")
+            return
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    print("AudioChat-mini. Type a story request; '/edit TEXT' edits it, '/understand FILE [REQUEST]' "
+          "asks about a wav, '/quit' ends.")
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            break
+        if not line:
+            continue
+        if line == "/quit":
+            break
+        try:
+            if line.startswith("/understand "):
+                path, _, request = line[len("/understand "):].strip().partition(" ")
+                turn = chat.understand(path, request or config.request)
+            elif line.startswith("/edit "):
+                turn = chat.edit(line[len("/edit "):])
+            else:
+                turn = chat.generate(line)
+        except ValueError as e:  # bad audio, full dialogue: say so and keep chatting
+            print(f"error: {e}")
+            continue
+        report(turn, config.out_dir, f"turn_{k}")
+        k += 1
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
