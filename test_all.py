@@ -21,7 +21,1038 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+import json
+import types
+import warnings
+
+from simulate_data import (AMBIENCES, EDIT_KINDS, MUSIC, SFX, SR, VOCAB, VOICES, WORD_CODES, PlanError, Studio,
+                           caption, dialogue_text, dry_signal, make_dialogue, plan_from_text, plan_to_text, render,
+                           speech_duration, synth_speech, transcript, validate_plan)
+from tokenizer import (BPETokenizer, AudioCodec, encode_dialogue, SPECIAL_TOKENS, HOP, FRAME_RATE,
+                       N_MELS, PATCH, LATENT_DIM)
+from model import AudioChatModel, ModelConfig, transfusion_mask
+from diffusion import (add_noise, alpha_sigma, cfg, collate, ddim_sample, dpmpp_2m_sample, sample_audio,
+                       sample_noise_levels, transfusion_forcing_loss)
+
 TMP = tempfile.mkdtemp(prefix="audiochat_test_")  # scratch space shared by the tests of one run
+
+
+# -----------------------------------------------------------------------------
+# the toy audio world (simulate_data.py)
+
+def _good_plan():
+    return {"duration": 5.0, "sources": [
+        {"id": 1, "type": "speech", "voice": "ava", "text": "the old dog runs home", "start": 0.4,
+         "dur": speech_duration("ava", "the old dog runs home"), "gain_db": 0, "pan": -0.4},
+        {"id": 2, "type": "sfx", "sound": "dog_bark", "start": 2.6, "dur": 0.5, "gain_db": -4, "pan": 0.6},
+        {"id": 3, "type": "ambience", "sound": "rain", "start": 0.0, "dur": 5.0, "gain_db": -20, "pan": 0.0},
+        {"id": 4, "type": "music", "sound": "piano", "start": 0.0, "dur": 5.0, "gain_db": -22, "pan": 0.0}]}
+
+
+def _expect_error(plan, *words):
+    try:
+        validate_plan(plan)
+    except PlanError as e:
+        msg = str(e)
+        assert all(w in msg for w in words), f"message {msg!r} should mention {words}"
+        return
+    raise AssertionError(f"plan should have been rejected ({words})")
+
+
+def test_plan_validation_messages():
+    validate_plan(_good_plan())
+    cases = [  # (mutation, words the message must contain)
+        (lambda p: p["sources"][0].update(voice="zed"), ("source 1", "unknown voice", "zed")),
+        (lambda p: p["sources"][0].update(text="the old dragon"), ("source 1", "unknown word", "dragon")),
+        (lambda p: p["sources"][1].update(sound="meteor"), ("source 2", "unknown sfx sound", "meteor")),
+        (lambda p: p["sources"][2].update(sound="dog_bark"), ("source 3", "unknown ambience sound")),
+        (lambda p: p["sources"][1].update(type="noise"), ("source 2", "unknown type")),
+        (lambda p: p["sources"][1].update(start=4.8), ("source 2", "after the story's end")),
+        (lambda p: p["sources"][1].update(start=-0.5), ("source 2", "before the story begins")),
+        (lambda p: p["sources"][1].update(dur=0.9), ("source 2", "dur 0.9", "lasts 0.5")),
+        (lambda p: p["sources"][0].update(dur=9.9), ("source 1", "dur", "lasts")),
+        (lambda p: p["sources"].append(dict(p["sources"][0], id=5, start=0.9, pan=0.0)), ("source 5", "ava", "talks over")),
+        (lambda p: p["sources"][3].update(id=1), ("source 1", "duplicate id")),
+        (lambda p: p["sources"][3].update(id=0), ("id must be a positive integer",)),
+        (lambda p: p["sources"][1].update(gain_db=12), ("source 2", "gain_db 12", "outside")),
+        (lambda p: p["sources"][1].update(gain_db=-3.5), ("source 2", "gain_db must be an integer")),
+        (lambda p: p["sources"][1].update(pan=1.5), ("source 2", "pan 1.5", "outside")),
+        (lambda p: p["sources"][1].update(start=1.25), ("source 2", "start", "0.1 grid")),
+        (lambda p: p["sources"][1].pop("pan"), ("source 2", "exactly the keys")),
+        (lambda p: p.update(duration=12.0), ("duration 12.0", "outside")),
+        (lambda p: p.update(duration=5.05), ("duration", "0.1 s grid")),
+        (lambda p: p.pop("sources"), ('"duration" and "sources"',)),
+    ]
+    for mutate, words in cases:
+        p = json.loads(json.dumps(_good_plan()))
+        mutate(p)
+        _expect_error(p, *words)
+    try:
+        plan_from_text('{"duration": 5.0, "sources": [')
+        raise AssertionError("bad JSON accepted")
+    except PlanError as e:
+        assert "not valid JSON" in str(e)
+
+
+def test_studio_rejects_unknown_ids_and_keeps_plan():
+    st = Studio(seed=0, plan=_good_plan())
+    before = plan_to_text(st.plan)
+    for name, args in [("remove", {"id": 9}), ("set_gain", {"id": 7, "gain_db": -3}), ("set_pan", {"id": 8, "pan": 0.5}),
+                       ("replace", {"id": 6, "sound": "bell"})]:
+        try:
+            st.call(name, args)
+            raise AssertionError(f"{name} of a missing id accepted")
+        except PlanError as e:
+            assert "no source with id" in str(e) and name in str(e), str(e)
+    try:  # a valid id, but the result would be invalid: rejected, and nothing changes
+        st.call("set_gain", {"id": 2, "gain_db": 40})
+        raise AssertionError("gain 40 accepted")
+    except PlanError as e:
+        assert "source 2" in str(e)
+    assert plan_to_text(st.plan) == before
+    # ids are never reused, even after the highest one is removed
+    st.call("remove", {"id": 4})
+    assert st.call("sfx", {"sound": "bell", "start": 1.0, "gain_db": -6, "pan": 0.0}) == 5
+
+
+def test_plan_text_round_trip():
+    p = _good_plan()
+    text = plan_to_text(p)
+    assert "\n" not in text and text.startswith('{"duration": 5.0, "sources": [{"id": 1, "type": "speech", "voice": "ava"')
+    assert plan_from_text(text) == p
+    assert plan_to_text(plan_from_text(text)) == text
+    for seed in range(5):  # and every plan the agents make
+        d, _ = make_dialogue(seed)
+        for t in d["turns"]:
+            if "plan" in t:
+                assert plan_from_text(plan_to_text(t["plan"])) == t["plan"]
+
+
+def test_edits_leave_untouched_stems_identical():
+    plan = _good_plan()
+    _, before = render(plan, seed=7, stems=True)
+    edits = {
+        "add": lambda st: st.call("sfx", {"sound": "bell", "start": 1.0, "gain_db": -6, "pan": 0.3}),
+        "remove": lambda st: st.call("remove", {"id": 2}),
+        "volume": lambda st: st.call("set_gain", {"id": 2, "gain_db": 2}),
+        "move": lambda st: st.call("set_pan", {"id": 2, "pan": -0.9}),
+        "change sound": lambda st: st.call("replace", {"id": 2, "sound": "knock"}),
+        "change voice": lambda st: st.call("replace", {"id": 1, "voice": "ben"}),
+        "change bed": lambda st: st.call("replace", {"id": 3, "sound": "wind"}),
+    }
+    for kind, edit in edits.items():
+        st = Studio(seed=7, plan=plan)
+        edit(st)
+        _, after = render(st.plan, seed=7, stems=True)
+        changed = {s["id"] for s in st.plan["sources"] if s not in plan["sources"]} | (set(before) - set(after))
+        assert changed, kind
+        for sid in set(before) & set(after) - changed:
+            assert np.array_equal(before[sid], after[sid]), f"{kind}: stem {sid} changed"
+        for sid in changed & set(after) & set(before):
+            assert not np.array_equal(before[sid], after[sid]), f"{kind}: stem {sid} should change"
+    # and a whole dialogue: every source whose plan entry is unchanged keeps its stem
+    d, audios = make_dialogue(3)
+    plans = [t["plan"] for t in d["turns"] if t["role"] == "assistant" and "audio" in t]
+    stems = [render(p, d["seed"], stems=True)[1] for p in plans]
+    for p0, p1, s0, s1 in zip(plans, plans[1:], stems, stems[1:]):
+        for src in p1["sources"]:
+            if src in p0["sources"]:
+                assert np.array_equal(s0[src["id"]], s1[src["id"]])
+
+
+def test_render_is_deterministic_and_seeded():
+    d1, a1 = make_dialogue(11)
+    d2, a2 = make_dialogue(11)
+    d3, a3 = make_dialogue(12)
+    assert json.dumps(d1) == json.dumps(d2)
+    assert len(a1) == len(a2) and all(np.array_equal(x, y) for x, y in zip(a1, a2))
+    assert json.dumps(d1) != json.dumps(d3)
+    p = _good_plan()
+    dry_signal.cache_clear()   # the cache must not be what makes it deterministic
+    x = render(p, seed=1)
+    assert np.array_equal(x, render(p, seed=1)) and not np.array_equal(x, render(p, seed=2))
+    assert x.shape == (2, 5 * SR) and x.dtype == np.float32
+
+
+def test_every_sound_and_voice_renders_cleanly():
+    rows = [{"type": "sfx", "sound": s, "dur": L} for s, (L, _) in SFX.items()]
+    rows += [{"type": t, "sound": s, "dur": 3.0} for t, names in (("ambience", AMBIENCES), ("music", MUSIC)) for s in names]
+    rows += [{"type": "speech", "voice": v, "text": "hello my old friend", "dur": speech_duration(v, "hello my old friend")}
+             for v in VOICES]
+    for i, r in enumerate(rows):
+        plan = {"duration": 4.0, "sources": [{"id": 1, **r, "start": 0.2, "gain_db": 6, "pan": 0.3}]}
+        plan["sources"][0] = {k: plan["sources"][0][k] for k in
+                              (("id", "type", "voice", "text") if r["type"] == "speech" else ("id", "type", "sound"))
+                              + ("start", "dur", "gain_db", "pan")}
+        x = render(plan, seed=i)
+        name = r.get("sound") or r.get("voice")
+        assert np.isfinite(x).all(), name
+        assert np.abs(x).max() < 1.0, f"{name} clips"
+        active = x[:, int(0.2 * SR): int((0.2 + r["dur"]) * SR)]
+        assert np.sqrt(np.mean(active ** 2)) > 0.01, f"{name} is (nearly) silent"
+        assert np.abs(x[:, : int(0.2 * SR)]).max() == 0, f"{name} sounds before its start"
+    # a dense mix at full gain stays below clipping thanks to the limiter
+    loud = _good_plan()
+    for s in loud["sources"]:
+        s["gain_db"] = 6
+    assert np.abs(render(loud, seed=0)).max() < 1.0
+
+
+def _log_mels(wavs):
+    """Left-channel log-mel frames (T, 32) of mono clips, through the project's codec."""
+    codec = AudioCodec()
+    return [codec.encode_raw(np.stack([w, w]))[:, :32] for w in wavs]
+
+
+def _word_features(raw, steps=12):
+    """(T, 32) -> (steps * 32,): the frames resampled to a fixed number of time steps (words
+    differ in length), standardised per clip (so loudness does not help)."""
+    r = torch.nn.functional.interpolate(raw.T[None], size=steps, mode="linear", align_corners=True)[0].T
+    return ((r - r.mean()) / r.std()).reshape(-1)
+
+
+def _voice_features(raw):
+    """(T, 32) -> (64,): mean and spread of the spectrum over the loud frames (what a word has
+    in common with every other word of the same voice)."""
+    loud = raw.mean(1) > raw.mean(1).max() - 4
+    return torch.cat([raw[loud].mean(0), raw[loud].std(0)])
+
+
+def _train_classifier(x, y, n_classes, hidden=128, steps=400):
+    """A small MLP (full batch, Adam): -> predict(x) -> class ids."""
+    torch.manual_seed(0)
+    mean, std = x.mean(0), x.std(0) + 1e-5
+    model = torch.nn.Sequential(torch.nn.Linear(x.shape[1], hidden), torch.nn.GELU(), torch.nn.Linear(hidden, n_classes))
+    opt = torch.optim.Adam(model.parameters(), lr=0.01, weight_decay=1e-4)
+    for _ in range(steps):
+        loss = torch.nn.functional.cross_entropy(model((x - mean) / std), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return lambda z: model((z - mean) / std).argmax(-1)
+
+
+def test_speech_is_learnable():
+    """Is the toy language learnable from log-mels? 22 words x 6 voices x 3 seeds, a small MLP:
+    - words, trained on ava/ben/cleo/dan, tested on the unseen voices eve and finn: 0.955 measured
+      (the misses are vowel confusions, e.g. eve's 'er' heard as 'e');
+    - words, trained on seeds 0-1 of all voices, tested on seed 2: 1.00 measured;
+    - voices, trained on two thirds of the words, tested on the other words: 0.99 measured."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # tiny tensors only lose time to thread synchronisation (badly on a busy machine)
+    try:
+        _speech_is_learnable()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _speech_is_learnable():
+    words = VOCAB[::5][:22]                     # 22 words spread over the vocabulary
+    keys = [(v, w, s) for v in VOICES for w in words for s in range(3)]
+    raws = _log_mels([synth_speech(v, w, np.random.default_rng(s)) for v, w, s in keys])
+    xw = torch.stack([_word_features(r) for r in raws])
+    xv = torch.stack([_voice_features(r) for r in raws])
+    word_y = torch.tensor([words.index(k[1]) for k in keys])
+    voice_y = torch.tensor([list(VOICES).index(k[0]) for k in keys])
+
+    def accuracy(x, y, train_mask, n_classes):
+        predict = _train_classifier(x[train_mask], y[train_mask], n_classes)
+        return (predict(x[~train_mask]) == y[~train_mask]).float().mean().item()
+
+    acc_voices = accuracy(xw, word_y, torch.tensor([k[0] in ("ava", "ben", "cleo", "dan") for k in keys]), len(words))
+    acc_seeds = accuracy(xw, word_y, torch.tensor([k[2] < 2 for k in keys]), len(words))
+    acc_speaker = accuracy(xv, voice_y, torch.tensor([words.index(k[1]) % 3 != 0 for k in keys]), len(VOICES))
+    print(f"speech: word accuracy {acc_voices:.3f} on unseen voices, {acc_seeds:.3f} on unseen seeds; "
+          f"voice accuracy {acc_speaker:.3f} on unseen words")
+    assert acc_voices >= 0.85, acc_voices
+    assert acc_seeds >= 0.97, acc_seeds
+    assert acc_speaker >= 0.9, acc_speaker
+
+
+def test_word_codes_are_distinct():
+    codes = list(WORD_CODES.values())
+    assert len(set(codes)) == len(VOCAB) >= 100
+    from simulate_data import _one_slip
+    for i, c in enumerate(codes):   # no other word is within one phoneme slip
+        near = _one_slip(c)
+        assert not any(o in near for o in codes[:i] + codes[i + 1:])
+
+
+def test_dialogue_structure():
+    kinds = set()
+    for seed in range(12):
+        d, audios = make_dialogue(seed)
+        json.dumps(d)
+        turns = d["turns"]
+        assert [t["role"] for t in turns] == ["user", "assistant"] * (len(turns) // 2)
+        assert turns[0]["intent"]["kind"] == "story" and 3 <= len(turns) // 2 <= 4
+        for u, a in zip(turns[:-2:2], turns[1:-2:2]):
+            assert a["tools"][-1] == {"name": "render", "args": {}}
+            validate_plan(a["plan"])
+            p = a["plan"]
+            assert 4.0 <= p["duration"] <= 6.0 and audios[a["audio"]].shape == (2, round(p["duration"] * SR))
+            speakers = {s["voice"] for s in p["sources"] if s["type"] == "speech"}
+            assert len(speakers) <= 2
+            if u["intent"]["kind"] == "edit":
+                assert u["intent"]["edit"] in EDIT_KINDS
+                kinds.add(u["intent"]["edit"])
+        story = turns[1]["plan"]
+        assert 2 <= len(story["sources"]) <= 5
+        assert len({s["voice"] for s in story["sources"] if s["type"] == "speech"}) <= 2
+        # replaying the tool calls reproduces every plan
+        st = Studio(seed=d["seed"])
+        for a in turns[1:-2:2]:
+            for c in a["tools"][:-1]:
+                assert st.call(c["name"], c["args"]) == c.get("result")
+            assert st.plan == a["plan"]
+        u, a = turns[-2:]
+        assert u["intent"]["kind"] == "understand" and u["audio"] == len(audios) - 1
+        assert a["plan"] != story
+        lines = a["text"].split("\n")
+        if u["intent"]["task"] == "transcribe":
+            assert a["text"] == transcript(a["plan"])
+            want = sorted((s for s in a["plan"]["sources"] if s["type"] == "speech"), key=lambda s: s["start"])
+            assert len(lines) == len(want)
+            for line, s in zip(lines, want):
+                assert line == f"{s['start']:.1f}-{s['start'] + s['dur']:.1f} {s['voice']}: {s['text']}"
+        else:
+            assert a["text"] == caption(a["plan"]) and len(lines) == len(a["plan"]["sources"])
+            starts = [float(l.split("-")[0]) for l in lines]
+            assert starts == sorted(starts)
+        texts = dialogue_text(d)
+        assert len(texts) == len(turns) and texts[1] == plan_to_text(turns[1]["plan"])
+    assert len(kinds) >= 4, kinds
+
+
+def test_dataset_on_disk():
+    from simulate_data import write_dataset
+    with tempfile.TemporaryDirectory() as out:
+        write_dataset(out, n=4, n_eval=2, seed=0, workers=1)
+        assert sorted(os.listdir(out)) == ["meta.json", "test_0000.pt", "tokenizer.json", "train_0000.pt", "val_0000.pt"]
+        meta = json.load(open(os.path.join(out, "meta.json")))
+        assert meta["counts"] == {"train": 4, "val": 2, "test": 2} and meta["sr"] == SR
+        ranges = sorted(meta["seeds"].values())
+        assert all(a[1] <= b[0] for a, b in zip(ranges, ranges[1:]))     # disjoint seed ranges
+        codec = AudioCodec.from_state_dict(meta["codec"])
+        shard = torch.load(os.path.join(out, "train_0000.pt"), weights_only=True)
+        assert len(shard["dialogues"]) == len(shard["audio"]) == 4
+        d = json.loads(shard["dialogues"][0])
+        _, audios = make_dialogue(d["seed"])
+        for lat, wav in zip(shard["audio"][0], audios):
+            assert lat.dtype == torch.float16 and lat.shape == (wav.shape[1] // 400, 64)
+            assert torch.allclose(lat.float(), codec.encode_raw(wav), atol=0.02)
+        tok = BPETokenizer.load(os.path.join(out, "tokenizer.json"))
+        text = dialogue_text(d)[1]
+        assert tok.decode(tok.encode(text)) == text
+
+
+# -----------------------------------------------------------------------------
+# the tokenizers and the chat template (tokenizer.py)
+
+PLAN = {"duration": 5.0, "sources": [
+    {"id": 1, "type": "speech", "voice": "ava", "text": "the old dog runs home", "start": 0.4, "dur": 1.7, "gain_db": 0, "pan": -0.4},
+    {"id": 2, "type": "sfx", "sound": "dog_bark", "start": 2.2, "dur": 0.5, "gain_db": -4, "pan": 0.6},
+    {"id": 3, "type": "ambience", "sound": "rain", "start": 0.0, "dur": 5.0, "gain_db": -20, "pan": 0.0}]}
+
+
+def _dialogue_texts(n=200, seed=0):
+    """Dialogue-like training text: requests, JSON plans, timed transcripts."""
+    rng = np.random.default_rng(seed)
+    words = "the old dog runs home a cat sleeps by door rain falls on roof bird sings at dawn".split()
+    texts = []
+    for _ in range(n):
+        plan = dict(PLAN, duration=float(rng.integers(40, 61)) / 10)
+        plan["sources"] = [dict(s, start=round(float(rng.random() * 3), 1), gain_db=int(rng.integers(-30, 1)),
+                                text=" ".join(rng.choice(words, 5))) if s["type"] == "speech" else s
+                           for s in plan["sources"]]
+        texts += ["Tell a story: ava says \"" + " ".join(rng.choice(words, 4)) + "\" in the rain.",
+                  json.dumps(plan), f"{plan['sources'][0]['start']:.1f}-2.1 ava: the old dog runs home\n0.0-5.0 rain"]
+    return texts
+
+
+def _trained_tok():
+    tok = BPETokenizer()
+    tok.train(_dialogue_texts(), vocab_size=400)
+    return tok
+
+
+def test_bpe_known_merges():
+    # minbpe's Wikipedia example: "aaabdaaabac" -> aa=Z, Za=Y, Yb=X -> "XdXac"
+    tok = BPETokenizer()
+    tok.train(["aaabdaaabac"], vocab_size=256 + 3 + len(SPECIAL_TOKENS))
+    assert list(tok.merges.items()) == [((97, 97), 256), ((256, 97), 257), ((257, 98), 258)]
+    assert tok.encode("aaabdaaabac") == [258, 100, 258, 97, 99]
+    assert tok.decode([258, 100, 258, 97, 99]) == "aaabdaaabac"
+    assert tok.vocab_size == 259 + len(SPECIAL_TOKENS)
+    assert [tok.special(s) for s in SPECIAL_TOKENS] == list(range(259, 259 + len(SPECIAL_TOKENS)))
+    assert tok.encode("aaab aaab") == [258, 32, 258]  # two regex chunks, "aaab" and " aaab"
+
+
+def test_bpe_roundtrip_specials_unicode():
+    tok = _trained_tok()
+    assert tok.vocab_size == 400
+    cases = ["", " ", "\n\n  x \t", "the old dog runs home", '{"start": 0.4, "gain_db": -12, "pan": -0.4}',
+             "héllo wörld ☔ 雨 🐕 -0.5e3 don't it's", "<|user|>Tell a story<|end|><|assistant|>{}<|audio|><|/audio|><|end|>",
+             "<|us<|user|>er|> <|nope|> <|pad|><|null|>"]
+    for text in cases:
+        ids = tok.encode(text)
+        assert tok.decode(ids) == text, text
+        assert all(0 <= i < tok.vocab_size for i in ids)
+    assert tok.encode("<|user|>hi<|end|>") == [tok.special("<|user|>")] + tok.encode("hi") + [tok.special("<|end|>")]
+    # encode_ordinary treats special strings as text: no forged roles
+    plain = tok.encode_ordinary("<|audio|>")
+    assert len(plain) > 1 and not set(plain) & set(tok.special_ids.values()) and tok.decode(plain) == "<|audio|>"
+    # merges learned: the JSON plan compresses well below 1 token per byte
+    plan = json.dumps(PLAN)
+    assert len(tok.encode(plan)) < 0.45 * len(plan.encode())
+    try:
+        tok.special("<|foo|>")
+        assert False
+    except KeyError as e:
+        assert "<|foo|>" in str(e)
+
+
+def test_bpe_save_load():
+    tok = _trained_tok()
+    path = os.path.join(tempfile.mkdtemp(), "tok.json")
+    tok.save(path)
+    tok2 = BPETokenizer.load(path)
+    json.dumps(tok.state_dict())  # JSON-serialisable
+    assert tok2.vocab_size == tok.vocab_size and tok2.merges == tok.merges
+    for text in _dialogue_texts(5, seed=1) + ["<|user|>ünïcode<|end|>"]:
+        assert tok2.encode(text) == tok.encode(text)
+    bad = dict(tok.state_dict(), special_tokens=SPECIAL_TOKENS[:-1])
+    try:
+        BPETokenizer.from_state_dict(bad)
+        assert False
+    except ValueError as e:
+        assert "special tokens" in str(e)
+
+
+def _scene(seconds=2.0, gains=((0.9, 0.3), (0.3, 0.9))):
+    """Stereo scene: a harmonic tone with vibrato (panned by gains[0]) and a noise burst (gains[1])."""
+    rng = np.random.default_rng(0)
+    t = np.arange(int(seconds * SR)) / SR
+    phase = 2 * np.pi * np.cumsum(220 * (1 + 0.02 * np.sin(2 * np.pi * 5 * t))) / SR
+    tone = 0.2 * sum(np.sin(k * phase) / k for k in range(1, 8)) * (t < 1.2)
+    burst = 0.1 * rng.standard_normal(t.size) * ((t > 0.8) & (t < 1.6))
+    bed = 0.003 * rng.standard_normal((2, t.size))  # a faint ambience bed, as in every story
+    return np.stack([gains[0][c] * tone + gains[1][c] * burst for c in range(2)]).astype(np.float32) + bed.astype(np.float32)
+
+
+def test_codec_shapes_patchify_normalize():
+    assert (SR, FRAME_RATE, HOP, N_MELS, PATCH, LATENT_DIM) == (16000, 40, 400, 32, 2, 128)
+    codec = AudioCodec()
+    x = _scene(1.0)
+    raw = codec.encode_raw(x)
+    assert raw.shape == (40, 64) and raw.dtype == torch.float32
+    assert codec.encode_raw(x[:, :-1]).shape == (39, 64)  # T = N // HOP
+    assert torch.equal(codec.encode_raw(torch.from_numpy(x)), raw)
+    batch = codec.encode_raw(np.stack([x, x[::-1]]))
+    assert batch.shape == (2, 40, 64) and torch.allclose(batch[0], raw) and torch.allclose(batch[1], raw.roll(32, -1))
+    z = torch.randn(40, 64)
+    p = AudioCodec.patchify(z)
+    assert p.shape == (20, 128) and torch.equal(p[3], torch.cat([z[6], z[7]]))
+    assert torch.equal(AudioCodec.unpatchify(p), z)
+    assert AudioCodec.patchify(torch.randn(3, 40, 64)).shape == (3, 20, 128)
+    assert torch.equal(AudioCodec.unpatchify(AudioCodec.patchify(z[None]))[0], z)
+    codec.fit([raw, codec.encode_raw(_scene(1.0, gains=((0.5, 0.5), (0.1, 1.0))))])
+    assert torch.allclose(codec.denormalize(codec.normalize(raw)), raw, atol=1e-5)
+    zz = codec.encode(x)
+    assert torch.allclose(zz, codec.normalize(raw))
+    codec2 = AudioCodec.from_state_dict(json.loads(json.dumps(codec.state_dict())))
+    assert torch.equal(codec2.encode(x), zz)
+    try:
+        AudioCodec().normalize(raw)
+        assert False
+    except RuntimeError as e:
+        assert "fit()" in str(e)
+    try:
+        codec.encode_raw(x[:1])
+        assert False
+    except ValueError as e:
+        assert "(2, N)" in str(e)
+
+
+def test_codec_roundtrip_quality():
+    codec = AudioCodec()
+    x = _scene(2.0)
+    raw = codec.encode_raw(x)
+    y = codec.decode_raw(raw)
+    assert y.shape == (2, 80 * HOP) and y.dtype == torch.float32 and y.abs().max() < 1.5
+    assert torch.equal(codec.decode_raw(raw), y)  # deterministic (fixed initial phase)
+    err = (codec.encode_raw(y) - raw).abs()
+    assert err.mean() < 0.3, err.mean()  # measured 0.23 nat = 1.0 dB mean log-mel distance
+    # stereo panning survives: the L/R energy ratio of each source's segment (tone: L 3x R, burst: R 3x L)
+    for seg, want in ((slice(0, 12000), 9.0), (slice(20000, 25000), 1 / 9)):
+        ratio = (y[0, seg] ** 2).sum() / (y[1, seg] ** 2).sum()
+        assert abs(np.log(ratio.item() / want)) < np.log(1.25), (ratio, want)  # within 1 dB (measured 0.03 dB)
+    # normalised latents: encode(decode(z)) is close to z (in units of the per-dim std)
+    codec.fit([raw, codec.encode_raw(_scene(2.0, gains=((0.5, 0.5), (0.1, 1.0))))])
+    z = codec.encode(x)
+    dz = (codec.encode(codec.decode(z)) - z).abs().mean()
+    assert dz < 0.15, dz  # measured 0.10
+
+
+class _PlanStub(types.ModuleType):
+    """Stand-in for simulate_data during this test: encode_dialogue needs only plan_to_text."""
+    @staticmethod
+    def plan_to_text(plan):
+        return json.dumps(plan)
+
+
+def test_encode_dialogue_layout():
+    tok = _trained_tok()
+    lat = [torch.randn(8, 64), torch.randn(12, 64), torch.randn(4, 64)]  # 4, 6, 2 patches
+    dialogue = {"seed": 1, "turns": [
+        {"role": "user", "text": "Tell a story.", "intent": {"kind": "story"}},
+        {"role": "assistant", "tools": [], "plan": PLAN, "audio": 0},
+        {"role": "user", "text": "Louder.", "intent": {"kind": "edit"}},
+        {"role": "assistant", "tools": [], "plan": PLAN, "audio": 1},
+        {"role": "user", "text": "Who says what?", "audio": 2, "intent": {"kind": "understand"}},
+        {"role": "assistant", "text": "0.4-2.1 ava: the old dog runs home", "plan": {"ignored": True}}]}
+    saved = sys.modules.get("simulate_data")
+    sys.modules["simulate_data"] = _PlanStub("simulate_data")
+    try:
+        seq = encode_dialogue(dialogue, lat, tok)
+        try:
+            encode_dialogue({"turns": [{"role": "user", "text": "hi", "audio": 5}]}, lat, tok)
+            assert False
+        except IndexError as e:
+            assert "audio 5" in str(e)
+    finally:
+        if saved is None:
+            del sys.modules["simulate_data"]
+        else:
+            sys.modules["simulate_data"] = saved
+    S = {s: tok.special(s) for s in SPECIAL_TOKENS}
+    P = S["<|pad|>"]
+    # the whole sequence, written out by hand from the template
+    expect = ([S["<|user|>"]] + tok.encode("Tell a story.") + [S["<|end|>"], S["<|assistant|>"]] + tok.encode(json.dumps(PLAN))
+              + [S["<|audio|>"]] + [P] * 4 + [S["<|/audio|>"], S["<|end|>"]]
+              + [S["<|user|>"]] + tok.encode("Louder.") + [S["<|end|>"], S["<|assistant|>"]] + tok.encode(json.dumps(PLAN))
+              + [S["<|audio|>"]] + [P] * 6 + [S["<|/audio|>"], S["<|end|>"]]
+              + [S["<|user|>"]] + tok.encode("Who says what?") + [S["<|audio|>"]] + [P] * 2 + [S["<|/audio|>"], S["<|end|>"]]
+              + [S["<|assistant|>"]] + tok.encode("0.4-2.1 ava: the old dog runs home") + [S["<|end|>"]])
+    L = len(expect)
+    assert seq["tokens"].tolist() == expect
+    assert seq["audio"].shape == (L, 128) and seq["span_id"].shape == seq["text_target"].shape == seq["is_plain_text"].shape == (L,)
+    assert seq["tokens"].dtype == seq["span_id"].dtype == torch.long
+    assert "ignored" not in tok.decode(expect)  # an understanding turn's plan is evaluation-only
+    # spans: ids 0, 1, 2 on exactly the <|pad|> positions, holding the patchified latents in order
+    span = seq["span_id"]
+    assert ((span >= 0) == (seq["tokens"] == P)).all()
+    assert [int((span == s).sum()) for s in range(3)] == [4, 6, 2] and span.max() == 2
+    for s in range(3):
+        assert torch.equal(seq["audio"][span == s], AudioCodec.patchify(lat[s]))
+        pos = (span == s).nonzero().flatten()
+        assert (pos.diff() == 1).all() and expect[pos[0] - 1] == S["<|audio|>"] and expect[pos[-1] + 1] == S["<|/audio|>"]
+    assert (seq["audio"][span < 0] == 0).all()
+    assert seq["span_is_target"].tolist() == [True, True, False]
+    # text targets: position i is a target iff tokens[i+1] is an assistant word, the assistant's <|audio|> or its <|end|>
+    a1 = expect.index(S["<|assistant|>"])
+    plan_len = len(tok.encode(json.dumps(PLAN)))
+    tt = seq["text_target"].tolist()
+    assert tt[a1:a1 + plan_len + 1] == [True] * (plan_len + 1)  # predicts every plan token, then <|audio|>
+    assert not any(tt[:a1])                                      # nothing in the user's turn is learned
+    assert tt[a1 + plan_len + 1: a1 + plan_len + 6] == [False] * 5  # <|audio|> and 4 pads -> pads / <|/audio|>: no CE
+    assert tt[a1 + plan_len + 6] is True                          # <|/audio|> -> <|end|>: learned
+    assert tt[a1 + plan_len + 7] is False                         # <|end|> -> <|user|>: not learned
+    understand = len(expect) - len(tok.encode("0.4-2.1 ava: the old dog runs home")) - 2  # position of the last <|assistant|>
+    assert expect[understand] == S["<|assistant|>"] and all(tt[understand:-1]) and not tt[-1]
+    user_audio_open = [i for i, t in enumerate(expect) if t == S["<|audio|>"]][2]
+    assert tt[user_audio_open - 1] is False                       # a user's <|audio|> is not learned
+    assert sum(tt) == 2 * (plan_len + 2) + len(tok.encode("0.4-2.1 ava: the old dog runs home")) + 1
+    # plain text: exactly the user and assistant words (specials and audio excluded)
+    words = sum(len(tok.encode(t)) for t in ["Tell a story.", "Louder.", "Who says what?", "0.4-2.1 ava: the old dog runs home"]) + 2 * plan_len
+    assert int(seq["is_plain_text"].sum()) == words
+    assert not seq["is_plain_text"][torch.isin(seq["tokens"], torch.tensor(list(S.values())))].any()
+
+
+# -----------------------------------------------------------------------------
+# the model, the loss and the samplers (model.py, diffusion.py)
+
+def tiny_model(arch="sct", attn="sdpa", seed=0):
+    torch.manual_seed(seed)
+    config = ModelConfig(vocab_size=40, latent_dim=8, n_layer=2, n_gen_layer=1, n_head=2, n_embd=32,
+                         block_size=128, arch=arch, attn=attn)
+    model = AudioChatModel(config)
+    # the diffusion head starts at zero; give it weights so that tests see audio outputs move
+    torch.nn.init.normal_(model.diffusion_head.weight, std=0.1)
+    return model
+
+
+def random_sequence(layout, latent=8, seed=0):
+    """layout: list of ("text", n) / ("audio", n) pieces -> tokens (L,), audio (L, latent), span_id (L,)."""
+    g = torch.Generator().manual_seed(seed)
+    tokens, span_id, n_spans = [], [], 0
+    for kind, n in layout:
+        tokens += torch.randint(0, 40, (n,), generator=g).tolist()
+        span_id += [-1] * n if kind == "text" else [n_spans] * n
+        n_spans += kind == "audio"
+    L = len(tokens)
+    return torch.tensor(tokens), torch.randn(L, latent, generator=g), torch.tensor(span_id)
+
+
+def random_batch():
+    """Two rows, same length, audio spans at different places per row, random per-token t."""
+    rows = [random_sequence([("text", 5), ("audio", 6), ("text", 4), ("audio", 5), ("text", 4)], seed=1),
+            random_sequence([("text", 9), ("audio", 4), ("text", 2), ("audio", 7), ("text", 2)], seed=2)]
+    tokens, audio, span_id = (torch.stack(z) for z in zip(*rows))
+    t = torch.where(span_id >= 0, torch.rand(span_id.shape, generator=torch.Generator().manual_seed(3)), 0.0)
+    return tokens, audio, t, span_id
+
+
+# -----------------------------------------------------------------------------
+# the model
+
+def test_model_mask_rule_by_hand():
+    span_id = torch.tensor([[-1, 0, 0, -1, 1, 1]])
+    m = transfusion_mask(span_id)[0].int()
+    expected = torch.tensor([[1, 0, 0, 0, 0, 0],
+                             [1, 1, 1, 0, 0, 0],   # an audio token sees its whole span...
+                             [1, 1, 1, 0, 0, 0],
+                             [1, 1, 1, 1, 0, 0],   # ...text after it sees it causally
+                             [1, 1, 1, 1, 1, 1],   # a later span sees earlier ones causally
+                             [1, 1, 1, 1, 1, 1]])
+    assert torch.equal(m, expected), m
+    doc = torch.tensor([[0, 0, 0, 1, 1, 1]])
+    m = transfusion_mask(span_id, doc)[0]
+    assert not m[3:, :3].any() and m[4, 5] and m[3, 3]  # nothing crosses documents
+
+
+def test_model_attention_backends_agree():
+    tokens, audio, t, span_id = random_batch()
+    doc_id = torch.tensor([[0] * 12 + [1] * 12, [0] * 24])
+    models = {b: tiny_model(attn=b) for b in ("math", "sdpa", "flex")}  # same seed: same weights
+    outs, grads = {}, {}
+    for b, model in models.items():
+        for doc in (None, doc_id):
+            x = audio.clone().requires_grad_(b != "flex")
+            # PyTorch has no FlexAttention backward on CPU: flex runs forward only (and unfused) here
+            with torch.set_grad_enabled(b != "flex"), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+                logits, v = model(tokens, x, t, span_id, doc)
+            outs[b, doc is None] = (logits.detach(), v.detach())
+            if b != "flex":
+                (logits.square().mean() + v.square().mean()).backward()
+                grads[b, doc is None] = [x.grad] + [p.grad.clone() for p in model.parameters()]
+                model.zero_grad()
+    diffs = []
+    for b in ("sdpa", "flex"):
+        for nodoc in (True, False):
+            for ref, other in zip(outs["math", nodoc], outs[b, nodoc]):
+                diffs.append((ref - other).abs().max().item())
+                assert torch.allclose(ref, other, atol=1e-5), (b, diffs[-1])
+    for nodoc in (True, False):
+        for g_math, g_sdpa in zip(grads["math", nodoc], grads["sdpa", nodoc]):
+            assert torch.allclose(g_math, g_sdpa, atol=1e-6), (g_math - g_sdpa).abs().max()
+    print(f"  backends: max |forward diff| vs math {max(diffs):.1e}")
+
+
+def test_model_flex_backward_on_cuda():
+    """flex forward and backward against math on CUDA (skipped on a CPU-only machine)."""
+    if not torch.cuda.is_available():
+        print("  skipped: no CUDA (FlexAttention has no CPU backward)")
+        return
+    tokens, audio, t, span_id = (z.cuda() for z in random_batch())
+    grads = {}
+    for b in ("math", "flex"):
+        model = tiny_model(attn=b).cuda()
+        x = audio.clone().requires_grad_(True)
+        logits, v = model(tokens, x, t, span_id)
+        (logits.square().mean() + v.square().mean()).backward()
+        grads[b] = [logits, v, x.grad] + [p.grad for p in model.parameters()]
+    for a, b in zip(grads["math"], grads["flex"]):
+        assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
+
+
+def test_model_mask_causality_and_span_bidirectional():
+    model = tiny_model()
+    tokens, audio, t, span_id = random_batch()
+    logits, v = model(tokens, audio, t, span_id)
+    # row 0: text 0-4, span 0 at 5-10, text 11-14, span 1 at 15-19, text 20-23
+    tok2, aud2 = tokens.clone(), audio.clone()
+    tok2[0, 13] = (tok2[0, 13] + 1) % 40       # a future text token
+    aud2[0, 17] += 1.0                         # a later span
+    logits2, v2 = model(tok2, aud2, t, span_id)
+    assert torch.allclose(logits[0, :13], logits2[0, :13], atol=1e-6)
+    assert torch.allclose(v[0, :13], v2[0, :13], atol=1e-6)
+    assert not torch.allclose(logits[0, 17:], logits2[0, 17:], atol=1e-4)
+    aud3 = audio.clone()
+    aud3[0, 9] += 1.0                          # a later token of span 0 ...
+    logits3, v3 = model(tokens, aud3, t, span_id)
+    assert not torch.allclose(v[0, 5], v3[0, 5], atol=1e-4)  # ... reaches an earlier token of it
+    assert torch.allclose(logits[0, :5], logits3[0, :5], atol=1e-6)  # but not the text before the span
+    assert torch.equal(logits[1], logits3[1]) and torch.equal(v[1], v3[1])  # nor the other row
+
+
+def test_model_sct_text_ignores_generation_layers():
+    tokens, audio, t, span_id = random_batch()
+    for arch in ("sct", "dense"):
+        model = tiny_model(arch=arch)
+        logits, v = model(tokens, audio, t, span_id)
+        with torch.no_grad():
+            for p in model.blocks[model.config.n_layer:].parameters():
+                p.add_(0.5 * torch.randn_like(p))
+        logits2, v2 = model(tokens, audio, t, span_id)
+        assert not torch.allclose(v, v2, atol=1e-4)
+        assert torch.allclose(logits, logits2, atol=1e-6) == (arch == "sct"), arch
+
+
+def test_model_audio_embedding_norm_matches_text():
+    model = tiny_model()
+    tokens, audio, t, span_id = random_batch()
+    x = model.embed(tokens, 10 * audio, t, span_id, torch.arange(tokens.size(1))) - model.wpe.weight[:tokens.size(1)]
+    text_norm = model.wte.weight.norm(dim=1).mean()
+    audio_norms = x[span_id >= 0].norm(dim=-1)
+    assert torch.allclose(audio_norms, text_norm.expand_as(audio_norms), rtol=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# the loss
+
+def test_noise_levels_one_per_span_and_clean_context():
+    B, n_spans, n = 200, 4, 5
+    span_id = torch.arange(n_spans).repeat_interleave(n).repeat(B, 1)
+    span_id = torch.cat([torch.full((B, 3), -1), span_id], 1)           # some text first
+    is_target = torch.tensor([True, False, True, True]).repeat(B, 1)    # span 1 supplied by the user
+    t = sample_noise_levels(span_id, is_target, generator=torch.Generator().manual_seed(0))
+    assert (t[:, :3] == 0).all()                                        # text is clean
+    per_span = t[:, 3:].view(B, n_spans, n)
+    assert (per_span == per_span[..., :1]).all()                        # one t per span ...
+    targets = per_span[:, [0, 2, 3], 0]
+    assert (targets[:, 0] != targets[:, 1]).all() and (targets[:, 1] != targets[:, 2]).all()  # ... each its own
+    assert abs(targets.mean().item() - 0.5) < 0.05                      # t ~ U(0, 1)
+    user = per_span[:, 1, 0]
+    assert 0.8 < (user == 0).float().mean().item() < 0.97 and user.max() <= 0.1  # mostly clean, else small
+    t = sample_noise_levels(span_id, is_target, per_frame=True, generator=torch.Generator().manual_seed(0))
+    per_frame = t[:, 3:].view(B, n_spans, n)[:, 0]
+    assert (per_frame[:, 1:] != per_frame[:, :1]).all()                 # per-frame: every token its own t
+
+
+def fake_dialogue(layout, is_target, seed):
+    """A dict shaped like tokenizer.encode_dialogue's output (L tokens, 8-float latents)."""
+    tokens, audio, span_id = random_sequence(layout, seed=seed)
+    audio = torch.where((span_id >= 0)[:, None], audio, 0.0)
+    text_target = torch.zeros(len(tokens), dtype=torch.bool)
+    text_target[-6:-1] = True                                           # the last few words are "assistant"
+    return {"tokens": tokens, "audio": audio, "span_id": span_id, "span_is_target": torch.tensor(is_target),
+            "text_target": text_target, "is_plain_text": span_id < 0}
+
+
+def test_collate_pads_and_packs():
+    a = fake_dialogue([("text", 4), ("audio", 3), ("text", 8)], [True], seed=1)          # 15 tokens
+    b = fake_dialogue([("text", 3), ("audio", 2), ("text", 2), ("audio", 2), ("text", 7)], [False, True], seed=2)  # 16
+    batch = collate([[a], [b]], pad_id=39)
+    assert batch["tokens"].shape == (2, 16) and batch["span_is_target"].shape == (2, 2)
+    assert batch["is_pad"][0, 15] and batch["tokens"][0, 15] == 39 and batch["span_id"][0, 15] == -1
+    assert not batch["span_is_target"][0, 1]                            # padded with False
+    packed = collate([[a, b]], pad_id=39)
+    assert packed["tokens"].shape == (1, 31) and not packed["is_pad"].any()
+    assert torch.equal(packed["doc_id"][0], torch.tensor([0] * 15 + [1] * 16))
+    assert packed["span_id"][0, 15 + 3] == 1 and packed["span_id"][0, 15 + 7] == 2  # spans counted across the row
+    assert packed["span_is_target"][0].tolist() == [True, False, True]
+
+
+def test_loss_equals_ce_plus_5_mse_by_hand():
+    model = tiny_model()
+    batch = collate([[fake_dialogue([("text", 6), ("audio", 4), ("text", 9)], [True], seed=1)],
+                     [fake_dialogue([("text", 4), ("audio", 3), ("text", 3), ("audio", 4), ("text", 7)], [False, True], seed=2)]],
+                    pad_id=39)
+    loss, ce, mse = transfusion_forcing_loss(model, batch, null_id=38, cfg_drop_p=0.0,
+                                             generator=torch.Generator().manual_seed(7))
+    # the same random draws, in the same order, then the loss written out token by token
+    g = torch.Generator().manual_seed(7)
+    t = sample_noise_levels(batch["span_id"], batch["span_is_target"], generator=g)
+    eps = torch.randn(batch["audio"].shape, generator=g)
+    alpha, sigma = alpha_sigma(t)[0][..., None], alpha_sigma(t)[1][..., None]
+    x_t = alpha * batch["audio"] + sigma * eps
+    logits, v = model(batch["tokens"], x_t, t, batch["span_id"], batch["doc_id"])
+    ces, errs = [], []
+    for b in range(2):
+        for i in range(batch["tokens"].size(1)):
+            if batch["text_target"][b, i]:
+                ces.append(-torch.log_softmax(logits[b, i], -1)[batch["tokens"][b, i + 1]])
+            s = batch["span_id"][b, i]
+            if s >= 0 and batch["span_is_target"][b, s]:
+                errs.append(((v[b, i] - (alpha[b, i] * eps[b, i] - sigma[b, i] * batch["audio"][b, i])) ** 2).mean())
+    ce_hand, mse_hand = torch.stack(ces).mean(), torch.stack(errs).mean()
+    assert len(errs) == 8 and len(ces) == 10
+    assert torch.allclose(ce, ce_hand, atol=1e-5) and torch.allclose(mse, mse_hand, atol=1e-6)
+    assert torch.allclose(loss, ce_hand + 5 * mse_hand, atol=1e-5)
+    _, ce_dropped, _ = transfusion_forcing_loss(model, batch, null_id=38, cfg_drop_p=1.0)
+    assert ce_dropped == 0  # a sample whose text was dropped to <|null|> has no text loss
+
+
+# -----------------------------------------------------------------------------
+# the samplers
+
+def gaussian_v(mu, s):
+    """The exact v-prediction for data x0 ~ N(mu, s^2) (per coordinate): x_t ~ N(alpha mu, alpha^2 s^2 + sigma^2),
+    E[eps | x_t] = sigma (x_t - alpha mu) / var, E[x0 | x_t] = mu + alpha s^2 (x_t - alpha mu) / var,
+    v* = alpha E[eps | x_t] - sigma E[x0 | x_t]."""
+    def v_fn(x, t):
+        alpha, sigma = (a[:, None, None] for a in alpha_sigma(t))
+        var = alpha ** 2 * s ** 2 + sigma ** 2
+        e_eps = sigma * (x - alpha * mu) / var
+        e_x0 = mu + alpha * s ** 2 * (x - alpha * mu) / var
+        return alpha * e_eps - sigma * e_x0
+    return v_fn
+
+
+def test_samplers_reproduce_a_gaussian():
+    mu, s = 1.5, 0.5
+    noise = torch.randn(4, 1000, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for name, x in [("ddim", ddim_sample(gaussian_v(mu, s), noise, steps=100)),
+                    ("dpmpp", dpmpp_2m_sample(gaussian_v(mu, s), noise, steps=50))]:
+        print(f"  {name}: mean {x.mean():.4f} (want {mu}), std {x.std():.4f} (want {s})")
+        assert abs(x.mean() - mu) < 0.02 and abs(x.std() - s) < 0.02, name
+
+
+def test_samplers_forward_formulas_and_cfg():
+    x0, eps = torch.randn(2, 3, 8), torch.randn(2, 3, 8)
+    t = torch.rand(2, 3)
+    x_t, v = add_noise(x0, eps, t)
+    alpha, sigma = (a[..., None] for a in alpha_sigma(t))
+    assert torch.allclose(alpha * x_t - sigma * v, x0, atol=1e-6) and torch.allclose(sigma * x_t + alpha * v, eps, atol=1e-6)
+    assert torch.equal(add_noise(x0, eps, torch.zeros(2, 3))[0], x0)  # t = 0 is clean
+    v_c, v_u = torch.randn(2, 3, 8), torch.randn(2, 3, 8)
+    assert torch.allclose(cfg(v_c, v_u, 1.0), v_c, atol=1e-6) and torch.equal(cfg(v_c, v_u, 0.0), v_u)
+    assert torch.allclose(cfg(v_c, v_u, 3.0), v_u + 3 * (v_c - v_u))
+
+
+# -----------------------------------------------------------------------------
+# the caches
+
+def test_kv_cache_matches_full_forward():
+    """Text token by token through the U layers only, audio spans as chunks through all layers
+    (SCT's pending states catch up first): outputs equal one full forward."""
+    layout = [("text", 5), ("audio", 4), ("text", 3), ("audio", 3), ("text", 3)]
+    tokens, audio, span_id = (z[None] for z in random_sequence(layout, seed=4))
+    t = torch.where(span_id >= 0, torch.rand(span_id.shape), 0.0)
+    for arch in ("sct", "dense"):
+        model = tiny_model(arch=arch)
+        logits, v = model(tokens, audio, t, span_id)
+        cache, i = model.new_cache(1), 0
+        for kind, n in layout:
+            if kind == "text":
+                for j in range(i, i + n):
+                    lg, _ = model.extend(cache, tokens[:, j:j + 1], audio[:, j:j + 1], t[:, j:j + 1], span_id[:, j:j + 1], layers="text")
+                    assert torch.allclose(lg, logits[:, j:j + 1], atol=1e-5), (arch, j)
+            else:
+                sl = slice(i, i + n)
+                lg, vv = model.extend(cache, tokens[:, sl], audio[:, sl], t[:, sl], span_id[:, sl], layers="all")
+                assert torch.allclose(lg, logits[:, sl], atol=1e-5) and torch.allclose(vv, v[:, sl], atol=1e-5), arch
+            i += n
+        assert len(cache) == tokens.size(1)
+
+
+def test_prefix_cache_sample_audio_matches_recompute():
+    """sample_audio (prefix computed once, batched CFG) equals sampling while recomputing the
+    whole sequence at every step; afterwards the cache holds the clean span."""
+    model = tiny_model()
+    prefix, _, _ = random_sequence([("text", 7)], seed=5)
+    cond = prefix[None]
+    uncond = torch.where(torch.arange(7) > 0, 38, cond)  # plain text dropped to <|null|> = 38
+    prompt = torch.cat([cond, uncond])
+    n, scale = 5, 3.0
+    cache = model.new_cache(2)
+    for j in range(7):  # the prefix, decoded as text would be (U layers, pending G)
+        model.extend(cache, prompt[:, j:j + 1], torch.zeros(2, 1, 8), torch.zeros(2, 1), torch.full((2, 1), -1), layers="text")
+    x_cached = sample_audio(model, cache, n, steps=4, sampler="ddim", cfg_scale=scale,
+                            generator=torch.Generator().manual_seed(0))
+
+    span_id = torch.tensor([[-1] * 7 + [0] * n]).expand(2, -1)
+    tokens = torch.cat([prompt, torch.zeros(2, n, dtype=torch.long)], 1)
+
+    def v_full(x, t):
+        audio = torch.cat([torch.zeros(2, 7, 8), torch.cat([x, x])], 1)
+        tt = torch.cat([torch.zeros(2, 7), t.repeat(2)[:, None].expand(2, n)], 1)
+        v = model(tokens, audio, tt, span_id)[1][:, 7:]
+        return cfg(v[:1], v[1:], scale)
+    noise = torch.randn(1, n, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        x_full = ddim_sample(v_full, noise, steps=4)
+        assert torch.allclose(x_cached, x_full, atol=1e-5), (x_cached - x_full).abs().max()
+        # the committed clean span: the next text token sees it exactly as a full forward does
+        nxt = torch.tensor([[3], [3]])
+        lg, _ = model.extend(cache, nxt, torch.zeros(2, 1, 8), torch.zeros(2, 1), torch.full((2, 1), -1), layers="text")
+        audio = torch.cat([torch.zeros(2, 7, 8), torch.cat([x_full, x_full]), torch.zeros(2, 1, 8)], 1)
+        full = model(torch.cat([tokens, nxt], 1), audio, torch.zeros(2, 13), torch.cat([span_id, torch.full((2, 1), -1)], 1))[0]
+        assert torch.allclose(lg[:, 0], full[:, -1], atol=1e-5)
+        # without guidance the cache holds only the conditional rows
+        cache = model.new_cache(1)
+        model.extend(cache, cond, torch.zeros(1, 7, 8), torch.zeros(1, 7), torch.full((1, 7), -1))
+        x = sample_audio(model, cache, n, steps=3, sampler="dpmpp", cfg_scale=1.0)
+        assert x.shape == (1, n, 8) and len(cache) == 7 + n
+
+
+# -----------------------------------------------------------------------------
+# training
+
+def test_overfit_one_batch():
+    model = tiny_model()
+    batch = collate([[fake_dialogue([("text", 6), ("audio", 6), ("text", 9)], [True], seed=1)],
+                     [fake_dialogue([("text", 4), ("audio", 5), ("text", 3), ("audio", 5), ("text", 7)], [False, True], seed=2)]],
+                    pad_id=39)
+    opt = model.configure_optimizers(weight_decay=0.0, learning_rate=5e-3, betas=(0.9, 0.95), device_type="cpu")
+    g = torch.Generator().manual_seed(0)
+    first = None
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # ops this small only lose time to thread hand-offs (x50 on a busy machine)
+    try:
+        for step in range(300):
+            loss, ce, mse = transfusion_forcing_loss(model, batch, null_id=38, generator=g)
+            first = first or (ce.item(), mse.item())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    with torch.no_grad():  # average a few noise draws for a steady figure
+        last = torch.tensor([transfusion_forcing_loss(model, batch, null_id=38, cfg_drop_p=0.0, generator=g)[1:]
+                             for _ in range(20)]).mean(0).tolist()
+    print(f"  overfit: ce {first[0]:.3f} -> {last[0]:.3f}, mse {first[1]:.3f} -> {last[1]:.3f}")
+    assert last[0] < 0.01 * first[0] and last[1] < 0.4 * first[1]
+
+# -----------------------------------------------------------------------------
+# training (train.py) and chat (sample.py), on a tiny simulated dataset
+
+TINY = ["--n_layer=2", "--n_gen_layer=1", "--n_head=2", "--n_embd=32", "--batch_size=2", "--block_size=2048",
+        "--eval_iters=1", "--warmup_iters=2", "--device=cpu"]
+
+
+def tiny_dataset():
+    """A dataset of 12 train / 4 val / 4 test dialogues, simulated once per test run."""
+    path = os.path.join(TMP, "data")
+    if not os.path.exists(os.path.join(path, "meta.json")):
+        import simulate_data
+        simulate_data.write_dataset(path, n=12, n_eval=4, workers=2)
+    return path
+
+
+def run_train(*flags):
+    import train
+    config = train.parse_config(train.TrainConfig, [f"--data_dir={tiny_dataset()}", *TINY, *flags], train.PRESETS)
+    return train.train(config)
+
+
+def test_train_writes_checkpoint_log_and_plot():
+    out = os.path.join(TMP, "smoke")
+    rows = run_train(f"--out_dir={out}", "--max_iters=4", "--eval_interval=2")
+    for name in ("ckpt.pt", "log.csv", "loss.png"):
+        assert os.path.getsize(os.path.join(out, name)) > 0, name
+    assert [r["iter"] for r in rows][:4] == [0, 1, 2, 3] and rows[-1]["val_ce"] != ""
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert ckpt["iter_num"] == 4 and {"model", "optimizer", "model_args", "config", "tokenizer", "codec"} <= set(ckpt)
+
+
+def test_train_resume_is_exact():
+    """Train 6 steps straight, or 3 steps + resume for 3 more: the same losses, step for step."""
+    straight = run_train(f"--out_dir={os.path.join(TMP, 'straight')}", "--max_iters=6", "--eval_interval=3",
+                         "--lr_decay_iters=6")
+    half = os.path.join(TMP, "halves")
+    run_train(f"--out_dir={half}", "--max_iters=3", "--eval_interval=3", "--lr_decay_iters=6")
+    resumed = run_train(f"--out_dir={half}", "--max_iters=6", "--eval_interval=3", "--lr_decay_iters=6",
+                        "--init_from=resume")
+    a = [float(r["loss"]) for r in straight if r["loss"] != ""]
+    b = [float(r["loss"]) for r in resumed if r["loss"] != ""]
+    assert len(a) == len(b) == 6
+    assert np.allclose(a, b, rtol=1e-5, atol=1e-6), (a, b)
+
+
+def test_train_rejects_bad_flags():
+    import subprocess
+    for flags, words in [(["--nonsense=1"], "unknown argument"), (["--max_iters=ten"], "expects int"),
+                         (["--init_from=resume", f"--out_dir={os.path.join(TMP, 'nothing')}",
+                           f"--data_dir={tiny_dataset()}"], "no checkpoint")]:
+        r = subprocess.run([sys.executable, "train.py", *flags], cwd=HERE, capture_output=True, text=True, timeout=120)
+        assert r.returncode != 0 and words in r.stderr, (flags, r.stderr[-300:])
+        assert "Traceback" not in r.stderr, r.stderr[-300:]
+
+
+def test_ddp_two_processes_on_cpu():
+    import subprocess
+    out = os.path.join(TMP, "ddp")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "train.py",
+                        f"--data_dir={tiny_dataset()}", f"--out_dir={out}", *TINY, "--max_iters=2", "--eval_interval=2"],
+                       cwd=HERE, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert os.path.exists(os.path.join(out, "ckpt.pt"))
+
+
+def smoke_checkpoint():
+    path = os.path.join(TMP, "smoke", "ckpt.pt")
+    if not os.path.exists(path):
+        run_train(f"--out_dir={os.path.dirname(path)}", "--max_iters=4", "--eval_interval=2")
+    return path
+
+
+def test_chat_cached_decoding_equals_full_recompute():
+    """Greedy decoding through the KV cache (U layers, token by token) picks the same tokens as
+    recomputing the whole sequence with forward() at every step."""
+    from sample import Chat
+    chat = Chat.from_checkpoint(smoke_checkpoint(), "cpu", cfg_scale=1.0, max_new_tokens=12)
+    model, tok = chat.model, chat.tok
+    prompt = [tok.special("<|user|>")] + tok.encode_ordinary("Tell a story: ava says \"the dog runs home\".") + \
+             [tok.special("<|end|>"), tok.special("<|assistant|>")]
+    logits = chat._feed(prompt, [False] * len(prompt))
+    cached, _ = chat._decode(logits)
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(12):
+            L = len(ids)
+            text_logits, _ = model(torch.tensor([ids]), torch.zeros(1, L, model.config.latent_dim), torch.zeros(1, L),
+                                   torch.full((1, L), -1))
+            nxt = int(text_logits[0, -1].argmax())
+            if nxt in (tok.special("<|audio|>"), tok.special("<|end|>")):
+                break
+            ids.append(nxt)
+    assert cached == tok.decode(ids[len(prompt):])
+
+
+def test_chat_understands_44k_mono_wav_and_refuses_long_audio():
+    import soundfile as sf
+    from sample import Chat, load_audio
+    t = np.arange(int(44100 * 1.25)) / 44100
+    path = os.path.join(TMP, "mono44k.wav")
+    sf.write(path, (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), 44100)
+    wav = load_audio(path)
+    assert wav.shape == (2, 20800) and np.allclose(wav[0], wav[1])  # 1.25 s -> 1.3 s of whole tenths
+    # the tone is still at 440 Hz after resampling
+    spectrum = np.abs(np.fft.rfft(wav[0, :16000]))
+    assert abs(np.argmax(spectrum) - 440) <= 1
+    chat = Chat.from_checkpoint(smoke_checkpoint(), "cpu", max_new_tokens=8)
+    answer = chat.understand(path, "Who says what, and when?")
+    assert isinstance(answer.text, str) and answer.error is None
+    sf.write(path, np.zeros(16000 * 9, np.float32), 16000)
+    try:
+        load_audio(path)
+        raise AssertionError("a 9 s clip should be refused")
+    except ValueError as e:
+        assert "at most" in str(e)
+
+
+def test_corrupt_or_missing_checkpoint_is_one_clear_error():
+    import subprocess
+    bad = os.path.join(TMP, "corrupt.pt")
+    with open(bad, "wb") as f:
+        f.write(b"this is not a checkpoint")
+    for path, words in [(bad, "not a readable AudioChat-mini checkpoint"), (os.path.join(TMP, "missing.pt"), "no checkpoint")]:
+        r = subprocess.run([sys.executable, "sample.py", f"--ckpt={path}", "--prompt", "hello"], cwd=HERE,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode != 0 and words in r.stderr and "Traceback" not in r.stderr, r.stderr[-500:]
+
+
+def test_chat_reports_an_invalid_plan_and_goes_on():
+    from sample import Chat
+    chat = Chat.from_checkpoint(smoke_checkpoint(), "cpu", max_new_tokens=6)  # 6 tokens: never a whole plan
+    turn = chat.generate("Tell a story: ava says \"the dog runs home\".")
+    assert turn.wav is None and turn.error.startswith("the model wrote"), turn
+    again = chat.edit("Make it quieter.")
+    assert again.error is not None and len(chat.turns) == 4
 
 
 # -----------------------------------------------------------------------------

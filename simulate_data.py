@@ -1,0 +1,1564 @@
+"""
+The toy audio world of AudioChat-mini, and the agents that turn it into training dialogues.
+
+AudioChat trains on millions of dialogues simulated by "AudioCopilot": LLM agents that play a user
+asking for audio stories and edits, and a sound designer who answers by calling text-to-speech and
+text-to-audio tools. This file is that simulator at toy scale, self-contained and deterministic:
+
+1. the world: 6 voices speaking a closed 111-word language through a small formant synthesizer,
+   14 procedural sound effects, 3 ambiences and 2 music beds, all 16 kHz stereo;
+2. the plan (the assistant's chain of thought): JSON text, validation with clear errors;
+3. the mixer: `render(plan, seed)`, a pure function, so an edit leaves untouched stems identical;
+4. the agents: a rule-based user (story / edit / understanding requests in varied words) and a
+   rule-based designer that answers with tool calls (the seam where real LLM agents would plug in);
+5. the dataset writer (all cores, shards of log-mel frames, BPE + codec statistics) and a demo.
+
+    python simulate_data.py --out data --n 2000          # train / val / test shards in data/
+    python simulate_data.py --demo --out out/demo        # 3 dialogues as markdown + wav + png
+"""
+
+import argparse
+import copy
+import functools
+import json
+import math
+import multiprocessing as mp
+import os
+import time
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+# tokenizer.py owns the codec constants and also SR (it cannot import this file without a cycle,
+# since we import it to encode audio); simulate_data re-exports SR for everyone else.
+from tokenizer import SR, AudioCodec, BPETokenizer
+
+MIN_DURATION, MAX_DURATION = 1.0, 8.0   # seconds; stories are multiples of 0.1 s
+STORY_DURATION = (4.0, 6.0)             # the range of the stories the agents make
+GAIN_RANGE = (-30, 6)                   # dB, integers
+TYPES = ("speech", "sfx", "ambience", "music")
+CTRL = 80                               # control-rate hop in samples (200 Hz): envelopes, formants, pitch
+
+# -----------------------------------------------------------------------------
+# Part 1: the world
+#
+# Small DSP helpers first. Everything works on whole arrays (numpy), never sample by sample.
+
+
+def ceil_tenth(x):
+    """Round a time up to the 0.1 s grid of the plan (the 1e-6 absorbs float noise: 0.30000001 -> 0.3)."""
+    return math.ceil(round(x * 10, 6)) / 10
+
+
+def rms(x):
+    return float(np.sqrt(np.mean(np.square(x)) + 1e-12))
+
+
+def band_shape(f, lo, hi):
+    """Magnitude response of a smooth band-pass (4th-order Butterworth-like edges) at f Hz."""
+    return 1 / np.sqrt(1 + (lo / np.maximum(f, 1.0)) ** 8) / np.sqrt(1 + (f / hi) ** 8)
+
+
+@functools.lru_cache(maxsize=256)
+def _band_mask(nf, lo, hi, tilt):
+    f = np.fft.rfftfreq(nf, 1 / SR)
+    return band_shape(f, lo, hi) * (np.maximum(f, 20.0) / 1000.0) ** tilt
+
+
+def band_noise(rng, n, lo, hi, tilt=0.0):
+    """White noise band-limited to about [lo, hi] Hz, unit RMS -> (n,). The noise is drawn
+    directly as its spectrum (white noise has i.i.d. Gaussian Fourier coefficients), shaped by
+    band_shape (tilt > 0 brightens, < 0 darkens), and brought back by one inverse FFT, whose
+    length is rounded up to a fast size."""
+    nf = n if n % 1600 == 0 else 1 << (n - 1).bit_length()   # plan lengths (0.1 s grid) are fast already
+    mask = _band_mask(nf, lo, hi, tilt)
+    spec = (rng.standard_normal(len(mask)) + 1j * rng.standard_normal(len(mask))) * mask
+    x = np.fft.irfft(spec, nf)[:n]
+    return (x / rms(x)).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def noise_bank(lo, hi):
+    """A fixed 8 s band noise (unit RMS) per band. Speech cuts its many short consonant noises
+    out of it at random offsets: as random as a fresh noise each time, at the cost of a slice."""
+    return band_noise(np.random.default_rng([lo, hi]), int(MAX_DURATION * SR), lo, hi)
+
+
+def bank_noise(rng, n, lo, hi):
+    """n samples of band noise from the bank, starting at a random offset. -> (n,)"""
+    bank = noise_bank(lo, hi)
+    i0 = int(rng.integers(len(bank) - n + 1))
+    return bank[i0:i0 + n]
+
+
+def decay_env(n, attack, tau):
+    """Linear attack over `attack` s, then exponential decay with time constant tau s. -> (n,)"""
+    t = np.arange(n) / SR
+    return (np.minimum(t / attack, 1.0) * np.exp(-np.maximum(t - attack, 0.0) / tau)).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def _ramp(n):
+    return (np.sin(np.linspace(0, np.pi / 2, n)) ** 2).astype(np.float32)
+
+
+def fade(x, t_in=0.005, t_out=0.01):
+    """Short raised-cosine fades at both ends, so no source starts or stops with a click."""
+    n_in, n_out = max(1, int(t_in * SR)), max(1, int(t_out * SR))
+    x = x.copy()
+    x[:n_in] *= _ramp(n_in)
+    x[-n_out:] *= _ramp(n_out)[::-1]
+    return x
+
+
+def smooth(x, width):
+    """Moving Hann-window average along the last axis (edges padded), width in control frames."""
+    if width < 2:
+        return x
+    w = np.hanning(width + 2)[1:-1]
+    w /= w.sum()
+    pad = [(0, 0)] * (x.ndim - 1) + [(width, width)]
+    xp = np.pad(x, pad, mode="edge")
+    return np.apply_along_axis(lambda r: np.convolve(r, w, mode="same"), -1, xp)[..., width:-width]
+
+
+def random_curve(rng, n, rate, step=1):
+    """A smooth random curve in [0, 1] with about `rate` wiggles per second (gusts, murmurs),
+    sampled every `step` samples over n samples. -> (ceil(n / step),)"""
+    pts = rng.random(int(n / SR * rate) + 3)
+    return np.interp(np.arange(0, n, step), np.linspace(0, n, len(pts)), pts).astype(np.float32)
+
+
+def upsample(x, n):
+    """Control-rate values (..., C) -> per-sample (..., n) by linear interpolation (hop CTRL)."""
+    pos = np.arange(n) / CTRL
+    i = np.minimum(pos.astype(np.int64), x.shape[-1] - 2)
+    w = (pos - i).astype(np.float32)
+    return x[..., i] * (1 - w) + x[..., i + 1] * w
+
+
+def harmonic_stack(f0, amps, n):
+    """Additive synthesis: sum_k A_k(t) sin(k phase(t)), phase(t) = 2 pi cumsum(f0) / SR.
+    f0 (C,) Hz and amps (K, C) at control rate -> (n,). The workhorse of voices, barks, horns.
+
+    Two tricks keep it fast without a per-sample loop: sin(k phase) comes from the Chebyshev
+    recurrence sin((k+1)x) = 2 cos(x) sin(kx) - sin((k-1)x) (no K x n table of sines), and the
+    amplitudes are interpolated inside each control block as (1 - w) A[c] + w A[c+1], so the two
+    per-block sums are accumulated and blended once at the end."""
+    phase = 2 * np.pi * np.cumsum(upsample(f0, n).astype(np.float64)) / SR
+    blocks = -(-n // CTRL)
+    ph = np.zeros(blocks * CTRL)
+    ph[:n] = np.mod(phase, 2 * np.pi)
+    ph = ph.reshape(blocks, CTRL).astype(np.float32)   # (blocks, CTRL): sample j of control block c
+    amps = amps.astype(np.float32)
+    two_cos, s_prev, s, tmp = 2 * np.cos(ph), np.zeros_like(ph), np.sin(ph), np.empty_like(ph)
+    acc0, acc1 = np.zeros_like(ph), np.zeros_like(ph)
+    for k in range(amps.shape[0]):                     # K vector steps, one per harmonic (in place)
+        acc0 += np.multiply(amps[k, :blocks, None], s, out=tmp)
+        acc1 += np.multiply(amps[k, 1:blocks + 1, None], s, out=tmp)
+        np.multiply(two_cos, s, out=tmp)
+        tmp -= s_prev
+        s_prev, s, tmp = s, tmp, s_prev
+    w = np.arange(CTRL, dtype=np.float32) / CTRL
+    return (acc0 * (1 - w) + acc1 * w).reshape(-1)[:n]
+
+
+def formant_gain(fk, formants, bandwidths):
+    """Magnitude of a cascade of resonators (the vocal tract as a source-filter model) at the
+    harmonic frequencies fk (K, C); formants (F, C) Hz, bandwidths (F,) Hz. 1 at DC, peaks of
+    about F/B at each formant."""
+    g = np.ones_like(fk)
+    for F, B in zip(formants, bandwidths):
+        F = F[None, :]
+        g = g * F ** 2 / np.sqrt((F ** 2 - fk ** 2) ** 2 + (B * fk) ** 2)
+    return g
+
+
+# --- voices -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Voice:
+    f0: float        # mean pitch, Hz
+    formant: float   # vocal-tract scale: multiplies every formant (timbre: larger = smaller speaker)
+    rate: float      # speaking rate: divides every phoneme duration
+    tilt: float      # spectral tilt of the glottal source (larger = darker, softer voice)
+    breath: float    # aspiration noise mixed into voiced sounds
+
+
+VOICES = {
+    "ava":  Voice(f0=210, formant=1.17, rate=1.05, tilt=1.0, breath=0.10),
+    "ben":  Voice(f0=120, formant=1.02, rate=0.95, tilt=0.7, breath=0.02),
+    "cleo": Voice(f0=260, formant=1.25, rate=1.15, tilt=1.3, breath=0.05),
+    "dan":  Voice(f0=88,  formant=0.90, rate=0.85, tilt=1.4, breath=0.12),
+    "eve":  Voice(f0=175, formant=1.10, rate=0.90, tilt=1.2, breath=0.20),
+    "finn": Voice(f0=145, formant=1.06, rate=1.10, tilt=0.9, breath=0.04),
+}
+
+# --- the phoneme inventory ----------------------------------------------------
+# Vowels are voiced with three formants (F1, F2, F3 in Hz for the reference tract, scaled per
+# voice); "ai" is a diphthong gliding to its second target. Consonants: fricatives are noise
+# bands, plosives a silent closure then a burst, nasals and "l" are weak voiced sounds.
+# dur in seconds at rate 1; amp relative to a vowel.
+
+PHONEMES = {
+    "i":  dict(kind="vowel", dur=0.13, F=(280, 2250, 2900), amp=1.0),
+    "e":  dict(kind="vowel", dur=0.13, F=(530, 1850, 2500), amp=1.0),
+    "ae": dict(kind="vowel", dur=0.14, F=(720, 1650, 2450), amp=1.0),
+    "a":  dict(kind="vowel", dur=0.14, F=(760, 1100, 2450), amp=1.0),
+    "o":  dict(kind="vowel", dur=0.14, F=(480, 800, 2500), amp=1.0),
+    "u":  dict(kind="vowel", dur=0.13, F=(300, 850, 2250), amp=0.9),
+    "er": dict(kind="vowel", dur=0.14, F=(480, 1350, 1650), amp=0.9),
+    "ai": dict(kind="vowel", dur=0.18, F=(740, 1200, 2500), F_end=(320, 2150, 2900), amp=1.0),
+    "m":  dict(kind="voiced", dur=0.07, F=(250, 1100, 2300), amp=0.3),
+    "n":  dict(kind="voiced", dur=0.07, F=(250, 1700, 2600), amp=0.3),
+    "l":  dict(kind="voiced", dur=0.06, F=(360, 1100, 2800), amp=0.55),
+    "s":  dict(kind="fricative", dur=0.10, band=(4000, 7500), amp=0.6),
+    "sh": dict(kind="fricative", dur=0.10, band=(1900, 3800), amp=0.6),
+    "f":  dict(kind="fricative", dur=0.09, band=(900, 7000), amp=0.25),
+    "h":  dict(kind="fricative", dur=0.07, band=(500, 3000), amp=0.25),
+    "p":  dict(kind="plosive", dur=0.08, band=(300, 1500), amp=0.9),
+    "t":  dict(kind="plosive", dur=0.08, band=(3000, 6500), amp=0.9),
+    "k":  dict(kind="plosive", dur=0.08, band=(1400, 3000), amp=0.9),
+}
+VOWELS = [p for p, d in PHONEMES.items() if d["kind"] == "vowel"]
+CONSONANTS = [p for p, d in PHONEMES.items() if d["kind"] != "vowel"]
+WORD_GAP = 0.07      # s of silence between words (at rate 1)
+SPEECH_TAIL = 0.03   # s of release after the last phoneme
+
+# --- the language ---------------------------------------------------------------
+# Lines are drawn from little templates whose slots take words of one class, so that stories
+# read like stories ("the old dog runs home", "hello my friend"). The vocabulary is exactly the
+# words these templates can produce.
+
+WORD_CLASSES = {
+    "DET": ["the", "a", "my", "your", "our"],
+    "ADJ": ["old", "young", "big", "little", "dark", "cold", "warm", "quiet", "happy", "lost", "brave", "tired"],
+    "NOUN": ["dog", "cat", "bird", "man", "girl", "boy", "king", "queen", "ship", "sea", "moon", "sun",
+             "storm", "door", "house", "road", "tree", "fire", "night", "town", "bell", "book", "friend",
+             "river", "horse", "forest", "garden", "window", "train", "baby"],
+    "VERB_I": ["runs", "walks", "sings", "sleeps", "waits", "falls", "comes", "goes", "laughs", "cries"],
+    "VERB_T": ["see", "hear", "find", "know", "like", "need", "open", "follow"],
+    "PRON": ["i", "we", "you", "they"],
+    "PLACE": ["home", "away", "here", "there", "now", "again", "tonight", "soon", "outside", "back", "up", "down"],
+    "PREP": ["in", "on"],
+}
+LINE_TEMPLATES = [
+    "DET ADJ NOUN VERB_I", "DET NOUN VERB_I PLACE", "DET ADJ NOUN VERB_I PLACE", "PRON VERB_T DET NOUN",
+    "PRON VERB_T DET ADJ NOUN", "where is DET NOUN", "hello DET NOUN", "hello DET ADJ NOUN",
+    "look at DET NOUN", "listen to DET NOUN", "come PLACE", "go PLACE", "run PLACE", "good morning DET NOUN",
+    "yes PRON VERB_T it", "PRON VERB_T it all", "it was not DET NOUN", "DET NOUN is ADJ", "DET NOUN is very ADJ",
+    "it was DET ADJ NOUN", "DET NOUN and DET NOUN", "stop DET NOUN", "hurry up", "please wait PLACE",
+    "thank you DET NOUN", "goodbye DET NOUN", "what is this", "DET NOUN is PREP DET NOUN", "no PRON VERB_I PLACE",
+]
+VOCAB = sorted(set(w for ws in WORD_CLASSES.values() for w in ws) |
+               set(w for t in LINE_TEMPLATES for w in t.split() if w not in WORD_CLASSES))
+
+
+def pick(rng, items):
+    return items[int(rng.integers(len(items)))]
+
+
+def _one_slip(code):
+    """Every phoneme sequence at edit distance <= 1 from code (one substitution, insertion or
+    deletion away), code included."""
+    alphabet = list(PHONEMES)
+    out = {code}
+    for i in range(len(code) + 1):
+        out.update(code[:i] + (p,) + code[i:] for p in alphabet)           # insertions
+        if i < len(code):
+            out.add(code[:i] + code[i + 1:])                                # deletions
+            out.update(code[:i] + (p,) + code[i + 1:] for p in alphabet)   # substitutions
+    return out
+
+
+def _assign_word_codes():
+    """Give every word a fixed phoneme code: a syllable (CVC) for one-syllable spellings, two
+    (CVCV or CVCVC) for two or more. Codes are drawn from a fixed generator and accepted only if
+    they differ from every earlier code in >= 2 phonemes (edit distance), so that no two words
+    are one slip apart; when the short codes run out, a word gets a longer shape."""
+    rng = np.random.default_rng(1234)
+    shapes = ["CVC", "CVCV", "CVCVC"]
+    codes, taken = {}, set()
+    for word in VOCAB:
+        groups = sum(1 for i, c in enumerate(word) if c in "aeiouy" and (i == 0 or word[i - 1] not in "aeiouy"))
+        groups -= word.endswith("e") and groups > 1          # silent final e: "home" is one syllable
+        level = 0 if groups <= 1 else 1 + int(rng.integers(2))
+        for attempt in range(10_000):
+            shape = shapes[min(level + attempt // 300, 2)]
+            code = tuple(pick(rng, VOWELS) if s == "V" else pick(rng, CONSONANTS) for s in shape)
+            if code not in taken:
+                codes[word] = code
+                taken |= _one_slip(code)
+                break
+    return codes
+
+
+WORD_CODES = _assign_word_codes()
+
+
+class PlanError(ValueError):
+    """An inconsistent plan or tool call; the message names the source and the problem."""
+
+
+def phoneme_timeline(voice, text):
+    """The phonemes of a line with their times: -> ([(phoneme, start_s, dur_s, word_index)], end_s).
+    Timing depends only on the voice's rate and the words, never on a seed: this is what makes
+    a speech source's duration derivable from the plan."""
+    if voice not in VOICES:
+        raise PlanError(f"unknown voice {voice!r}; the voices are {', '.join(VOICES)}")
+    words = text.split() if isinstance(text, str) else []
+    if not words:
+        raise PlanError(f"speech text must be a non-empty string of words, got {text!r}")
+    unknown = [w for w in words if w not in WORD_CODES]
+    if unknown:
+        raise PlanError(f"unknown word {unknown[0]!r} in {text!r}: lines use the {len(VOCAB)}-word vocabulary (VOCAB)")
+    rate = VOICES[voice].rate
+    segs, t = [], 0.0
+    for wi, word in enumerate(words):
+        if wi:
+            t += WORD_GAP / rate
+        for ph in WORD_CODES[word]:
+            d = PHONEMES[ph]["dur"] / rate
+            segs.append((ph, t, d, wi))
+            t += d
+    return segs, t
+
+
+def speech_duration(voice, text):
+    """The derived `dur` of a speech source: the line's length rounded up to 0.1 s."""
+    return ceil_tenth(phoneme_timeline(voice, text)[1] + SPEECH_TAIL)
+
+
+def synth_speech(voice, text, rng):
+    """The formant synthesizer: one line of speech -> mono (round(speech_duration * SR),).
+
+    Source-filter model, vectorised: per control frame (200 Hz) we set the formant targets and
+    the voicing amplitude of the current phoneme, smooth them (coarticulation: transitions
+    between phonemes take ~30 ms), then the glottal source is a harmonic stack at the voice's
+    pitch whose k-th harmonic is weighted by k^-tilt times the vocal-tract gain at k * f0.
+    Consonant noise (fricative bands, plosive bursts) is added on top. The seed only moves the
+    pitch contour (declination, word accents, jitter), never the timing."""
+    v = VOICES[voice]
+    segs, end = phoneme_timeline(voice, text)
+    n = round(speech_duration(voice, text) * SR)
+    C = n // CTRL + 2
+    F = np.full((3, C), np.nan)
+    av = np.zeros(C)
+    accent = np.zeros(C)
+    word_accent = rng.uniform(-0.04, 0.09, size=len(text.split()))
+    for ph, t0, d, wi in segs:
+        p = PHONEMES[ph]
+        i0 = int(t0 * SR / CTRL)
+        i1 = max(i0 + 1, int((t0 + d) * SR / CTRL))
+        accent[i0:i1] = word_accent[wi]
+        if p["kind"] in ("vowel", "voiced"):
+            F[:, i0:i1] = np.linspace(p["F"], p.get("F_end", p["F"]), i1 - i0).T
+            av[i0:i1] = p["amp"]
+    idx = np.arange(C)
+    known = ~np.isnan(F[0])   # during noise and silence the tract already moves to the next sound
+    F = np.stack([np.interp(idx, idx[known], row[known]) for row in F]) * v.formant
+    F, av = smooth(F, 7), smooth(av, 5)
+    t = idx * CTRL / SR
+    f0 = v.f0 * (1 + 0.06 - 0.12 * t / max(end, 1e-3)) * (1 + smooth(accent, 15)) \
+        * (1 + 0.02 * (random_curve(rng, C * CTRL, 4, CTRL) - 0.5))
+    K = int(4000 / f0.min())
+    k = np.arange(1, K + 1)[:, None]
+    fk = k * f0[None, :]
+    A = formant_gain(fk, F, np.array([90, 110, 170]) * v.formant) * k ** -v.tilt * av[None, :] * (fk < 4000)
+    x = harmonic_stack(f0, A, n)
+    voiced = upsample(av, n)
+    x /= rms(x[voiced > 0.5]) if np.any(voiced > 0.5) else rms(x)
+    x += v.breath * bank_noise(rng, n, 1000, 5000) * voiced
+    for ph, t0, d, _ in segs:
+        p = PHONEMES[ph]
+        if p["kind"] == "fricative":
+            m = int(d * SR)
+            seg = bank_noise(rng, m, *p["band"]) * p["amp"] * fade(np.ones(m, np.float32), 0.015, 0.015)
+        elif p["kind"] == "plosive":   # closure (silence), then a 15 ms burst and 20 ms aspiration
+            m = int(0.035 * SR)
+            seg = bank_noise(rng, m, *p["band"]) * p["amp"] * decay_env(m, 0.001, 0.012)
+            t0 = t0 + d - 0.035
+        else:
+            continue
+        i0 = int(t0 * SR)
+        x[i0:i0 + len(seg)] += seg[:n - i0]
+    return fade(0.1 * x / rms(x[: int(end * SR)])).astype(np.float32)
+
+
+# --- sound effects ------------------------------------------------------------
+# Each effect: fn(rng, n) -> mono (n,), n = its fixed length. The rng varies pitch, timing and
+# texture from source to source; the length never varies (sfx dur is derived from the name).
+
+
+def _events(out, onsets, make):
+    """Add make(i) at each onset (s) into out, clipped at the end."""
+    for i, t0 in enumerate(onsets):
+        e = make(i)
+        i0 = int(t0 * SR)
+        out[i0:i0 + len(e)] += e[:len(out) - i0]
+    return out
+
+
+def dog_bark(rng, n):
+    """Two 'woofs': a falling harmonic tone through an open-vowel tract, plus rough noise."""
+    def woof(i):
+        m = int(0.17 * SR)
+        C = m // CTRL + 2
+        f0 = np.linspace(1, 0.7, C) * rng.uniform(430, 620)
+        k = np.arange(1, 13)[:, None]
+        F = np.array([[700.0], [1500.0], [2600.0]]) * rng.uniform(0.9, 1.1) * np.ones(C)
+        tone = harmonic_stack(f0, formant_gain(k * f0, F, [250, 300, 400]) * k ** -0.7, m)
+        return (tone / rms(tone) + 0.6 * band_noise(rng, m, 400, 3500)) * decay_env(m, 0.006, 0.05)
+    return _events(np.zeros(n, np.float32), [0.0, rng.uniform(0.24, 0.30)], woof)
+
+
+def knock(rng, n):
+    """Three knocks on wood: two damped low modes and a short click."""
+    f1, f2 = rng.uniform(150, 220), rng.uniform(380, 520)
+    t = np.arange(int(0.12 * SR)) / SR
+    def hit(i):
+        body = np.sin(2 * np.pi * f1 * t) * np.exp(-t / 0.02) + 0.6 * np.sin(2 * np.pi * f2 * t) * np.exp(-t / 0.012)
+        return rng.uniform(0.8, 1.0) * (body + 0.5 * band_noise(rng, len(t), 1000, 4000) * np.exp(-t / 0.004))
+    gap = rng.uniform(0.13, 0.17)
+    return _events(np.zeros(n, np.float32), [0.0, gap, 2 * gap], hit)
+
+
+def bell(rng, n):
+    """A struck bell: inharmonic partials (hum, prime, minor third, fifth, nominal...) that ring
+    for a long time, the low ones longest, and a bright strike transient."""
+    f = rng.uniform(450, 800)
+    t = np.arange(n) / SR
+    ratios = np.array([0.5, 1.0, 1.19, 1.5, 2.0, 2.52, 2.67, 3.01])[:, None]
+    amps = np.array([0.4, 1.0, 0.6, 0.35, 0.5, 0.25, 0.2, 0.15])[:, None]
+    x = (amps * np.sin(2 * np.pi * f * ratios * t) * np.exp(-t / (0.8 / ratios ** 0.6))).sum(0)
+    return x + 0.3 * band_noise(rng, n, 2000, 6000) * decay_env(n, 0.001, 0.005)
+
+
+def footsteps(rng, n):
+    """Four steps: a low thud and a scuff of grit, at a walking pace."""
+    pace = rng.uniform(0.26, 0.3)
+    def step(i):
+        m = int(0.15 * SR)
+        return rng.uniform(0.7, 1.0) * (band_noise(rng, m, 60, 350) * decay_env(m, 0.002, 0.03)
+                                        + 0.4 * band_noise(rng, m, 1500, 4000) * decay_env(m, 0.001, 0.012))
+    return _events(np.zeros(n, np.float32), pace * np.arange(4) + rng.uniform(0, 0.02, 4), step)
+
+
+def glass_break(rng, n):
+    """A bright crash, then shards tinkling: many short high sine pings at random times."""
+    x = band_noise(rng, n, 2500, 7800) * decay_env(n, 0.001, 0.06)
+    t = np.arange(int(0.2 * SR)) / SR
+    def ping(i):
+        return rng.uniform(0.15, 0.5) * np.sin(2 * np.pi * rng.uniform(2500, 7000) * t) * np.exp(-t / rng.uniform(0.01, 0.05))
+    return _events(x, np.minimum(rng.exponential(0.15, 30), 0.6), ping)
+
+
+def car_horn(rng, n):
+    """Two brassy harmonic tones a major third apart, held steady (the beating is the 'honk')."""
+    C = n // CTRL + 2
+    f1 = rng.uniform(360, 440)
+    k = np.arange(1, 16)[:, None]
+    x = 0
+    for f in (f1, f1 * 1.26):
+        f0 = np.full(C, f)
+        F = np.array([[1000.0], [2000.0], [3000.0]]) * np.ones(C)
+        x = x + harmonic_stack(f0, formant_gain(k * f0, F, [400, 500, 600]) * k ** -0.6, n)
+    return fade(x, 0.015, 0.03)
+
+
+def bird_chirp(rng, n):
+    """Three quick upward whistled sweeps, high up (2-5 kHz)."""
+    def chirp(i):
+        m = int(0.09 * SR)
+        f = np.linspace(rng.uniform(2000, 3000), rng.uniform(3800, 5000), m)
+        return np.sin(2 * np.pi * np.cumsum(f) / SR) * np.sin(np.linspace(0, np.pi, m)) ** 2
+    gap = rng.uniform(0.15, 0.2)
+    return _events(np.zeros(n, np.float32), [0.0, gap, 2 * gap], chirp)
+
+
+def thunder(rng, n):
+    """A crack, then a long low rumble whose loudness rolls at random."""
+    crack = band_noise(rng, n, 300, 5000) * decay_env(n, 0.002, 0.08)
+    rumble = band_noise(rng, n, 25, 200) * (0.3 + random_curve(rng, n, 6)) * decay_env(n, 0.15, 0.7)
+    return crack + 2.0 * rumble
+
+
+def clock_tick(rng, n):
+    """Tick ... tock: four short clicks, exactly 0.25 s apart, alternating in pitch."""
+    f = rng.uniform(2500, 3500)
+    def click(i):
+        m = int(0.03 * SR)
+        t = np.arange(m) / SR
+        lo, hi = (2500, 6000) if i % 2 == 0 else (1500, 4000)
+        ring = np.sin(2 * np.pi * f * (1 - 0.25 * (i % 2)) * t) * np.exp(-t / 0.006)
+        return band_noise(rng, m, lo, hi) * np.exp(-t / 0.003) + 0.5 * ring
+    return _events(np.zeros(n, np.float32), 0.25 * np.arange(4), click)
+
+
+def applause(rng, n):
+    """Many hands: a dense random train of short noisy claps (FFT convolution), swelling in and
+    dying away."""
+    count = int(rng.uniform(150, 220))
+    imp = np.zeros(n)
+    np.add.at(imp, rng.integers(0, n - int(0.05 * SR), count), rng.uniform(0.3, 1.0, count))
+    m = int(0.02 * SR)
+    kernel = band_noise(rng, m, 800, 3500) * decay_env(m, 0.0005, 0.005)
+    x = np.fft.irfft(np.fft.rfft(imp, n + m) * np.fft.rfft(kernel, n + m), n + m)[:n]
+    return x * np.minimum(1, np.arange(n) / (0.1 * SR)) * np.minimum(1, (n - np.arange(n)) / (0.4 * SR))
+
+
+def whistle(rng, n):
+    """A person whistling: a nearly pure tone that rises then falls, with vibrato and breath."""
+    C = n // CTRL + 2
+    t = np.arange(C) * CTRL / SR
+    f = rng.uniform(1500, 2300) * (1 + 0.15 * np.sin(np.pi * t / (n / SR)) + 0.015 * np.sin(2 * np.pi * 6 * t))
+    x = harmonic_stack(f, np.array([[1.0], [0.05]]) * np.ones(C), n)
+    return fade(x + 0.05 * band_noise(rng, n, 1000, 4000), 0.03, 0.06)
+
+
+def door_creak(rng, n):
+    """Stick-slip friction: a buzzy, low, wandering pitch (a harmonic-rich pulse train) through
+    wooden resonances, its loudness stuttering."""
+    C = n // CTRL + 2
+    f0 = 60 + 90 * random_curve(rng, C * CTRL, 4, CTRL)
+    k = np.arange(1, int(4000 / 60) + 1)[:, None]
+    F = np.array([[900.0], [1700.0], [2800.0]]) * rng.uniform(0.85, 1.15) * np.ones(C)
+    x = harmonic_stack(f0, formant_gain(k * f0, F, [150, 200, 250]) * k ** -0.3 * (k * f0 < 7000), n)
+    return fade(x * (0.2 + random_curve(rng, n, 8)) ** 2, 0.05, 0.1)
+
+
+def phone_ring(rng, n):
+    """An old telephone: two bursts of a dual tone, trilled at 20 Hz."""
+    t = np.arange(int(0.4 * SR)) / SR
+    f = rng.uniform(900, 1100)
+    def ring(i):
+        trill = 0.5 + 0.5 * np.sign(np.sin(2 * np.pi * 20 * t))
+        return fade((np.sin(2 * np.pi * f * t) + np.sin(2 * np.pi * 1.25 * f * t)) * trill)
+    return _events(np.zeros(n, np.float32), [0.0, 0.55], ring)
+
+
+def cat_meow(rng, n):
+    """Mee-ow: a high pitch rising then falling while the 'mouth' glides from i through a to u."""
+    C = n // CTRL + 2
+    s = np.linspace(0, 1, C)
+    f0 = rng.uniform(420, 520) * (1 + 0.5 * np.sin(np.pi * s ** 0.7))
+    F = np.stack([np.interp(s, [0, 0.4, 1], [300, 900, 400]), np.interp(s, [0, 0.4, 1], [2300, 1500, 1000]),
+                  np.full(C, 3000.0)]) * 1.3
+    k = np.arange(1, int(7000 / f0.min()) + 1)[:, None]
+    x = harmonic_stack(f0, formant_gain(k * f0, F, [150, 200, 300]) * k ** -0.8 * (k * f0 < 7000), n)
+    return fade(x, 0.05, 0.15)
+
+
+# name -> (fixed length in s, synthesizer)
+SFX = {
+    "dog_bark": (0.5, dog_bark), "knock": (0.5, knock), "bell": (1.5, bell), "footsteps": (1.2, footsteps),
+    "glass_break": (0.8, glass_break), "car_horn": (0.8, car_horn), "bird_chirp": (0.6, bird_chirp),
+    "thunder": (2.0, thunder), "clock_tick": (1.0, clock_tick), "applause": (1.5, applause),
+    "whistle": (0.8, whistle), "door_creak": (1.0, door_creak), "phone_ring": (1.0, phone_ring),
+    "cat_meow": (0.8, cat_meow),
+}
+
+# --- ambiences and music: beds of any length ----------------------------------
+
+
+# Beds are long, so they are made the cheap way: as noise whose short-time spectrum follows a
+# designed spectrogram (frames x bins), drawn frame by frame in the frequency domain and
+# overlap-added. One batched inverse FFT of 512-point frames, whatever the texture.
+TEX_N, TEX_HOP = 512, 256
+
+
+def texture_grid(n):
+    """Frame times (frames,) s and bin frequencies (TEX_N // 2 + 1,) Hz of a texture of n samples."""
+    return np.arange(n // TEX_HOP + 2) * TEX_HOP / SR, np.fft.rfftfreq(TEX_N, 1 / SR)
+
+
+def noise_texture(rng, shape, n):
+    """shape (frames, bins): magnitude per frame and frequency -> noise (n,). Gaussian Fourier
+    coefficients times the shape, inverse FFT per frame, sine window, 50 % overlap-add (the sine
+    window's squares sum to 1 at this overlap, so the noise power follows the shape smoothly)."""
+    frames = shape.shape[0]
+    spec = shape.astype(np.float32) * (rng.standard_normal(shape.shape, dtype=np.float32)
+                                       + 1j * rng.standard_normal(shape.shape, dtype=np.float32))
+    x = np.fft.irfft(spec, TEX_N, axis=-1) * np.sin(np.pi * (np.arange(TEX_N) + 0.5) / TEX_N)
+    out = np.zeros((frames + 1, TEX_HOP))
+    out[:frames] += x[:, :TEX_HOP]
+    out[1:] += x[:, TEX_HOP:]
+    return out.reshape(-1)[TEX_HOP:TEX_HOP + n].astype(np.float32)
+
+
+def rain(rng, n):
+    """Hiss of many drops (bright noise over a soft low wash), plus close drops as sharp clicks."""
+    t, f = texture_grid(n)
+    shape = (band_shape(f, 800, 7500) * (np.maximum(f, 20) / 1000) ** -0.3 + 0.3 * band_shape(f, 60, 300))
+    x = noise_texture(rng, shape[None, :] * (0.9 + 0.2 * random_curve(rng, n + 2 * TEX_HOP, 3, TEX_HOP))[:, None], n)
+    x /= rms(x)
+    m = int(0.01 * SR)
+    drop = band_noise(rng, m, 2000, 7000) * decay_env(m, 0.0005, 0.002)
+    count = int(n / SR * 40)
+    return _events(x, rng.uniform(0, n / SR, count), lambda i: rng.uniform(0.3, 1.2) * drop)
+
+
+def wind(rng, n):
+    """Low roaring noise in slow random gusts, with a faint whistling resonance at the peaks."""
+    t, f = texture_grid(n)
+    g1, g2 = (random_curve(rng, n + 2 * TEX_HOP, rate, TEX_HOP)[:, None] for rate in (0.8, 1.2))
+    fw = rng.uniform(600, 900)
+    shape = (band_shape(f, 80, 500) * (0.3 + g1) + 0.6 * band_shape(f, 300, 1200) * g2
+             + 3.0 * band_shape(f, fw - 40, fw + 40) * g2 ** 2)
+    return noise_texture(rng, shape, n)
+
+
+def crowd(rng, n):
+    """Babble: six talkers, each noise with two vowel-like formant peaks, switched on and off at
+    syllable rate (6-10 wiggles per second), all summed in one spectrogram."""
+    t, f = texture_grid(n)
+    talkers = 6
+    F1 = rng.uniform(300, 800, talkers)[:, None]
+    F2 = rng.uniform(900, 2500, talkers)[:, None]
+    masks = 1 / (1 + ((f - F1) / 150) ** 2) + 0.7 / (1 + ((f - F2) / 250) ** 2)      # (talkers, bins)
+    syll = np.stack([random_curve(rng, n + 2 * TEX_HOP, rng.uniform(6, 10), TEX_HOP) for _ in range(talkers)]) ** 2
+    return noise_texture(rng, syll.T @ masks, n)
+
+
+def _melody(rng, n, step_beats):
+    """A random walk on a pentatonic scale: -> list of (onset s, length s, frequency Hz)."""
+    root = 220 * 2 ** (rng.integers(0, 12) / 12)
+    scale = np.array([0, 2, 4, 7, 9, 12, 14, 16, 19, 21])
+    beat = 60 / rng.uniform(90, 130)
+    notes, t, i = [], 0.0, int(rng.integers(2, 7))
+    while t < n / SR:
+        length = beat * step_beats[rng.integers(len(step_beats))]
+        notes.append((t, length, root * 2 ** (scale[i] / 12)))
+        i = int(np.clip(i + rng.choice([-2, -1, 1, 2]), 0, len(scale) - 1))
+        t += length
+    return notes
+
+
+_t = np.arange(SR, dtype=np.float32) / SR                      # a note rings for 1 s
+_k = np.arange(1, 9, dtype=np.float32)[:, None]                  # 8 partials
+PIANO_PARTIALS = 2 * np.pi * _k * np.sqrt(1 + 4e-4 * _k ** 2) * _t    # phase / f0: slightly stretched partials
+PIANO_ENV = _k ** -1.3 * np.exp(-_t * _k ** 0.5 / 0.5) * np.minimum(1, _t / 0.003)   # upper partials die first
+
+
+def piano(rng, n):
+    """Piano: struck notes with 8 slightly stretched (inharmonic) partials, upper partials dying
+    first. Each distinct pitch is synthesized once and copied to its onsets."""
+    notes = _melody(rng, n, [0.5, 1, 1, 2])
+    @functools.lru_cache(maxsize=None)
+    def note(f):
+        return fade((np.sin(PIANO_PARTIALS * np.float32(f)) * PIANO_ENV).sum(0), 0.001, 0.05)   # float32 throughout
+    out = np.zeros(n, np.float32)
+    for t0, _, f in notes:
+        _events(out, [t0], lambda i: note(f))
+        if rng.random() < 0.3:   # now and then a bass note an octave below
+            _events(out, [t0], lambda i: 0.5 * note(f / 2))
+    return out
+
+
+def flute(rng, n):
+    """Flute: legato notes, almost a pure tone with weak overtones, vibrato, and breath noise."""
+    notes = _melody(rng, n, [1, 1, 2, 3])
+    C = n // CTRL + 2
+    tc = np.arange(C) * CTRL / SR
+    f0 = np.zeros(C)
+    gate = np.zeros(C)
+    for t0, length, f in notes:
+        sel = (tc >= t0) & (tc < t0 + length)
+        f0[sel] = 2 * f
+        gate[sel & (tc < t0 + length - 0.05)] = 1   # a short breath between notes
+    f0 = smooth(f0, 6) * (1 + 0.01 * np.sin(2 * np.pi * 5 * tc))
+    gate = smooth(gate, 8)
+    x = harmonic_stack(f0, np.array([1.0, 0.3, 0.1, 0.04])[:, None] * gate[None, :], n)
+    return x + 0.08 * band_noise(rng, n, 1000, 4000) * upsample(gate, n)
+
+
+AMBIENCES = {"rain": rain, "wind": wind, "crowd": crowd}
+MUSIC = {"piano": piano, "flute": flute}
+SOUNDS = {"sfx": SFX, "ambience": AMBIENCES, "music": MUSIC}
+
+# -----------------------------------------------------------------------------
+# Part 2: the plan -- the assistant's chain of thought
+#
+# A plan is {"duration": d, "sources": [...]}; every source has a persistent id. It is written
+# as one line of JSON with a fixed key order and fixed number formats, so that the same plan is
+# always the same text (the model learns to write exactly this).
+
+SOURCE_KEYS = {
+    "speech": ("id", "type", "voice", "text", "start", "dur", "gain_db", "pan"),
+    "sfx": ("id", "type", "sound", "start", "dur", "gain_db", "pan"),
+    "ambience": ("id", "type", "sound", "start", "dur", "gain_db", "pan"),
+    "music": ("id", "type", "sound", "start", "dur", "gain_db", "pan"),
+}
+
+
+def _on_grid(x):
+    return abs(x * 10 - round(x * 10)) < 1e-6
+
+
+def _is_number(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def derived_dur(src):
+    """The duration a speech or sfx source must have (None for beds, whose dur is chosen)."""
+    if src["type"] == "speech":
+        return speech_duration(src["voice"], src["text"])
+    if src["type"] == "sfx":
+        return SFX[src["sound"]][0]
+    return None
+
+
+def validate_plan(plan):
+    """Raise PlanError naming the source and the problem if the plan is inconsistent; else None."""
+    if not isinstance(plan, dict) or set(plan) != {"duration", "sources"}:
+        raise PlanError('a plan is a JSON object with exactly the keys "duration" and "sources"')
+    d = plan["duration"]
+    if not _is_number(d) or not _on_grid(d):
+        raise PlanError(f"duration must be a number of seconds on the 0.1 s grid, got {d!r}")
+    if not MIN_DURATION <= d <= MAX_DURATION:
+        raise PlanError(f"duration {d} s is outside the allowed {MIN_DURATION}-{MAX_DURATION} s")
+    if not isinstance(plan["sources"], list):
+        raise PlanError('"sources" must be a list')
+    seen = set()
+    for i, s in enumerate(plan["sources"]):
+        if not isinstance(s, dict):
+            raise PlanError(f"source #{i + 1} is not a JSON object")
+        sid = s.get("id")
+        if not isinstance(sid, int) or isinstance(sid, bool) or sid < 1:
+            raise PlanError(f"source #{i + 1}: id must be a positive integer, got {sid!r}")
+        name = f"source {sid}"
+        if sid in seen:
+            raise PlanError(f"{name}: duplicate id (ids must be unique)")
+        seen.add(sid)
+        if s.get("type") not in TYPES:
+            raise PlanError(f"{name}: unknown type {s.get('type')!r}; the types are {', '.join(TYPES)}")
+        keys = SOURCE_KEYS[s["type"]]
+        if set(s) != set(keys):
+            raise PlanError(f"{name}: a {s['type']} source has exactly the keys {', '.join(keys)}; "
+                            f"got {', '.join(s)}")
+        if s["type"] == "speech":
+            try:
+                phoneme_timeline(s["voice"], s["text"])
+            except PlanError as e:
+                raise PlanError(f"{name}: {e}") from None
+        elif s["sound"] not in SOUNDS[s["type"]]:
+            raise PlanError(f"{name}: unknown {s['type']} sound {s['sound']!r}; "
+                            f"the {s['type']} sounds are {', '.join(SOUNDS[s['type']])}")
+        for key in ("start", "dur", "pan"):
+            if not _is_number(s[key]) or not _on_grid(s[key]):
+                raise PlanError(f"{name}: {key} must be a number on the 0.1 grid, got {s[key]!r}")
+        if not _is_number(s["gain_db"]) or s["gain_db"] != int(s["gain_db"]):
+            raise PlanError(f"{name}: gain_db must be an integer, got {s['gain_db']!r}")
+        want = derived_dur(s)
+        if want is not None and abs(s["dur"] - want) > 1e-6:
+            what = f"{s['voice']} saying {s['text']!r}" if s["type"] == "speech" else s["sound"]
+            raise PlanError(f"{name}: dur {s['dur']} s is wrong, {what} lasts {want} s")
+        if s["dur"] <= 0:
+            raise PlanError(f"{name}: dur must be positive, got {s['dur']}")
+        if s["start"] < 0:
+            raise PlanError(f"{name}: start {s['start']} s is before the story begins (0 s)")
+        if s["start"] + s["dur"] > d + 1e-6:
+            raise PlanError(f"{name}: it ends at {s['start'] + s['dur']:.1f} s, after the story's end ({d} s)")
+        if not GAIN_RANGE[0] <= s["gain_db"] <= GAIN_RANGE[1]:
+            raise PlanError(f"{name}: gain_db {s['gain_db']} is outside {GAIN_RANGE[0]}..{GAIN_RANGE[1]} dB")
+        if not -1 <= s["pan"] <= 1:
+            raise PlanError(f"{name}: pan {s['pan']} is outside -1 (left) .. 1 (right)")
+    lines = sorted((s for s in plan["sources"] if s["type"] == "speech"), key=lambda s: (s["voice"], s["start"]))
+    for a, b in zip(lines, lines[1:]):
+        if a["voice"] == b["voice"] and b["start"] < a["start"] + a["dur"] - 1e-6:
+            raise PlanError(f"source {b['id']}: {b['voice']} talks over herself/himself: source {a['id']} "
+                            f"lasts until {a['start'] + a['dur']:.1f} s but source {b['id']} starts at {b['start']} s")
+
+
+def plan_to_text(plan):
+    """Plan -> one line of JSON: fixed key order, start/dur/pan with 1 decimal, gain_db integer."""
+    def value(key, v):
+        if key in ("start", "dur", "pan", "duration"):
+            return f"{round(v, 1) + 0.0:.1f}"       # + 0.0 turns -0.0 into 0.0
+        if key == "gain_db":
+            return str(int(round(v)))
+        return json.dumps(v)
+    srcs = ", ".join("{" + ", ".join(f'"{k}": {value(k, s[k])}' for k in SOURCE_KEYS[s["type"]]) + "}"
+                     for s in plan["sources"])
+    return f'{{"duration": {value("duration", plan["duration"])}, "sources": [{srcs}]}}'
+
+
+def plan_from_text(text):
+    """Text -> validated plan (PlanError on bad JSON or an inconsistent plan)."""
+    try:
+        plan = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise PlanError(f"the plan is not valid JSON: {e}") from None
+    validate_plan(plan)
+    for s in plan["sources"]:
+        s["gain_db"] = int(s["gain_db"])
+        for key in ("start", "dur", "pan"):
+            s[key] = round(float(s[key]), 1) + 0.0
+    plan["duration"] = round(float(plan["duration"]), 1)
+    return plan
+
+
+# -----------------------------------------------------------------------------
+# Part 3: rendering -- the mixer
+#
+# A source's dry (mono, unit-level) signal depends only on (seed, its id, its content). Gain and
+# pan are applied afterwards, so a volume or pan edit re-uses the dry signal, and an edit never
+# touches another source's stem. Dry signals are cached: re-rendering an edited plan only
+# synthesizes what changed.
+
+
+def content_key(src):
+    """What a source's sound is made of (not where or how loud it is)."""
+    name = src["voice"] if src["type"] == "speech" else src["sound"]
+    return (src["type"], name, src.get("text", ""), round(src["dur"], 1))
+
+
+@functools.lru_cache(maxsize=128)
+def dry_signal(seed, sid, kind, name, text, dur):
+    """Mono dry signal (round(dur * SR),) of one source, read-only. Its own generator is seeded
+    by (seed, id, content) only."""
+    rng = np.random.default_rng([seed, sid, zlib.crc32(f"{kind}|{name}|{text}|{dur}".encode())])
+    n = round(dur * SR)
+    if kind == "speech":
+        x = synth_speech(name, text, rng)          # already at speech level (RMS 0.1)
+    elif kind == "sfx":
+        x = SFX[name][1](rng, n)
+        x = 0.6 * x / (np.abs(x).max() + 1e-9)   # events: peak level
+    else:
+        x = SOUNDS[kind][name](rng, n)
+        x = 0.1 * x / rms(x)                       # beds: RMS level
+    x = fade(np.asarray(x, np.float32)[:n])
+    x.flags.writeable = False
+    return x
+
+
+def pan_gains(pan):
+    """Constant-power pan law: pan in [-1, 1] -> (left, right) gains with L^2 + R^2 = 1."""
+    theta = (pan + 1) * np.pi / 4
+    return np.cos(theta), np.sin(theta)
+
+
+def limiter(x, threshold=0.75, ceiling=0.99):
+    """Memoryless soft limiter: identity below `threshold`, a tanh knee above that never exceeds
+    `ceiling`. Memoryless on purpose: a compressor with release time would let a loud new source
+    change the level of its neighbours, breaking 'an edit changes only what was asked'."""
+    y = x.copy()
+    loud = np.abs(x) > threshold
+    a = np.abs(x[loud])
+    y[loud] = np.sign(x[loud]) * (threshold + (ceiling - threshold) * np.tanh((a - threshold) / (ceiling - threshold)))
+    return y
+
+
+def render(plan, seed, stems=False):
+    """Plan -> stereo mix (2, N) float32, N = duration * SR. With stems=True returns
+    (mix, {id: (2, N) stem}); stems are before the limiter, which acts only on the rare peaks."""
+    validate_plan(plan)
+    n = round(plan["duration"] * SR)
+    mix = np.zeros((2, n), np.float32)
+    out = {}
+    for s in plan["sources"]:
+        dry = dry_signal(seed, s["id"], *content_key(s))
+        i0 = round(s["start"] * SR)
+        seg = dry[: n - i0]
+        stem = np.zeros((2, n), np.float32)
+        g = 10 ** (s["gain_db"] / 20)
+        for c, p in enumerate(pan_gains(s["pan"])):
+            stem[c, i0:i0 + len(seg)] = g * p * seg
+        mix += stem
+        if stems:
+            out[s["id"]] = stem
+    mix = limiter(mix)
+    return (mix, out) if stems else mix
+
+
+# -----------------------------------------------------------------------------
+# Part 4: the tools and the agents (AudioCopilot at toy scale)
+#
+# The designer never edits a plan directly: it calls tools on a Studio, and the trace of calls
+# (with their results) is what produced the plan. Each call is validated at once, so a bad call
+# fails with a clear message and leaves the plan as it was.
+
+
+class Studio:
+    """The sound designer's toolbox. Holds the current plan, the render seed and every id ever
+    used (ids are never reused, even after a remove). Tools:
+      new_story(duration)                          start an empty story
+      speak(voice, text, start, gain_db, pan)      -> new id
+      sfx(sound, start, gain_db, pan)              -> new id
+      ambience(sound, start, dur, gain_db, pan)    -> new id
+      music(sound, start, dur, gain_db, pan)       -> new id
+      remove(id); set_gain(id, gain_db); set_pan(id, pan)
+      replace(id, sound=, voice=, text=, start=)   same id, new content (dur re-derived)
+      render()                                     -> the stereo mix of the current plan"""
+
+    TOOLS = ("new_story", "speak", "sfx", "ambience", "music", "remove", "set_gain", "set_pan", "replace", "render")
+
+    def __init__(self, seed, plan=None):
+        self.seed = seed
+        self.plan = copy.deepcopy(plan)
+        self.last_id = max((s["id"] for s in plan["sources"]), default=0) if plan else 0
+
+    def copy(self):
+        other = Studio(self.seed, self.plan)
+        other.last_id = self.last_id
+        return other
+
+    def call(self, name, args):
+        """Run one tool call. Returns the new id for creating tools, the audio for render."""
+        if name not in self.TOOLS:
+            raise PlanError(f"unknown tool {name!r}; the tools are {', '.join(self.TOOLS)}")
+        if name == "render":
+            return render(self.plan, self.seed)
+        if name == "new_story":
+            plan = {"duration": round(args["duration"], 1), "sources": []}
+            validate_plan(plan)
+            self.plan = plan
+            return None
+        if self.plan is None:
+            raise PlanError(f"{name}: there is no story yet (call new_story first)")
+        plan = copy.deepcopy(self.plan)
+        result = None
+        if name in ("speak", "sfx", "ambience", "music"):
+            kind = "speech" if name == "speak" else name
+            src = {"id": self.last_id + 1, "type": kind, **{k: args[k] for k in ("voice", "text", "sound") if k in args},
+                   "start": round(args["start"], 1), "dur": 0.0,
+                   "gain_db": int(args.get("gain_db", 0)), "pan": round(args.get("pan", 0.0), 1) + 0.0}
+            try:
+                src["dur"] = derived_dur(src) if kind in ("speech", "sfx") else round(args["dur"], 1)
+            except (PlanError, KeyError) as e:
+                raise PlanError(f"{name}: {e}") from None
+            plan["sources"].append({k: src[k] for k in SOURCE_KEYS[kind]})
+            result = src["id"]
+        else:
+            src = self._find(plan, name, args.get("id"))
+            if name == "remove":
+                plan["sources"].remove(src)
+            elif name == "set_gain":
+                src["gain_db"] = int(args["gain_db"])
+            elif name == "set_pan":
+                src["pan"] = round(args["pan"], 1) + 0.0
+            elif name == "replace":
+                for k in ("voice", "text", "sound"):
+                    if k in args:
+                        if k not in src:
+                            raise PlanError(f"replace: source {src['id']} is {src['type']}, it has no {k}")
+                        src[k] = args[k]
+                if "start" in args:
+                    src["start"] = round(args["start"], 1)
+                try:
+                    src["dur"] = derived_dur(src) or src["dur"]
+                except (PlanError, KeyError) as e:
+                    raise PlanError(f"replace: source {src['id']}: {e}") from None
+        validate_plan(plan)
+        self.plan = plan
+        if result is not None:
+            self.last_id = result
+        return result
+
+    @staticmethod
+    def _find(plan, tool, sid):
+        for s in plan["sources"]:
+            if s["id"] == sid:
+                return s
+        ids = ", ".join(str(s["id"]) for s in plan["sources"])
+        raise PlanError(f"{tool}: no source with id {sid!r} (the plan has ids {ids})")
+
+    def run(self, calls):
+        """Run a list of tool calls {"name", "args"}; returns (calls with "result" filled in, audio
+        of the last render call or None)."""
+        done, audio = [], None
+        for c in calls:
+            r = self.call(c["name"], c["args"])
+            if c["name"] == "render":
+                audio = r
+                done.append({"name": "render", "args": dict(c["args"])})
+            else:
+                done.append({"name": c["name"], "args": dict(c["args"]), **({"result": r} if r is not None else {})})
+        return done, audio
+
+
+# --- how people talk about sounds -------------------------------------------------
+# (event clause for stories, "the ..." to refer to it, "a ..." to ask for one)
+
+SOUND_WORDS = {
+    "dog_bark": ("a dog barks", "the dog bark", "a dog barking"),
+    "knock": ("someone knocks on the door", "the knock", "a knock"),
+    "bell": ("a bell rings", "the bell", "a bell"),
+    "footsteps": ("footsteps pass by", "the footsteps", "some footsteps"),
+    "glass_break": ("a glass shatters", "the breaking glass", "breaking glass"),
+    "car_horn": ("a car horn honks", "the car horn", "a car horn"),
+    "bird_chirp": ("a bird chirps", "the bird", "a chirping bird"),
+    "thunder": ("thunder rumbles", "the thunder", "thunder"),
+    "clock_tick": ("a clock ticks", "the ticking clock", "a ticking clock"),
+    "applause": ("people applaud", "the applause", "applause"),
+    "whistle": ("someone whistles", "the whistle", "a whistle"),
+    "door_creak": ("a door creaks open", "the creaking door", "a creaking door"),
+    "phone_ring": ("a phone rings", "the phone", "a ringing phone"),
+    "cat_meow": ("a cat meows", "the cat", "a meowing cat"),
+    "rain": ("in the rain", "the rain", "rain"),
+    "wind": ("in the wind", "the wind", "wind"),
+    "crowd": ("in a busy crowd", "the crowd", "crowd noise"),
+    "piano": ("over soft piano music", "the piano", "piano music"),
+    "flute": ("with a flute melody", "the flute", "a flute melody"),
+}
+WHERE_WORDS = {"left": [" on the left", " from the left"], "right": [" on the right", " from the right"],
+               "center": [" in the center", " centered"], None: [""]}
+STORY_OPENINGS = ["Tell a story: ", "Make a scene where ", "Create an audio story: ", "I want a short clip where ",
+                  "Please produce a scene in which ", "Voice a little story: "]
+STORY_JOINERS = [", then ", ". Then ", ", and then ", ", after that "]
+UNDERSTAND_WORDS = {
+    "transcribe": ["Who says what, and when?", "Transcribe this clip with speakers and times.",
+                   "Please write down what is said in this audio, with times.",
+                   "Who is speaking here, and what do they say?", "Give me a time-stamped transcript of this."],
+    "describe": ["Describe every sound in this clip with its time.", "What can you hear in this audio, and when?",
+                 "List all the sources in this recording with start and end times.",
+                 "Caption this clip: what happens when?"],
+}
+EDIT_KINDS = ("add", "remove", "change", "volume", "move", "multi")
+
+
+def random_line(rng, max_words=6):
+    """A line of speech from LINE_TEMPLATES, e.g. 'the old dog runs home'."""
+    while True:
+        words = [pick(rng, WORD_CLASSES[w]) if w in WORD_CLASSES else w for w in pick(rng, LINE_TEMPLATES).split()]
+        if len(words) <= max_words:
+            return " ".join(words)
+
+
+def side_of(pan):
+    return "left" if pan <= -0.5 else "right" if pan >= 0.5 else "center" if abs(pan) < 0.05 else None
+
+
+class UserAgent:
+    """The simulated user: samples an intent (structured: what it wants, which source ids it
+    means) and words it from varied templates. A real AudioCopilot uses an LLM here; anything
+    that returns (text, intent) for a phase fits the seam."""
+
+    def request(self, phase, plan, rng):
+        """phase: "story" | "edit" | "understand" -> (text, intent)."""
+        if phase == "story":
+            intent = self.story_intent(rng)
+            return self.word_story(intent, rng), intent
+        if phase == "edit":
+            intent = self.edit_intent(plan, rng)
+            return self.word_edit(intent, plan, rng), intent
+        task = pick(rng, ["transcribe", "describe"])
+        return pick(rng, UNDERSTAND_WORDS[task]), {"kind": "understand", "task": task}
+
+    # --- stories ---
+
+    def story_intent(self, rng):
+        """1-3 lines by 1-2 voices, 0-2 sound effects, 0-2 beds; 2-5 sources whose foreground
+        fits a 4-6 s story."""
+        while True:
+            voices = list(rng.choice(list(VOICES), size=int(rng.integers(1, 3)), replace=False))
+            n_lines = int(rng.integers(len(voices), 4))
+            n_sfx = int(rng.integers(0, 3))
+            beds = [b for b, p in (("ambience", 0.5), ("music", 0.3)) if rng.random() < p]
+            if not 2 <= n_lines + n_sfx + len(beds) <= 5:
+                continue
+            events = [{"type": "speech", "voice": str(voices[i % len(voices)]), "text": random_line(rng),
+                       "where": pick(rng, ["left", "right", "center", None, None])} for i in range(n_lines)]
+            for _ in range(n_sfx):
+                k = int(rng.integers(len(events) + 1))
+                during = k > 0 and events[k - 1]["type"] == "speech" and rng.random() < 0.3
+                events.insert(k, {"type": "sfx", "sound": pick(rng, list(SFX)), "during": during,
+                                  "where": pick(rng, ["left", "right", None, None])})
+            for i, e in enumerate(events):   # 'while' only right after a line (a later insert may split them)
+                if e["type"] == "sfx":
+                    e["during"] = e["during"] and events[i - 1]["type"] == "speech"
+            busy = sum(derived_dur(e) for e in events if not e.get("during"))
+            if busy <= 4.6:
+                bed_list = [{"type": b, "sound": pick(rng, list(SOUNDS[b]))} for b in beds]
+                return {"kind": "story", "events": events, "beds": bed_list}
+
+    def word_story(self, intent, rng):
+        parts = []
+        for e in intent["events"]:
+            where = pick(rng, WHERE_WORDS[e["where"]])
+            if e["type"] == "speech":
+                clause = pick(rng, [f'{e["voice"]} says "{e["text"]}"{where}', f'{e["voice"]}{where} says "{e["text"]}"',
+                                    f'"{e["text"]}," says {e["voice"]}{where}', f'{e["voice"]} tells us "{e["text"]}"{where}'])
+            else:
+                clause = SOUND_WORDS[e["sound"]][0] + where
+            if e.get("during"):
+                parts[-1] += f" while {clause}"
+            else:
+                parts.append(clause)
+        text = pick(rng, STORY_OPENINGS) + parts[0]
+        for p in parts[1:]:
+            j = pick(rng, STORY_JOINERS)
+            text += j + (p[0].upper() + p[1:] if j.startswith(".") else p)
+        for b in intent["beds"]:
+            text += pick(rng, [", ", ", all "]) + SOUND_WORDS[b["sound"]][0]
+        return text + "."
+
+    # --- edits ---
+
+    def edit_intent(self, plan, rng, kind=None):
+        """One edit of a random kind on a random source of the plan (ids in the intent)."""
+        srcs = plan["sources"]
+        kind = kind or pick(rng, EDIT_KINDS)
+        if kind == "multi":   # two ops on different sources, at most one of them an add
+            first = self.edit_intent(plan, rng, pick(rng, EDIT_KINDS[:-1]))
+            while True:
+                second = self.edit_intent(plan, rng, "add" if len(srcs) < 2 else pick(rng, EDIT_KINDS[:-1]))
+                ops = [first, second]
+                adds = [op for op in ops if op["edit"] == "add"]
+                targets = [op["target"] for op in ops if "target" in op]
+                if len(adds) < 2 and len(set(targets)) == len(targets) and \
+                        not any(op.get("after") in targets for op in adds):
+                    return {"kind": "edit", "edit": "multi", "ops": ops}
+        if kind == "remove" and len(srcs) < 2:
+            kind = "add"
+        if kind == "add":
+            have = {s["sound"] for s in srcs if s["type"] != "speech"}
+            voices = sorted({s["voice"] for s in srcs if s["type"] == "speech"})
+            choice = pick(rng, ["sfx", "sfx", "speech", "bed"])
+            if choice == "speech":
+                voice = pick(rng, voices) if len(voices) >= 2 or rng.random() < 0.5 else pick(rng, list(VOICES))
+                new = {"type": "speech", "voice": voice, "text": random_line(rng, max_words=3)}
+            elif choice == "bed" and not any(s["type"] in ("ambience", "music") for s in srcs):
+                b = pick(rng, ["ambience", "music"])
+                new = {"type": b, "sound": pick(rng, list(SOUNDS[b]))}
+            else:
+                new = {"type": "sfx", "sound": pick(rng, [s for s in SFX if s not in have])}
+            op = {"kind": "edit", "edit": "add", "source": new, "when": None, "where": None}
+            if new["type"] in ("speech", "sfx"):
+                fg = [s for s in srcs if s["type"] in ("speech", "sfx")]
+                op["when"] = pick(rng, ["start", "end", "middle", "after", None] if fg else ["start", "end", "middle", None])
+                op["where"] = pick(rng, ["left", "right", "center", None])
+                if op["when"] == "after":
+                    op["after"] = pick(rng, fg)["id"]
+            return op
+        target = pick(rng, srcs)
+        op = {"kind": "edit", "edit": kind, "target": target["id"]}
+        if kind == "change":
+            if target["type"] == "speech":
+                others = {s["voice"] for s in srcs if s["type"] == "speech" and s is not target}
+                if rng.random() < 0.5:   # another voice, keeping the story at two voices at most
+                    voices = sorted(others) if len(others) >= 2 else list(VOICES)
+                    op["to"] = {"voice": pick(rng, [v for v in voices if v != target["voice"]])}
+                else:
+                    op["to"] = {"text": random_line(rng, max_words=4)}
+            else:
+                op["to"] = {"sound": pick(rng, [s for s in SOUNDS[target["type"]] if s != target["sound"]])}
+        elif kind == "volume":
+            amount = pick(rng, [3, 6, 6, 10])
+            can_up, can_down = target["gain_db"] + amount <= GAIN_RANGE[1], target["gain_db"] - amount >= GAIN_RANGE[0]
+            up = can_up and (not can_down or rng.random() < 0.5)
+            op.update(direction="up" if up else "down", amount=amount)
+        elif kind == "move":
+            op["where"] = pick(rng, [w for w in ("left", "right", "center") if w != side_of(target["pan"])])
+        return op
+
+    def refer(self, plan, sid, rng):
+        """A phrase that picks out source sid unambiguously ("the bell", "the second bell",
+        "ava", 'the line "hello my friend"')."""
+        s = next(x for x in plan["sources"] if x["id"] == sid)
+        if s["type"] == "speech":
+            same = [x for x in plan["sources"] if x["type"] == "speech" and x["voice"] == s["voice"]]
+            if len(same) == 1:
+                return pick(rng, [s["voice"], f"{s['voice']}'s line", f"{s['voice']}'s voice"])
+            return pick(rng, [f'the line "{s["text"]}"', f'{s["voice"]}\'s line "{s["text"]}"'])
+        same = sorted((x for x in plan["sources"] if x.get("sound") == s["sound"]), key=lambda x: (x["start"], x["id"]))
+        noun = SOUND_WORDS[s["sound"]][1]
+        if len(same) == 1:
+            return noun
+        return noun.replace("the ", f"the {['first', 'second', 'third', 'fourth'][same.index(s)]} ", 1)
+
+    def word_op(self, op, plan, rng):
+        """One edit in words, lowercase, no final period."""
+        e = op["edit"]
+        if e == "add":
+            new = op["source"]
+            if new["type"] == "speech":
+                what = pick(rng, [f'let {new["voice"]} say "{new["text"]}"', f'add {new["voice"]} saying "{new["text"]}"',
+                                  f'{new["voice"]} should also say "{new["text"]}"'])
+            elif new["type"] in ("ambience", "music"):
+                return pick(rng, ["add {} in the background", "put {} under the whole scene", "we need {} too"]).format(
+                    SOUND_WORDS[new["sound"]][2])
+            else:
+                what = pick(rng, ["add {}", "put in {}", "I want {} too", "insert {}"]).format(SOUND_WORDS[new["sound"]][2])
+            when = {"start": " at the start", "end": " at the end", "middle": " halfway through", None: ""}.get(op["when"])
+            if op["when"] == "after":
+                when = " after " + self.refer(plan, op["after"], rng)
+            where = pick(rng, WHERE_WORDS[op["where"]])
+            return what + (when + where if rng.random() < 0.5 else where + when)
+        ref = self.refer(plan, op["target"], rng)
+        s = next(x for x in plan["sources"] if x["id"] == op["target"])
+        if e == "remove":
+            return pick(rng, ["remove {}", "get rid of {}", "take out {}", "I don't want {} anymore", "drop {}"]).format(ref)
+        if e == "change":
+            to = op["to"]
+            if "sound" in to:
+                new = SOUND_WORDS[to["sound"]][2]
+                return pick(rng, [f"replace {ref} with {new}", f"change {ref} into {new}", f"use {new} instead of {ref}",
+                                  f"swap {ref} for {new}"])
+            if "voice" in to:
+                return pick(rng, [f"let {to['voice']} say {ref} instead", f"give {ref} to {to['voice']}",
+                                  f"{to['voice']} should say {ref} instead of {s['voice']}"])
+            return pick(rng, [f'make {s["voice"]} say "{to["text"]}" instead of "{s["text"]}"',
+                              f'change {ref} to "{to["text"]}"',
+                              f'{s["voice"]} should say "{to["text"]}" instead of "{s["text"]}"'])
+        if e == "volume":
+            how = {3: "a bit ", 6: "", 10: "much "}[op["amount"]]
+            if op["direction"] == "up":
+                return pick(rng, [f"make {ref} {how}louder", f"turn {ref} up" + (f" {how.strip()}" if how else ""),
+                                  f"{ref} should be {how}louder"])
+            return pick(rng, [f"make {ref} {how}quieter", f"turn {ref} down" + (f" {how.strip()}" if how else ""),
+                              f"{ref} should be {how}softer"])
+        where = {"left": "to the left", "right": "to the right", "center": "to the center"}[op["where"]]
+        return pick(rng, [f"move {ref} {where}", f"pan {ref} {where}",
+                          f"put {ref} " + where.replace("to the", "on the" if op["where"] != "center" else "in the")])
+
+    def word_edit(self, intent, plan, rng):
+        if intent["edit"] == "multi":
+            a, b = (self.word_op(op, plan, rng) for op in intent["ops"])
+            text = pick(rng, [f"{a} and {b}", f"{a}, then {b}", f"{a}. Also {b}", f"{a}, and also {b}"])
+        else:
+            text = self.word_op(intent, plan, rng)
+        return text[0].upper() + text[1:] + "."
+
+
+class DesignerAgent:
+    """The simulated sound designer: reads the request (here its structured intent; an LLM agent
+    would read the user's words and the current plan text) and answers with tool calls. It
+    decides what the user left open: times, loudness, stereo positions."""
+
+    def pan_for(self, where, rng):
+        if where == "left":
+            return round(float(rng.uniform(-0.9, -0.5)), 1)
+        if where == "right":
+            return round(float(rng.uniform(0.5, 0.9)), 1)
+        return 0.0 if where == "center" else round(float(rng.uniform(-0.3, 0.3)), 1)
+
+    def gain_for(self, kind, rng):
+        lo, hi = {"speech": (-3, 0), "sfx": (-8, -2), "ambience": (-24, -14), "music": (-22, -14)}[kind]
+        return int(rng.integers(lo, hi + 1))
+
+    def create(self, src, start, rng, where=None, dur=None):
+        """The tool call that creates src (dict with type and voice/text or sound)."""
+        args = {"start": round(start, 1) + 0.0, "gain_db": self.gain_for(src["type"], rng),
+                "pan": self.pan_for(where, rng) if src["type"] in ("speech", "sfx") else 0.0}
+        if src["type"] == "speech":
+            return {"name": "speak", "args": {"voice": src["voice"], "text": src["text"], **args}}
+        if src["type"] == "sfx":
+            return {"name": "sfx", "args": {"sound": src["sound"], **args}}
+        return {"name": src["type"], "args": {"sound": src["sound"], **args, "dur": dur}}
+
+    def respond(self, plan, intent, rng):
+        """(current plan or None, the user's intent) -> list of tool calls ending with render."""
+        if intent["kind"] == "story":
+            return self.lay_out_story(intent, rng) + [{"name": "render", "args": {}}]
+        ops = intent["ops"] if intent["edit"] == "multi" else [intent]
+        return [c for op in ops for c in self.edit_calls(plan, op, rng)] + [{"name": "render", "args": {}}]
+
+    def lay_out_story(self, intent, rng):
+        """Foreground events in the order told, with small gaps (lines by different voices may
+        overlap a little; a voice never overlaps itself); 'while' events start inside the line
+        before; beds under the whole story (sometimes only a part)."""
+        t = float(rng.uniform(0.1, 0.5))
+        placed, voice_free, prev_end = [], {}, t
+        busy = sum(derived_dur(e) for e in intent["events"] if not e.get("during"))
+        slack = max(0.0, 5.7 - t - busy)
+        n_gaps = max(1, len(intent["events"]) - 1)
+        for e in intent["events"]:
+            d = derived_dur(e)
+            if e.get("during"):
+                line_start, line_dur = placed[-1][1], derived_dur(placed[-1][0])
+                start = line_start + float(rng.uniform(0, max(0.0, line_dur - 0.2)))
+            else:
+                two_lines = placed and e["type"] == placed[-1][0]["type"] == "speech"
+                gap = float(rng.uniform(-0.3, 0.4) if two_lines else rng.uniform(0.0, 0.4))
+                start = prev_end + min(gap, slack / n_gaps)
+                if e["type"] == "speech":   # lines may overlap another voice a little, never their own
+                    start = max(start, voice_free.get(e["voice"], -1.0) + 0.1)
+                prev_end = ceil_tenth(start) + d
+            start = ceil_tenth(start)
+            if e["type"] == "speech":
+                voice_free[e["voice"]] = start + d
+            placed.append((e, start))
+        end = max(s + derived_dur(e) for e, s in placed)
+        duration = min(STORY_DURATION[1], max(STORY_DURATION[0], ceil_tenth(end + rng.uniform(0.2, 0.6))))
+        # an sfx that runs past the end (e.g. a 'while' event late in the last line) moves earlier
+        placed = [(e, min(s, round(duration - derived_dur(e), 1))) for e, s in placed]
+        calls = [{"name": "new_story", "args": {"duration": duration}}]
+        calls += [self.create(e, s, rng, e["where"]) for e, s in placed]
+        for b in intent["beds"]:
+            start, dur = 0.0, duration
+            if rng.random() < 0.2:   # a bed that fades in late or stops early
+                cut = ceil_tenth(rng.uniform(1.0, duration - 1.0))
+                start, dur = (cut, round(duration - cut, 1)) if rng.random() < 0.5 else (0.0, cut)
+            calls.append(self.create(b, start, rng, dur=dur))
+        return calls
+
+    def edit_calls(self, plan, op, rng):
+        e = op["edit"]
+        if e == "add":
+            new = op["source"]
+            D = plan["duration"]
+            if new["type"] in ("ambience", "music"):
+                return [self.create(new, 0.0, rng, dur=D)]
+            d = derived_dur(new)
+            latest = round(D - d, 1)
+            when = op["when"]
+            if when == "after":
+                ref = next(s for s in plan["sources"] if s["id"] == op["after"])
+                start = ref["start"] + ref["dur"] + rng.uniform(0.0, 0.3)
+            elif when == "start":
+                start = rng.uniform(0.0, 0.4)
+            elif when == "end":
+                start = latest - rng.uniform(0.0, 0.3)
+            elif when == "middle":
+                start = D / 2 - d / 2 + rng.uniform(-0.3, 0.3)
+            else:   # anywhere free: for a line, a time when that voice is silent
+                free = [t / 10 for t in range(int(latest * 10) + 1)
+                        if new["type"] != "speech" or all(s.get("voice") != new["voice"] or t / 10 >= s["start"] + s["dur"]
+                                                          or t / 10 + d <= s["start"] for s in plan["sources"])]
+                start = pick(rng, free) if free else 0.0
+            return [self.create(new, min(max(0.0, ceil_tenth(start)), latest), rng, op["where"])]
+        s = next(x for x in plan["sources"] if x["id"] == op["target"])
+        if e == "remove":
+            return [{"name": "remove", "args": {"id": s["id"]}}]
+        if e == "volume":
+            sign = 1 if op["direction"] == "up" else -1
+            return [{"name": "set_gain", "args": {"id": s["id"], "gain_db": s["gain_db"] + sign * op["amount"]}}]
+        if e == "move":
+            return [{"name": "set_pan", "args": {"id": s["id"], "pan": self.pan_for(op["where"], rng)}}]
+        # change: same id, new content; if the new content is longer and would run past the end, start earlier
+        args = {"id": s["id"], **op["to"]}
+        new_dur = derived_dur({**s, **op["to"]})
+        if new_dur is not None and s["start"] + new_dur > plan["duration"]:
+            args["start"] = max(0.0, round(plan["duration"] - new_dur, 1))
+        return [{"name": "replace", "args": args}]
+
+
+# -----------------------------------------------------------------------------
+# Part 5: dialogues
+
+
+def transcript(plan):
+    """Understanding answer, task transcribe: one line per utterance, by start time."""
+    lines = sorted((s for s in plan["sources"] if s["type"] == "speech"), key=lambda s: (s["start"], s["voice"]))
+    return "\n".join(f"{s['start']:.1f}-{s['start'] + s['dur']:.1f} {s['voice']}: {s['text']}" for s in lines)
+
+
+def caption(plan):
+    """Understanding answer, task describe: one line per source (sound name, or the voice for
+    speech), by start time (ties by name)."""
+    rows = sorted((s["start"], s["start"] + s["dur"], s.get("voice") or s["sound"]) for s in plan["sources"])
+    return "\n".join(f"{a:.1f}-{b:.1f} {name}" for a, b, name in rows)
+
+
+def _turn(user, designer, studio, phase, rng):
+    """One user request + the designer's answer, executed on a copy of the studio. Agents can
+    propose something impossible (a line that no longer fits, a voice that would talk over
+    itself): the studio rejects it with a PlanError and the user asks for something else."""
+    for _ in range(200):
+        text, intent = user.request(phase, studio.plan, rng)
+        calls = designer.respond(studio.plan, intent, rng)
+        trial = studio.copy()
+        try:
+            done, audio = trial.run(calls)
+        except PlanError:
+            continue
+        return text, intent, done, audio, trial
+    raise RuntimeError(f"no feasible {phase} request found in 200 tries")
+
+
+def make_dialogue(seed):
+    """seed -> (dialogue dict (JSON-serialisable), audios: list of (2, N) float32).
+    A story turn, 1-2 edit turns (all rendered with the same seed, so untouched sources stay
+    sample-identical), then an understanding turn about a fresh, independent scene."""
+    rng = np.random.default_rng(seed)
+    user, designer = UserAgent(), DesignerAgent()
+    studio = Studio(seed)
+    turns, audios = [], []
+    for phase in ["story"] + ["edit"] * int(rng.integers(1, 3)):
+        text, intent, calls, audio, studio = _turn(user, designer, studio, phase, rng)
+        audios.append(audio)
+        turns.append({"role": "user", "text": text, "intent": intent})
+        turns.append({"role": "assistant", "tools": calls, "plan": studio.plan, "audio": len(audios) - 1})
+    text, intent = user.request("understand", None, rng)
+    scene_seed = int(rng.integers(2 ** 31))
+    _, _, _, audio, scene = _turn(user, designer, Studio(scene_seed), "story", rng)
+    audios.append(audio)
+    answer = transcript(scene.plan) if intent["task"] == "transcribe" else caption(scene.plan)
+    turns.append({"role": "user", "text": text, "audio": len(audios) - 1, "intent": {**intent, "scene_seed": scene_seed}})
+    turns.append({"role": "assistant", "text": answer, "plan": scene.plan})
+    return {"seed": seed, "turns": turns}, audios
+
+
+def dialogue_text(dialogue):
+    """Every text string of a dialogue the model reads or writes (what the BPE is trained on)."""
+    out = []
+    for t in dialogue["turns"]:
+        out.append(plan_to_text(t["plan"]) if t["role"] == "assistant" and "audio" in t else t["text"])
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Part 6: pictures -- spectrograms of both channels over the plan's timeline
+
+TYPE_COLORS = {"speech": "tab:blue", "sfx": "tab:orange", "ambience": "tab:green", "music": "tab:purple"}
+
+
+def plot_story(wav, plan, path, title=None):
+    """Save a PNG: the log-mel spectrogram of the left and right channels (the codec's view of
+    the audio), and beneath them the plan as a timeline, one row per source, coloured by type."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    raw = AudioCodec().encode_raw(wav).numpy()          # (T, 64): 32 left mels ++ 32 right mels
+    dur = wav.shape[-1] / SR
+    srcs = sorted(plan["sources"], key=lambda s: (s["start"], s["id"])) if plan else []
+    fig, axes = plt.subplots(3, 1, figsize=(10, 5.5 + 0.3 * len(srcs)), sharex=True,
+                             gridspec_kw={"height_ratios": [2, 2, 0.6 + 0.35 * max(1, len(srcs))]})
+    vmax = raw.max()
+    for ax, ch, name in ((axes[0], raw[:, :32], "left"), (axes[1], raw[:, 32:], "right")):
+        ax.imshow(ch.T, origin="lower", aspect="auto", extent=(0, dur, 0, 32), cmap="magma", vmin=vmax - 12, vmax=vmax)
+        ax.set_ylabel(f"{name}\nmel band")
+    ax = axes[2]
+    for row, s in enumerate(srcs):
+        label = f"{s['id']} {s['voice']}: {s['text']}" if s["type"] == "speech" else f"{s['id']} {s['sound']}"
+        ax.barh(row, s["dur"], left=s["start"], color=TYPE_COLORS[s["type"]], alpha=0.8)
+        ax.text(s["start"] + 0.03, row, f"{label}  ({s['gain_db']} dB, pan {s['pan']:+.1f})", va="center", fontsize=8)
+    ax.set_ylim(len(srcs) - 0.5, -0.5)
+    ax.set_yticks([])
+    ax.set_xlim(0, dur)
+    ax.set_xlabel("time (s)")
+    if title:
+        axes[0].set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+# Part 7: the dataset writer and the demo
+
+SPLIT_SEEDS = {"train": 0, "val": 10_000_000, "test": 20_000_000}  # disjoint ranges (+ --seed * 100M)
+SHARD = 500   # dialogues per shard file
+
+
+_worker = {}   # per-process state of a dataset worker
+
+
+def _worker_init(keep_wav):
+    torch.set_num_threads(1)   # one process per core: torch must not oversubscribe them
+    _worker.update(codec=AudioCodec(), keep_wav=keep_wav)
+
+
+def _simulate(seed):
+    """Worker: one dialogue -> (JSON text, [raw log-mel (T, 64) float16], audios if kept)."""
+    dialogue, audios = make_dialogue(seed)
+    latents = [_worker["codec"].encode_raw(a).to(torch.float16) for a in audios]
+    return json.dumps(dialogue), latents, (audios if _worker["keep_wav"] else None)
+
+
+def write_dataset(out, n, n_eval, seed=0, workers=None, wav=False):
+    """Simulate train (n) / val / test (n_eval each) dialogues into out/ as shards of raw log-mel
+    frames, fit the codec statistics (first 1000 train dialogues) and the BPE (first 2000: the
+    language is closed, they show it everything) on train, then write meta.json -- last, so its
+    presence marks a complete dataset. Returns the dialogues simulated per second."""
+    import soundfile as sf
+    from tqdm import tqdm
+    os.makedirs(out, exist_ok=True)
+    workers = workers or os.cpu_count()
+    counts, seeds, train_text, train_raw = {}, {}, [], []
+    t0 = time.time()
+    with mp.Pool(workers, initializer=_worker_init, initargs=(wav,)) as pool:
+        for split, count in (("train", n), ("val", n_eval), ("test", n_eval)):
+            first = seed * 100_000_000 + SPLIT_SEEDS[split]
+            seeds[split] = [first, first + count]
+            dialogues, audio = [], []
+            jobs = pool.imap(_simulate, range(first, first + count), chunksize=4)
+            for i, (text, latents, wavs) in enumerate(tqdm(jobs, total=count, desc=split, unit="dialogue")):
+                dialogues.append(text)
+                audio.append(latents)
+                if split == "train":
+                    if i < 2000:
+                        train_text += dialogue_text(json.loads(text))
+                    if i < 1000:
+                        train_raw += [x.float() for x in latents]
+                if wavs is not None:
+                    os.makedirs(os.path.join(out, "wav"), exist_ok=True)
+                    for k, w in enumerate(wavs):
+                        sf.write(os.path.join(out, "wav", f"{split}_{i:06d}_{k}.wav"), w.T, SR)
+                if len(dialogues) == SHARD or i == count - 1:
+                    torch.save({"dialogues": dialogues, "audio": audio},
+                               os.path.join(out, f"{split}_{i // SHARD:04d}.pt"))
+                    dialogues, audio = [], []
+            counts[split] = count
+    rate = (n + 2 * n_eval) / (time.time() - t0)
+    codec = AudioCodec().fit(train_raw)
+    tok = BPETokenizer()
+    tok.train(train_text, vocab_size=1024)
+    tok.save(os.path.join(out, "tokenizer.json"))
+    meta = {"counts": counts, "sr": SR, "seeds": seeds, "shard_size": SHARD, "codec": codec.state_dict()}
+    with open(os.path.join(out, "meta.json"), "w") as f:
+        json.dump(meta, f)
+    return rate
+
+
+def tool_call_text(c):
+    args = ", ".join(f"{k}={json.dumps(v)}" for k, v in c["args"].items())
+    return f"{c['name']}({args})" + (f" -> {c['result']}" if "result" in c else "")
+
+
+def write_demo(out, seeds=(1, 2, 3)):
+    """A few complete dialogues a person can inspect: markdown, a wav and a png per audio."""
+    import soundfile as sf
+    os.makedirs(out, exist_ok=True)
+    for k, seed in enumerate(seeds):
+        dialogue, audios = make_dialogue(seed)
+        md = [f"# Dialogue {k} (seed {seed})", ""]
+        for t in dialogue["turns"]:
+            if "audio" in t:
+                name = f"dialogue_{k}_audio_{t['audio']}"
+                sf.write(os.path.join(out, name + ".wav"), audios[t["audio"]].T, SR)
+                turns = dialogue["turns"]   # a user's audio is described by the next (assistant) turn's plan
+                plan = t["plan"] if t["role"] == "assistant" else turns[turns.index(t) + 1]["plan"]
+                plot_story(audios[t["audio"]], plan, os.path.join(out, name + ".png"),
+                           title=f"dialogue {k}, audio {t['audio']} ({t['role']})")
+            if t["role"] == "user":
+                md += [f"**user:** {t['text']}", "", f"intent: `{json.dumps(t['intent'])}`", ""]
+                if "audio" in t:
+                    md += [f"(the user supplies audio `{name}.wav`)", "", f"![]({name}.png)", ""]
+            else:
+                md += ["**assistant:**", ""]
+                if "tools" in t:
+                    md += ["tool calls:", "```"] + [tool_call_text(c) for c in t["tools"]] + ["```", "",
+                           "plan (chain of thought):", "```json", plan_to_text(t["plan"]), "```", "",
+                           f"audio: `{name}.wav`", "", f"![]({name}.png)", ""]
+                else:
+                    md += ["```", t["text"], "```", ""]
+        with open(os.path.join(out, f"dialogue_{k}.md"), "w") as f:
+            f.write("\n".join(md))
+    print(f"wrote {len(seeds)} dialogues (markdown, wav, png) to {out}/")
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="data", help="output folder")
+    p.add_argument("--n", type=int, default=2000, help="training dialogues")
+    p.add_argument("--n_eval", type=int, default=None, help="val and test dialogues each (default n // 10, 20..200)")
+    p.add_argument("--seed", type=int, default=0, help="shifts all seed ranges (a different dataset)")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.add_argument("--wav", action="store_true", help="also write every audio as a wav")
+    p.add_argument("--demo", action="store_true", help="write a few inspectable dialogues instead of a dataset")
+    a = p.parse_args()
+    if a.demo:
+        write_demo(a.out)
+    else:
+        n_eval = a.n_eval if a.n_eval is not None else min(200, max(20, a.n // 10))
+        if a.n < 1 or n_eval < 0:
+            p.error(f"--n must be >= 1 and --n_eval >= 0, got {a.n} and {n_eval}")
+        t0 = time.time()
+        rate = write_dataset(a.out, a.n, n_eval, a.seed, a.workers, a.wav)
+        print(f"simulated {a.n} + 2 x {n_eval} dialogues at {rate:.1f} dialogues/s "
+              f"({time.time() - t0:.1f} s in all, with BPE and codec statistics) -> {a.out}/")
