@@ -774,16 +774,17 @@ def validate_plan(plan):
 
 
 def plan_to_text(plan):
-    """Plan -> one line of JSON: fixed key order, start/dur/pan with 1 decimal, gain_db integer."""
+    """Plan -> one line of compact JSON (no spaces: every character is a token the model must
+    write): fixed key order, start/dur/pan with 1 decimal, gain_db integer."""
     def value(key, v):
         if key in ("start", "dur", "pan", "duration"):
             return f"{round(v, 1) + 0.0:.1f}"       # + 0.0 turns -0.0 into 0.0
         if key == "gain_db":
             return str(int(round(v)))
         return json.dumps(v)
-    srcs = ", ".join("{" + ", ".join(f'"{k}": {value(k, s[k])}' for k in SOURCE_KEYS[s["type"]]) + "}"
-                     for s in plan["sources"])
-    return f'{{"duration": {value("duration", plan["duration"])}, "sources": [{srcs}]}}'
+    srcs = ",".join("{" + ",".join(f'"{k}":{value(k, s[k])}' for k in SOURCE_KEYS[s["type"]]) + "}"
+                    for s in plan["sources"])
+    return f'{{"duration":{value("duration", plan["duration"])},"sources":[{srcs}]}}'
 
 
 def plan_from_text(text):

@@ -44,12 +44,13 @@ SPECIAL_TOKENS = ["<|user|>", "<|assistant|>", "<|end|>", "<|audio|>", "<|/audio
 # -----------------------------------------------------------------------------
 # Part 1: byte-level BPE
 #
-# Text is first cut into chunks by a regex (words with their leading space, numbers, punctuation
-# runs, whitespace) so that merges never cross a word boundary; BPE then repeatedly merges the most
-# frequent adjacent pair of ids inside the chunks. This is GPT-2's pattern with ASCII classes
-# (Python's `re` has no \p{L}); any other character lands in the punctuation class, so every
-# string is still covered and round-trips exactly.
-SPLIT_PATTERN = r"""'(?:s|t|re|ve|m|ll|d)| ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+"""
+# Text is first cut into chunks by a regex so that merges never cross a chunk boundary; BPE then
+# repeatedly merges the most frequent adjacent pair of ids inside the chunks. GPT-2 cuts words
+# from their punctuation; we keep them together (a chunk is a run of non-digits with its leading
+# space, or a number with one decimal) because most of what the model writes is compact JSON:
+# with `,"gain_db":` and `-12` as chunks, a plan source costs ~15 tokens instead of ~40. The
+# pattern covers every string, so encoding round-trips exactly.
+SPLIT_PATTERN = r""" ?[^\s0-9]+| ?[0-9]+(?:\.[0-9])?|\s+(?!\S)|\s+"""
 
 
 def merge(ids, pair, idx):
@@ -374,7 +375,7 @@ class AudioCodec:
 # One dialogue = one sequence, turns in chat order:
 #   <|user|>{text}[<|audio|>{audio}<|/audio|>]<|end|><|assistant|>{plan or answer}[<|audio|>{audio}<|/audio|>]<|end|>
 # e.g. a story turn:
-#   <|user|>Tell a story: ava says "the old dog runs home" ...<|end|><|assistant|>{"duration": 5.0, "sources": [...]}<|audio|>
+#   <|user|>Tell a story: ava says "the old dog runs home" ...<|end|><|assistant|>{"duration":5.0,"sources":[...]}<|audio|>
 #   [100 audio tokens]<|/audio|><|end|>
 # An assistant audio turn writes its plan (the chain of thought) and then the audio; an
 # understanding turn's user supplies the audio and the assistant answers in text (that turn's
