@@ -17,7 +17,6 @@ text-to-audio tools. This file is that simulator at toy scale, self-contained an
     python simulate_data.py --demo --out out/demo        # 3 dialogues as markdown + wav + png
 """
 
-import argparse
 import copy
 import functools
 import json
@@ -1544,22 +1543,26 @@ def write_demo(out, seeds=(1, 2, 3)):
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="data", help="output folder")
-    p.add_argument("--n", type=int, default=2000, help="training dialogues")
-    p.add_argument("--n_eval", type=int, default=None, help="val and test dialogues each (default n // 10, 20..200)")
-    p.add_argument("--seed", type=int, default=0, help="shifts all seed ranges (a different dataset)")
-    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
-    p.add_argument("--wav", action="store_true", help="also write every audio as a wav")
-    p.add_argument("--demo", action="store_true", help="write a few inspectable dialogues instead of a dataset")
-    a = p.parse_args()
+    import sys
+    from train import opt, parse_config  # the project's one config mechanism
+
+    @dataclass
+    class SimConfig:
+        out: str = opt("data", "output folder")
+        n: int = opt(2000, "training dialogues")
+        n_eval: int = opt(-1, "val and test dialogues each (-1: n // 10, within 20..200)")
+        seed: int = opt(0, "shifts all seed ranges (a different dataset)")
+        workers: int = opt(0, "processes (0: all cores)")
+        wav: bool = opt(False, "also write every audio as a wav")
+        demo: bool = opt(False, "write a few inspectable dialogues instead of a dataset")
+
+    a = parse_config(SimConfig, sys.argv[1:])
     if a.demo:
         write_demo(a.out)
     else:
-        n_eval = a.n_eval if a.n_eval is not None else min(200, max(20, a.n // 10))
-        if a.n < 1 or n_eval < 0:
-            p.error(f"--n must be >= 1 and --n_eval >= 0, got {a.n} and {n_eval}")
+        if a.n < 1:
+            sys.exit(f"error: --n must be >= 1, got {a.n}")
         t0 = time.time()
-        rate = write_dataset(a.out, a.n, n_eval, a.seed, a.workers, a.wav)
-        print(f"simulated {a.n} + 2 x {n_eval} dialogues at {rate:.1f} dialogues/s "
+        rate = write_dataset(a.out, a.n, None if a.n_eval < 0 else a.n_eval, a.seed, a.workers or None, a.wav)
+        print(f"simulated {a.n} train + val + test dialogues at {rate:.1f} dialogues/s "
               f"({time.time() - t0:.1f} s in all, with BPE and codec statistics) -> {a.out}/")

@@ -919,7 +919,7 @@ def test_overfit_one_batch():
 # -----------------------------------------------------------------------------
 # training (train.py) and chat (sample.py), on a tiny simulated dataset
 
-TINY = ["--n_layer=2", "--n_gen_layer=1", "--n_head=2", "--n_embd=32", "--batch_size=2", "--block_size=2048",
+TINY = ["--n_layer=2", "--n_gen_layer=1", "--n_head=2", "--n_embd=32", "--batch_size=2", "--block_size=1024",
         "--eval_iters=1", "--warmup_iters=2", "--device=cpu"]
 
 

@@ -53,7 +53,7 @@ class TrainConfig:
     n_gen_layer: int = opt(2, "G: generation layers on top (the diffusion head reads layer U+G)")
     n_head: int = opt(4, "attention heads")
     n_embd: int = opt(128, "model width")
-    block_size: int = opt(2048, "longest packed sequence, in tokens")
+    block_size: int = opt(1024, "longest packed sequence, in tokens (a simulated dialogue has ~560 on average)")
     dropout: float = opt(0.0, "dropout probability")
     # optimisation
     batch_size: int = opt(4, "sequences per step per process")
@@ -166,11 +166,14 @@ def pack(seqs, block_size, seed):
     each a list of indices into seqs. Dialogues never split: a row's doc_id keeps them apart in
     attention (see model.transfusion_mask)."""
     order = torch.randperm(len(seqs), generator=torch.Generator().manual_seed(seed)).tolist()
+    too_long = [i for i in order if len(seqs[i]["tokens"]) > block_size]
+    if too_long:
+        print(f"note: {len(too_long)} of {len(seqs)} dialogues are longer than block_size={block_size} and are left out")
     rows, room = [], []
     for i in order:
         n = len(seqs[i]["tokens"])
         if n > block_size:
-            continue  # cannot happen with the simulator's story lengths; guarded so a bad shard can't crash training
+            continue
         for r in range(len(rows)):
             if room[r] >= n:
                 rows[r].append(i)
@@ -195,7 +198,7 @@ def ensure_dataset(config):
         return
     import simulate_data
     print(f"no dataset in {config.data_dir!r}: simulating {config.n_dialogues} dialogues first")
-    simulate_data.write_dataset(config.data_dir, n=config.n_dialogues, n_eval=max(20, config.n_dialogues // 20))
+    simulate_data.write_dataset(config.data_dir, n=config.n_dialogues)
 
 
 # -----------------------------------------------------------------------------
