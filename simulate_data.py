@@ -1103,8 +1103,8 @@ class UserAgent:
         srcs = plan["sources"]
         kind = kind or pick(rng, EDIT_KINDS)
         if kind == "multi":   # two ops on different sources, at most one of them an add
-            first = self.edit_intent(plan, rng, pick(rng, EDIT_KINDS[:-1]))
-            while True:
+            while True:       # redraw both: a fixed first op could admit no valid second one
+                first = self.edit_intent(plan, rng, pick(rng, EDIT_KINDS[:-1]))
                 second = self.edit_intent(plan, rng, "add" if len(srcs) < 2 else pick(rng, EDIT_KINDS[:-1]))
                 ops = [first, second]
                 adds = [op for op in ops if op["edit"] == "add"]
@@ -1119,7 +1119,7 @@ class UserAgent:
             voices = sorted({s["voice"] for s in srcs if s["type"] == "speech"})
             choice = pick(rng, ["sfx", "sfx", "speech", "bed"])
             if choice == "speech":
-                voice = pick(rng, voices) if len(voices) >= 2 or rng.random() < 0.5 else pick(rng, list(VOICES))
+                voice = pick(rng, voices) if len(voices) >= 2 or (voices and rng.random() < 0.5) else pick(rng, list(VOICES))
                 new = {"type": "speech", "voice": voice, "text": random_line(rng, max_words=3)}
             elif choice == "bed" and not any(s["type"] in ("ambience", "music") for s in srcs):
                 b = pick(rng, ["ambience", "music"])
@@ -1460,11 +1460,12 @@ def _simulate(seed):
     return json.dumps(dialogue), latents, (audios if _worker["keep_wav"] else None)
 
 
-def write_dataset(out, n, n_eval, seed=0, workers=None, wav=False):
-    """Simulate train (n) / val / test (n_eval each) dialogues into out/ as shards of raw log-mel
+def write_dataset(out, n, n_eval=None, seed=0, workers=None, wav=False):
+    """Simulate train (n) / val / test (n_eval each; default n // 10 within 20..200) dialogues into out/ as shards of raw log-mel
     frames, fit the codec statistics (first 1000 train dialogues) and the BPE (first 2000: the
     language is closed, they show it everything) on train, then write meta.json -- last, so its
     presence marks a complete dataset. Returns the dialogues simulated per second."""
+    n_eval = min(200, max(20, n // 10)) if n_eval is None else n_eval
     import soundfile as sf
     from tqdm import tqdm
     os.makedirs(out, exist_ok=True)

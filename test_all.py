@@ -278,6 +278,24 @@ def test_word_codes_are_distinct():
         assert not any(o in near for o in codes[:i] + codes[i + 1:])
 
 
+def test_user_agent_edits_any_small_plan():
+    """Every edit kind, drawn many times on the smallest plans (one sfx; one speaker), terminates
+    and names valid sources (a fixed first op once left `multi` redrawing forever)."""
+    from simulate_data import UserAgent
+    plans = [{"duration": 4.0, "sources": [{"id": 1, "type": "sfx", "sound": "bell", "start": 0.5, "dur": 1.5,
+                                            "gain_db": 0, "pan": 0.0}]},
+             {"duration": 4.0, "sources": [{"id": 1, "type": "speech", "voice": "ava", "text": "the dog",
+                                            "start": 0.5, "dur": speech_duration("ava", "the dog"), "gain_db": 0, "pan": 0.0}]}]
+    user = UserAgent()
+    for plan in plans:
+        validate_plan(plan)
+        for seed in range(150):
+            rng = np.random.default_rng(seed)
+            intent = user.edit_intent(plan, rng, EDIT_KINDS[seed % len(EDIT_KINDS)])
+            ops = intent["ops"] if intent["edit"] == "multi" else [intent]
+            assert all(op.get("target", 1) == 1 for op in ops), intent
+
+
 def test_dialogue_structure():
     kinds = set()
     for seed in range(12):
