@@ -1102,6 +1102,8 @@ class UserAgent:
         """One edit of a random kind on a random source of the plan (ids in the intent)."""
         srcs = plan["sources"]
         kind = kind or pick(rng, EDIT_KINDS)
+        if not srcs:          # everything was removed: the only possible edit is an add
+            kind = "add"
         if kind == "multi":   # two ops on different sources, at most one of them an add
             while True:       # redraw both: a fixed first op could admit no valid second one
                 first = self.edit_intent(plan, rng, pick(rng, EDIT_KINDS[:-1]))
@@ -1109,7 +1111,8 @@ class UserAgent:
                 ops = [first, second]
                 adds = [op for op in ops if op["edit"] == "add"]
                 targets = [op["target"] for op in ops if "target" in op]
-                if len(adds) < 2 and len(set(targets)) == len(targets) and \
+                removes = [op for op in ops if op["edit"] == "remove"]
+                if len(adds) < 2 and len(removes) < len(srcs) and len(set(targets)) == len(targets) and \
                         not any(op.get("after") in targets for op in adds):
                     return {"kind": "edit", "edit": "multi", "ops": ops}
         if kind == "remove" and len(srcs) < 2:

@@ -279,13 +279,15 @@ def test_word_codes_are_distinct():
 
 
 def test_user_agent_edits_any_small_plan():
-    """Every edit kind, drawn many times on the smallest plans (one sfx; one speaker), terminates
-    and names valid sources (a fixed first op once left `multi` redrawing forever)."""
+    """Every edit kind, drawn many times on the smallest plans (one sfx; one speaker; none left),
+    terminates and names valid sources (a fixed first op once left `multi` redrawing forever, and
+    an edit of an emptied plan picked a target from nothing)."""
     from simulate_data import UserAgent
     plans = [{"duration": 4.0, "sources": [{"id": 1, "type": "sfx", "sound": "bell", "start": 0.5, "dur": 1.5,
                                             "gain_db": 0, "pan": 0.0}]},
              {"duration": 4.0, "sources": [{"id": 1, "type": "speech", "voice": "ava", "text": "the dog",
                                             "start": 0.5, "dur": speech_duration("ava", "the dog"), "gain_db": 0, "pan": 0.0}]}]
+    plans.append({"duration": 4.0, "sources": []})  # after removing everything
     user = UserAgent()
     for plan in plans:
         validate_plan(plan)
