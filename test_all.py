@@ -1075,6 +1075,36 @@ def test_chat_reports_an_invalid_plan_and_goes_on():
     assert again.error is not None and len(chat.turns) == 4
 
 
+def test_chat_audio_turn_writes_wav_plan_and_picture():
+    """The audio path of a turn, with the plan teacher-forced (a smoke model cannot write one yet):
+    the span length follows the plan's duration, the audio decodes to that many samples, the
+    edit sees it in the cache, and save_turn writes wav + plan + PNG."""
+    from sample import Chat, save_turn
+    chat = Chat.from_checkpoint(smoke_checkpoint(), "cpu", steps=3)
+    plan = {"duration": 2.0, "sources": [{"id": 1, "type": "sfx", "sound": "bell", "start": 0.2, "dur": 1.5,
+                                          "gain_db": 0, "pan": -0.5}]}
+    plan_text = plan_to_text(plan)
+
+    def forced_decode(logits):
+        ids = chat.tok.encode_ordinary(plan_text)
+        chat._feed(ids, [True] * len(ids))
+        chat._feed([chat.ids["<|audio|>"]], [False])
+        return plan_text, chat.ids["<|audio|>"]
+
+    chat._decode = forced_decode
+    before = len(chat.cache)
+    turn = chat.generate("Ring a bell on the left.")
+    assert turn.error is None and turn.plan == plan
+    assert turn.wav.shape == (2, 2 * SR) and np.isfinite(turn.wav).all()
+    n_tokens = 2 * FRAME_RATE // PATCH
+    assert len(chat.cache) >= before + n_tokens + 2  # the span and its closing tokens are in the dialogue
+    paths = save_turn(turn, os.path.join(TMP, "chat"), "turn_0")
+    assert [os.path.splitext(p)[1] for p in paths] == [".json", ".wav", ".png"]
+    assert all(os.path.getsize(p) > 0 for p in paths)
+    edited = chat.edit("Make it louder.")
+    assert edited.wav is not None and len(chat.turns) == 4
+
+
 # -----------------------------------------------------------------------------
 # runner: plain python, no pytest needed
 
