@@ -16,6 +16,7 @@ import time
 import tempfile
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")  # the suite is sized for a 2-core machine
+os.environ.setdefault("TQDM_DISABLE", "1")     # progress bars are for people, not for the test log
 import numpy as np
 import torch
 
