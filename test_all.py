@@ -1190,7 +1190,6 @@ def test_tcpwer_speaker_permutation_invariance():
 def test_transcript_parser_and_true_answer():
     eps = episodes()
     for ep in eps:
-        from simulate_data import transcript
         text = transcript(ep.scene)
         assert E.tcp_wer(E.reference_segments(ep.scene), E.parse_transcript(text))["errors"] == 0
     text = "0.4-1.9 ava: the old dog runs\nnonsense line\n2.0-1.0 ben: backwards\n3.0-4.0 : nobody\n5.0-6.0 ben:"

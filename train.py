@@ -301,13 +301,13 @@ def train(config):
     """Run training as config says; returns the list of log rows (dicts, one per step)."""
     from tqdm import tqdm
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    rank, world = 0, 1
+    rank = 0
     device = pick_device(config.device)
     if ddp:
         import torch.distributed as dist
         on_gpu = device.startswith("cuda")
         dist.init_process_group(backend="nccl" if on_gpu else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
+        rank = dist.get_rank()
         if on_gpu:
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
             torch.cuda.set_device(device)
