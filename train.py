@@ -166,14 +166,12 @@ def pack(seqs, block_size, seed):
     each a list of indices into seqs. Dialogues never split: a row's doc_id keeps them apart in
     attention (see model.transfusion_mask)."""
     order = torch.randperm(len(seqs), generator=torch.Generator().manual_seed(seed)).tolist()
-    too_long = [i for i in order if len(seqs[i]["tokens"]) > block_size]
-    if too_long:
-        print(f"note: {len(too_long)} of {len(seqs)} dialogues are longer than block_size={block_size} and are left out")
+    fits = [i for i in order if len(seqs[i]["tokens"]) <= block_size]
+    if len(fits) < len(order):
+        print(f"note: {len(order) - len(fits)} of {len(seqs)} dialogues are longer than block_size={block_size} and are left out")
     rows, room = [], []
-    for i in order:
+    for i in fits:
         n = len(seqs[i]["tokens"])
-        if n > block_size:
-            continue
         for r in range(len(rows)):
             if room[r] >= n:
                 rows[r].append(i)
