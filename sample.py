@@ -121,14 +121,17 @@ class Chat:
 
     # ---- the cache, fed one chunk at a time ----
 
+    def _check_room(self, n):
+        if len(self.cache) + n > self.model.config.block_size:
+            raise ValueError(f"the dialogue is full ({self.model.config.block_size} tokens): start a new Chat")
+
     def _feed(self, ids, plain, layers="text"):
         """Append text ids (a list) to the dialogue; plain marks words (nulled in the guidance row).
         -> the text logits of the last position, (V,)."""
         rows = [ids] + ([[self.ids["<|null|>"] if p else i for i, p in zip(ids, plain)]] if self.guided else [])
         tokens = torch.tensor(rows, device=self.device)
         B, n = tokens.shape
-        if len(self.cache) + n > self.model.config.block_size:
-            raise ValueError(f"the dialogue is full ({self.model.config.block_size} tokens): start a new Chat")
+        self._check_room(n)
         logits, _ = self.model.extend(self.cache, tokens, torch.zeros(B, n, self.model.config.latent_dim, device=self.device),
                                       torch.zeros(B, n, device=self.device), torch.full((B, n), -1, device=self.device),
                                       layers=layers)
@@ -142,8 +145,7 @@ class Chat:
         """Commit a clean audio span z: (T // PATCH, 128) (the user's clip) to the cache."""
         n = z.shape[0]
         rows = 2 if self.guided else 1
-        if len(self.cache) + n > self.model.config.block_size:
-            raise ValueError(f"the dialogue is full ({self.model.config.block_size} tokens): start a new Chat")
+        self._check_room(n)
         self.model.extend(self.cache, torch.full((rows, n), self.ids["<|pad|>"], device=self.device),
                           z[None].expand(rows, -1, -1).to(self.device), torch.zeros(rows, n, device=self.device),
                           torch.zeros(rows, n, dtype=torch.long, device=self.device), layers="all")
