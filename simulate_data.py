@@ -684,6 +684,11 @@ SOUNDS = {"sfx": SFX, "ambience": AMBIENCES, "music": MUSIC}
 # A plan is {"duration": d, "sources": [...]}; every source has a persistent id. It is written
 # as one line of JSON with a fixed key order and fixed number formats, so that the same plan is
 # always the same text (the model learns to write exactly this).
+#
+# What the tools compute is not written: a line lasts as long as its voice takes to say it and an
+# sfx as long as its sound, so their `dur` is left out of the text and filled in when the text is
+# read back. (A first version made the model write it; a small model could not learn the phoneme
+# arithmetic and nearly every plan it wrote failed validation on that field alone.)
 
 SOURCE_KEYS = {
     "speech": ("id", "type", "voice", "text", "start", "dur", "gain_db", "pan"),
@@ -691,6 +696,12 @@ SOURCE_KEYS = {
     "ambience": ("id", "type", "sound", "start", "dur", "gain_db", "pan"),
     "music": ("id", "type", "sound", "start", "dur", "gain_db", "pan"),
 }
+DERIVED_DUR = ("speech", "sfx")   # the types whose dur the tools compute (derived_dur)
+
+
+def written_keys(kind):
+    """The keys of a `kind` source that the plan text holds, in order."""
+    return tuple(k for k in SOURCE_KEYS[kind] if not (k == "dur" and kind in DERIVED_DUR))
 
 
 def _on_grid(x):
@@ -774,24 +785,32 @@ def validate_plan(plan):
 
 def plan_to_text(plan):
     """Plan -> one line of compact JSON (no spaces: every character is a token the model must
-    write): fixed key order, start/dur/pan with 1 decimal, gain_db integer."""
+    write): fixed key order, start/dur/pan with 1 decimal, gain_db integer, no derived dur."""
     def value(key, v):
         if key in ("start", "dur", "pan", "duration"):
             return f"{round(v, 1) + 0.0:.1f}"       # + 0.0 turns -0.0 into 0.0
         if key == "gain_db":
             return str(int(round(v)))
         return json.dumps(v)
-    srcs = ",".join("{" + ",".join(f'"{k}":{value(k, s[k])}' for k in SOURCE_KEYS[s["type"]]) + "}"
+    srcs = ",".join("{" + ",".join(f'"{k}":{value(k, s[k])}' for k in written_keys(s["type"])) + "}"
                     for s in plan["sources"])
     return f'{{"duration":{value("duration", plan["duration"])},"sources":[{srcs}]}}'
 
 
 def plan_from_text(text):
-    """Text -> validated plan (PlanError on bad JSON or an inconsistent plan)."""
+    """Text -> validated plan, derived durs filled in (PlanError on bad JSON or an inconsistent plan)."""
     try:
         plan = json.loads(text)
     except json.JSONDecodeError as e:
         raise PlanError(f"the plan is not valid JSON: {e}") from None
+    for s in plan.get("sources", []) if isinstance(plan, dict) and isinstance(plan.get("sources"), list) else []:
+        if isinstance(s, dict) and s.get("type") in DERIVED_DUR:
+            if "dur" in s:
+                raise PlanError(f"source {s.get('id')}: the dur of a {s['type']} source is derived; leave it out")
+            try:
+                s["dur"] = derived_dur(s)
+            except (PlanError, KeyError, TypeError):
+                s["dur"] = None   # unknown voice, word or sound: validate_plan names the problem
     validate_plan(plan)
     for s in plan["sources"]:
         s["gain_db"] = int(s["gain_db"])
