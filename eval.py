@@ -8,8 +8,9 @@ side.
     python eval.py --help                                               # every flag
 
 Prints the paper's tables (storytelling, editing per sub-task, understanding) as markdown and
-writes OUT_DIR/eval.json and OUT_DIR/eval.png. The judge is trained once (about 4 minutes on a
-2-core CPU) and cached in OUT_DIR/judge.pt.
+writes OUT_DIR/eval.json, OUT_DIR/eval.png and OUT_DIR/report.html (open it in a browser: a few
+dialogues turn by turn, with players, spectrograms and plans, then the tables and loss curves).
+The judge is trained once (about 4 minutes on a 2-core CPU) and cached in OUT_DIR/judge.pt.
 
 The file reads top to bottom:
 1. the judge, "FLAM-lite": a frame-wise sound-event detector trained on simulator ground truth
@@ -18,7 +19,8 @@ The file reads top to bottom:
    tcpWER (MeetEval's definition), caption multiFLAM, plan validity and plan recall;
 3. the systems: ground truth, AudioChat, a cascade (the toy WavJourney) with and without audio
    context, and any other checkpoint (the architecture ablation);
-4. the benchmark: run every system on the first n test dialogues, tabulate, plot.
+4. the benchmark: run every system on the first n test dialogues, tabulate, plot;
+5. the report: out/report.html, a few dialogues turn by turn with players and pictures.
 
 The numbers are only as good as the judge (its held-out frame F1 is printed with them), and they
 are not comparable with the paper's: the world, the judge and the embedding are toys.
@@ -844,6 +846,7 @@ class EvalConfig:
     steps: int = opt(25, "diffusion steps per audio span")
     cfg: float = opt(3.0, "classifier-free guidance scale (1 = none)")
     device: str = opt("auto", "auto | cpu | cuda | mps")
+    report_n: int = opt(4, "dialogues shown turn by turn in OUT_DIR/report.html (0 = no report)")
 
 
 def system_names(paths, archs):
@@ -862,14 +865,8 @@ def fmt(x, digits=1):
     return "–" if x is None else f"{x:.{digits}f}"
 
 
-def markdown(title, header, rows):
-    """A titled markdown table: header (column names), rows (lists of cells) -> lines."""
-    return (["", f"### {title}", "", "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
-            + ["| " + " | ".join(row) + " |" for row in rows])
-
-
-def tables(results, n):
-    """The paper's tables as markdown, from eval.json's "systems"."""
+def result_tables(results):
+    """The paper's tables from eval.json's "systems" -> [(title, header, rows of cells)]."""
     systems = results["systems"]
     story = [[name, fmt(s["multiFLAM"]), fmt(s["KAD"], 2), fmt(s["planValidity"]), fmt(s["planRecall"]),
               fmt(s["latency_s"], 2), fmt(s["rtf"], 2)] for name, s in ((k, r["storytelling"]) for k, r in systems.items())]
@@ -880,16 +877,27 @@ def tables(results, n):
     counts = next(iter(systems.values()))["editing"]
     understand = [[name, fmt(r["understanding"]["tcpWER"]), fmt(r["understanding"]["captionMultiFLAM"])]
                   for name, r in systems.items()]
-    lines = (markdown(f"Storytelling (paper Table 2), {n} dialogues",
-                      ["system", "multiFLAM ↑", "KAD ↓", "planValidity ↑", "planRecall ↑", "latency_s ↓", "rtf ↓"], story)
-             + markdown("Editing (paper Table 1)", ["system", "KAD ↓", "deltaMultiFLAM ↓", "editFLAM ↑", "planValidity ↑"], edit)
-             + markdown("Editing per sub-task: editFLAM ↑ / deltaMultiFLAM ↓",
-                        ["system"] + [f"{k} (n={counts[k]['n']})" for k in EDIT_KINDS], per_task)
-             + markdown("Understanding (paper Table 3)", ["system", "tcpWER ↓", "captionMultiFLAM ↑"], understand))
-    lines += ["", f"Rates in %. Judge (FLAM-lite) held-out frame F1: {results['judge']['frameF1']:.1f} %. KAD against "
-              "the ground truth's audio (judge embeddings). Ground-truth and cascade latency time only the simulator's "
-              "rendering; the cascades reuse audiochat's plans and answer no understanding requests (–)."]
-    return "\n".join(lines[1:])
+    return [(f"Storytelling (paper Table 2), {results['n']} dialogues",
+             ["system", "multiFLAM ↑", "KAD ↓", "planValidity ↑", "planRecall ↑", "latency_s ↓", "rtf ↓"], story),
+            ("Editing (paper Table 1)", ["system", "KAD ↓", "deltaMultiFLAM ↓", "editFLAM ↑", "planValidity ↑"], edit),
+            ("Editing per sub-task: editFLAM ↑ / deltaMultiFLAM ↓",
+             ["system"] + [f"{k} (n={counts[k]['n']})" for k in EDIT_KINDS], per_task),
+            ("Understanding (paper Table 3)", ["system", "tcpWER ↓", "captionMultiFLAM ↑"], understand)]
+
+
+def table_note(results):
+    return (f"Rates in %. Judge (FLAM-lite) held-out frame F1: {results['judge']['frameF1']:.1f} %. KAD against "
+            "the ground truth's audio (judge embeddings). Ground-truth and cascade latency time only the simulator's "
+            "rendering; the cascades reuse audiochat's plans and answer no understanding requests (–).")
+
+
+def tables(results):
+    """The paper's tables as markdown."""
+    lines = []
+    for title, header, rows in result_tables(results):
+        lines += ["", f"### {title}", "", "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines[1:] + ["", table_note(results)])
 
 
 def plot(results, path):
@@ -917,6 +925,110 @@ def plot(results, path):
     plt.close(fig)
 
 
+# -----------------------------------------------------------------------------
+# Part 5: the report -- one page for the projector
+#
+# out/report.html shows a few test dialogues turn by turn: the user's words, then for the ground
+# truth, AudioChat-mini and the cascade side by side the plan, a player and the spectrogram with
+# the plan's timeline; then the results tables, eval.png and the loss curves. It needs no server:
+# the wavs and pictures it plays and shows are written beside it, in out/report/.
+
+REPORT_CSS = """
+body { font-family: system-ui, sans-serif; max-width: 1500px; margin: 2em auto; padding: 0 1em; color: #222; }
+h1 { margin-bottom: 0.2em; } h2 { border-bottom: 2px solid #ddd; padding-bottom: 0.2em; margin-top: 2em; }
+table.results { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.95em; }
+table.results th, table.results td { border: 1px solid #ccc; padding: 0.3em 0.7em; text-align: right; }
+table.results td:first-child, table.results th:first-child { text-align: left; }
+.user { background: #eef4ff; border-left: 4px solid #4a7bd0; padding: 0.5em 0.8em; margin: 1em 0 0.5em; }
+.turn { display: grid; grid-template-columns: repeat(3, 1fr); gap: 1em; }
+.system { background: #fafafa; border: 1px solid #e2e2e2; border-radius: 6px; padding: 0.6em; min-width: 0; }
+.system h4 { margin: 0 0 0.4em; } .system img { width: 100%; } .system audio { width: 100%; }
+pre { white-space: pre-wrap; word-break: break-all; font-size: 0.78em; background: #fff; padding: 0.4em; margin: 0.3em 0; }
+.error { color: #b00; font-size: 0.9em; } .note { color: #555; font-size: 0.9em; }
+"""
+
+
+def html_table(header, rows):
+    from html import escape
+    head = "".join(f"<th>{escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f'<table class="results"><tr>{head}</tr>{body}</table>'
+
+
+def report_cell(title, reply, media_dir, stem):
+    """One system's answer to one turn: its plan (or answer), a player and the picture (files
+    written into media_dir) -> an HTML fragment."""
+    import soundfile as sf
+    from html import escape
+    from simulate_data import plot_story
+    parts = [f'<div class="system"><h4>{escape(title)}</h4>']
+    if reply is None:
+        return parts[0] + '<p class="note">(no answer: this system does not understand audio)</p></div>'
+    if reply.plan is not None:
+        parts.append(f"<pre>{escape(plan_to_text(reply.plan))}</pre>")
+    else:
+        parts.append(f"<pre>{escape(reply.text)}</pre>")
+        if reply.wav is None and reply.text.lstrip().startswith("{"):
+            parts.append('<p class="error">the plan is not valid: no audio</p>')
+    if reply.wav is not None:
+        sf.write(os.path.join(media_dir, stem + ".wav"), reply.wav.T, SR, subtype="PCM_16")
+        plot_story(reply.wav, reply.plan, os.path.join(media_dir, stem + ".png"))
+        base = os.path.basename(media_dir)
+        parts.append(f'<audio controls preload="none" src="{base}/{stem}.wav"></audio>'
+                     f'<img loading="lazy" src="{base}/{stem}.png" alt="spectrogram and plan timeline">')
+    return "".join(parts) + "</div>"
+
+
+def write_report(results, showcase, ckpt_paths, out_dir):
+    """out_dir/report.html (+ out_dir/report/): showcase is [(Episode, {system: run})] with the runs
+    of ground_truth, audiochat and cascade."""
+    from html import escape
+    from train import plot_losses
+    media = os.path.join(out_dir, "report")
+    os.makedirs(media, exist_ok=True)
+    html = [f"<!doctype html><html><head><meta charset='utf-8'><title>AudioChat-mini: StoryGen-Eval-toy report</title>"
+            f"<style>{REPORT_CSS}</style></head><body>",
+            "<h1>AudioChat-mini on StoryGen-Eval-toy</h1>",
+            f"<p class='note'>{results['n']} test dialogues; checkpoint(s): {escape(', '.join(ckpt_paths))}. "
+            "Each dialogue: a story, one or two edits (each conditioned on the system's own previous audio), "
+            "and an understanding request about a fresh clip. Click a player to listen.</p>",
+            "<h2>Results</h2>"]
+    for title, header, rows in result_tables(results):
+        html += [f"<h3>{escape(title)}</h3>", html_table(header, rows)]
+    html += [f"<p class='note'>{escape(table_note(results))}</p>", '<img src="eval.png" style="max-width:100%">']
+    curves = []
+    for k, path in enumerate(ckpt_paths):
+        log = os.path.join(os.path.dirname(os.path.abspath(path)), "log.csv")
+        if os.path.exists(log):
+            plot_losses(log, os.path.join(media, f"loss_{k}.png"))
+            curves.append(f"<h3>{escape(path)}</h3><img src='report/loss_{k}.png' style='max-width:100%'>")
+    if curves:
+        html += ["<h2>Training curves</h2>"] + curves
+    systems = [("ground_truth", "ground truth (simulator)"), ("audiochat", "AudioChat-mini"),
+               ("cascade", "cascade (model's plan, simulator's tools)")]
+    for d, (ep, runs) in enumerate(showcase):
+        html.append(f"<h2>Dialogue {d + 1} (seed {ep.seed})</h2>")
+        requests = [("story", ep.story["text"])] + [(f"edit {k + 1}", e["text"]) for k, e in enumerate(ep.edits)]
+        for k, (what, words) in enumerate(requests):
+            html.append(f"<div class='user'><b>user ({what}):</b> {escape(words)}</div><div class='turn'>")
+            for name, title in systems:
+                reply = runs[name]["story"] if k == 0 else runs[name]["edits"][k - 1]
+                html.append(report_cell(title, reply, media, f"d{d}_t{k}_{name}"))
+            html.append("</div>")
+        clip = Reply(ep.request, ep.scene, render(ep.scene, ep.scene_seed))
+        html.append(f"<div class='user'><b>user (understanding):</b> {escape(ep.request)}</div><div class='turn'>")
+        html.append(report_cell("the clip (and its true plan)", clip, media, f"d{d}_clip"))
+        for name, title in systems[:2]:
+            answer = runs[name]["answer"]
+            html.append(f"<div class='system'><h4>{escape(title)}</h4><pre>{escape(answer.text)}</pre></div>")
+        html.append("</div>")
+    html.append("</body></html>")
+    path = os.path.join(out_dir, "report.html")
+    with open(path, "w") as f:
+        f.write("\n".join(html))
+    return path
+
+
 def evaluate(config):
     """Run every system on the first config.n test dialogues; print the tables; write eval.json
     and eval.png into config.out_dir. -> the eval.json dict."""
@@ -927,23 +1039,31 @@ def evaluate(config):
     models = [load_checkpoint(path, device) for path in config.ckpt]
     names = system_names(config.ckpt, [ckpt["model_args"]["arch"] for *_, ckpt in models])
     records = {name: [] for name in ["ground_truth", names[0], "cascade", "cascade_no_context", *names[1:]]}
-    for ep in tqdm(episodes, desc="eval", unit="dialogue"):
-        records["ground_truth"].append(score_episode(judge, ep, run_ground_truth(ep)))
+    showcase = []   # the first report_n dialogues' runs, for report.html
+    for i, ep in enumerate(tqdm(episodes, desc="eval", unit="dialogue")):
+        runs = {"ground_truth": run_ground_truth(ep)}
         for k, (name, (model, tok, codec, _)) in enumerate(zip(names, models)):
-            run = run_audiochat(model, tok, codec, ep, config)
-            records[name].append(score_episode(judge, ep, run))
+            runs[name] = run_audiochat(model, tok, codec, ep, config)
             if k == 0:   # the cascades render the first model's plans
-                records["cascade"].append(score_episode(judge, ep, run_cascade(run, ep)))
-                records["cascade_no_context"].append(score_episode(judge, ep, run_cascade(run, ep, context=False)))
+                runs["cascade"] = run_cascade(runs[name], ep)
+                runs["cascade_no_context"] = run_cascade(runs[name], ep, context=False)
+        for name, run in runs.items():
+            records[name].append(score_episode(judge, ep, run))
+        if i < config.report_n:
+            showcase.append((ep, runs))
     reference = records["ground_truth"]
-    results = {"judge": {"frameF1": judge.info["frameF1"]},
+    results = {"judge": {"frameF1": judge.info["frameF1"]}, "n": len(episodes),
                "systems": {name: aggregate(rs, None if name == "ground_truth" else reference) for name, rs in records.items()}}
-    print(tables(results, len(episodes)))
+    print(tables(results))
     os.makedirs(config.out_dir, exist_ok=True)
     with open(os.path.join(config.out_dir, "eval.json"), "w") as f:
         json.dump(results, f, indent=1)
     plot(results, os.path.join(config.out_dir, "eval.png"))
-    print(f"wrote {os.path.join(config.out_dir, 'eval.json')} and eval.png")
+    written = "eval.png"
+    if showcase:
+        write_report(results, showcase, config.ckpt, config.out_dir)
+        written += ", report.html (+ report/)"
+    print(f"wrote {os.path.join(config.out_dir, 'eval.json')}, {written}")
     return results
 
 

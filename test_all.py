@@ -26,6 +26,7 @@ import copy
 import itertools
 import json
 import random
+import re
 import types
 import warnings
 
@@ -132,6 +133,22 @@ def test_plan_text_round_trip():
         for t in d["turns"]:
             if "plan" in t:
                 assert plan_from_text(plan_to_text(t["plan"])) == t["plan"]
+
+
+def test_plan_text_leaves_derived_durations_to_the_tools():
+    p = _good_plan()
+    written = json.loads(plan_to_text(p))["sources"]
+    assert ["dur" in s for s in written] == [False, False, True, True]   # speech, sfx derived; beds chosen
+    assert plan_from_text(plan_to_text(p))["sources"][0]["dur"] == speech_duration("ava", "the old dog runs home")
+    with_dur = json.loads(plan_to_text(p))
+    with_dur["sources"][1]["dur"] = 0.5
+    for text, words in [(json.dumps(with_dur), ("source 2", "derived")),
+                        (plan_to_text(p).replace('home"', 'hoem"'), ("source 1", "unknown word"))]:
+        try:
+            plan_from_text(text)
+            raise AssertionError(f"accepted {text}")
+        except PlanError as e:
+            assert all(w in str(e) for w in words), str(e)
 
 
 def test_edits_leave_untouched_stems_identical():
@@ -1395,7 +1412,12 @@ def test_evaluate_end_to_end_writes_the_paper_tables():
     with open(os.path.join(out, "eval.json")) as f:
         assert json.load(f) == json.loads(json.dumps(results))
     assert os.path.isfile(os.path.join(out, "eval.png"))
-    assert set(results) == {"judge", "systems"} and results["judge"]["frameF1"] >= 85
+    assert set(results) == {"judge", "n", "systems"} and results["judge"]["frameF1"] >= 85 and results["n"] == 2
+    with open(os.path.join(out, "report.html")) as f:   # the page, and every file it plays or shows
+        page = f.read()
+    linked = re.findall(r'src="([^"]+)"', page) + re.findall(r"src='([^']+)'", page)
+    assert sum(link.endswith(".wav") for link in linked) >= 4 and "Dialogue 2" in page and "AudioChat-mini" in page
+    assert all(os.path.isfile(os.path.join(out, link)) for link in linked), linked
     assert list(results["systems"]) == ["ground_truth", "audiochat", "cascade", "cascade_no_context"]
     for name, r in results["systems"].items():
         assert set(r) == {"storytelling", "editing", "understanding"}
