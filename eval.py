@@ -978,6 +978,7 @@ class BenchSizes:
     math_max_len_cpu: int = 2048     # math materialises (H, L, L) scores and their gradient: skipped above on CPU
     repeats: int = 3                 # timed calls per figure (the median is reported), after one warm-up
     dialogues: int = 16              # test-split dialogues simulated as the bench's inputs
+    fit_dialogues: int = 48          # train-split dialogues the BPE and codec statistics are fit on (no --ckpt)
     model: dict = None               # overrides of the preset's sizes (TrainConfig fields)
     decode_tokens: int = 100         # tokens decoded per run in 5c
     cache_turns: int = 3             # audio turns of one dialogue in 5d: the story, then its edits
@@ -987,7 +988,7 @@ class BenchSizes:
     stories: int = 3                 # stories timed end to end in 5f
 
 
-QUICK_BENCH = BenchSizes(attn_lengths=(128, 256), repeats=1, dialogues=3, decode_tokens=6, cache_turns=2,
+QUICK_BENCH = BenchSizes(attn_lengths=(128, 256), repeats=1, dialogues=3, fit_dialogues=3, decode_tokens=6, cache_turns=2,
                          sampler_episodes=2, dpm_steps=(2, 3), ddim_steps=4, stories=1,
                          model=dict(n_layer=2, n_gen_layer=1, n_head=2, n_embd=32, batch_size=1))
 
@@ -1022,16 +1023,19 @@ def device_name(device):
     return "Apple GPU (mps)" if device == "mps" else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
 
 
-def bench_dialogues(n, tok=None, codec=None):
+def bench_dialogues(n, tok=None, codec=None, n_fit=48):
     """The first n dialogues of the test split (StoryGen-Eval-toy's seeds), simulated afresh ->
     (episodes, training sequences, tok, codec). Without a checkpoint's tokenizer and codec, a BPE
-    and the codec statistics are fit on these dialogues, as write_dataset fits them on train."""
+    and the codec statistics are fit on the first n_fit dialogues of the train split, as
+    write_dataset fits them (a BPE fit on the test dialogues themselves would compress them too
+    well: their sequences would be shorter than the model ever meets)."""
+    if tok is None:
+        fit = [make_dialogue(SPLIT_SEEDS["train"] + i) for i in range(n_fit)]
+        tok = BPETokenizer()
+        tok.train([text for d, _ in fit for text in dialogue_text(d)], vocab_size=1024)
+        codec = AudioCodec().fit([FRONT_END.encode_raw(a) for _, clips in fit for a in clips])
     dialogues, audios = zip(*(make_dialogue(SPLIT_SEEDS["test"] + i) for i in range(n)))
     raws = [[FRONT_END.encode_raw(a) for a in clips] for clips in audios]
-    if tok is None:
-        tok = BPETokenizer()
-        tok.train([text for d in dialogues for text in dialogue_text(d)], vocab_size=1024)
-        codec = AudioCodec().fit([r for rs in raws for r in rs])
     seqs = [encode_dialogue(d, [codec.normalize(r) for r in rs], tok) for d, rs in zip(dialogues, raws)]
     return [episode(d) for d in dialogues], seqs, tok, codec
 
@@ -1448,7 +1452,7 @@ def bench(config, sizes=BenchSizes()):
         model, tok, codec, _ = load_checkpoint(config.ckpt[0], device)
         episodes, seqs, _, _ = bench_dialogues(sizes.dialogues, tok, codec)
     else:
-        episodes, seqs, tok, codec = bench_dialogues(sizes.dialogues)
+        episodes, seqs, tok, codec = bench_dialogues(sizes.dialogues, n_fit=sizes.fit_dialogues)
         torch.manual_seed(0)
         model = AudioChatModel(preset_config(tok.vocab_size, sizes.model)[0]).to(device).eval()
     results = {"device": device_name(device), "torch": torch.__version__,
