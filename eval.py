@@ -850,7 +850,7 @@ class EvalConfig:
     steps: int = opt(25, "diffusion steps per audio span")
     cfg: float = opt(3.0, "classifier-free guidance scale (1 = none)")
     device: str = opt("auto", "auto | cpu | cuda | mps")
-    bench: bool = opt(False, "instead of evaluating, time the model's parts (Part 5): tables + OUT_DIR/bench.json; --ckpt optional")
+    bench: bool = opt(False, "instead of evaluating, time the model's parts (Part 5): tables + OUT_DIR/bench.json; uses the first --ckpt if any")
 
 
 def system_names(paths, archs):
