@@ -5,6 +5,7 @@ side.
 
     python eval.py --ckpt out/ckpt.pt --n 20                            # 3-5 min on a 2-core CPU
     python eval.py --ckpt out/ckpt.pt --ckpt out/dense/ckpt.pt --n 50   # + the architecture ablation
+    python eval.py --bench [--ckpt out/ckpt.pt]                         # speed tables, OUT_DIR/bench.json
     python eval.py --help                                               # every flag
 
 Prints the paper's tables (storytelling, editing per sub-task, understanding) as markdown and
@@ -20,7 +21,9 @@ The file reads top to bottom:
 3. the systems: ground truth, AudioChat, a cascade (the toy WavJourney) with and without audio
    context, and any other checkpoint (the architecture ablation);
 4. the benchmark: run every system on the first n test dialogues, tabulate, plot;
-5. the report: out/report.html, a few dialogues turn by turn with players and pictures.
+5. the report: out/report.html, a few dialogues turn by turn with players and pictures;
+6. speed benchmarks (--bench): attention backends, training throughput, the KV and prefix
+   caches, DPM-Solver++ against DDIM, end-to-end latency per story.
 
 The numbers are only as good as the judge (its held-out frame F1 is printed with them), and they
 are not comparable with the paper's: the world, the judge and the embedding are toys.
@@ -33,7 +36,8 @@ import os
 import re
 import sys
 import time
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -41,12 +45,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from tokenizer import SR, HOP, FRAME_RATE, N_MELS, AudioCodec
-from train import load_checkpoint, opt, parse_config, pick_device
+from tokenizer import SR, HOP, FRAME_RATE, N_MELS, PATCH, LATENT_DIM, AudioCodec, BPETokenizer, encode_dialogue
+from train import PRESETS, TrainConfig, load_checkpoint, opt, pack, parse_config, pick_device
+from model import AudioChatModel, ModelConfig, attend, flex_block_mask, transfusion_mask
 from sample import Chat
-from diffusion import SAMPLERS
-from simulate_data import (AMBIENCES, EDIT_KINDS, MUSIC, SFX, VOICES, DesignerAgent, PlanError, Studio,
-                           UserAgent, pick, plan_from_text, plan_to_text, render, side_of)
+from diffusion import SAMPLERS, cfg, collate, rand, sample_audio, transfusion_forcing_loss
+from simulate_data import (AMBIENCES, EDIT_KINDS, MUSIC, SFX, SPLIT_SEEDS, VOICES, DesignerAgent, PlanError, Studio,
+                           UserAgent, dialogue_text, dry_signal, make_dialogue, pick, plan_from_text, plan_to_text,
+                           render, side_of)
 
 # -----------------------------------------------------------------------------
 # Part 1: the judge ("FLAM-lite")
@@ -847,6 +853,7 @@ class EvalConfig:
     cfg: float = opt(3.0, "classifier-free guidance scale (1 = none)")
     device: str = opt("auto", "auto | cpu | cuda | mps")
     report_n: int = opt(4, "dialogues shown turn by turn in OUT_DIR/report.html (0 = no report)")
+    bench: bool = opt(False, "instead of evaluating, time the model's parts (Part 6): tables + OUT_DIR/bench.json; uses the first --ckpt if any")
 
 
 def system_names(paths, archs):
@@ -891,12 +898,15 @@ def table_note(results):
             "rendering; the cascades reuse audiochat's plans and answer no understanding requests (–).")
 
 
+def markdown(title, header, rows):
+    """A titled markdown table: header (column names), rows (lists of cells) -> lines."""
+    return (["", f"### {title}", "", "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+            + ["| " + " | ".join(row) + " |" for row in rows])
+
+
 def tables(results):
     """The paper's tables as markdown."""
-    lines = []
-    for title, header, rows in result_tables(results):
-        lines += ["", f"### {title}", "", "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
-        lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines = [line for table in result_tables(results) for line in markdown(*table)]
     return "\n".join(lines[1:] + ["", table_note(results)])
 
 
@@ -1067,12 +1077,546 @@ def evaluate(config):
     return results
 
 
+# -----------------------------------------------------------------------------
+# Part 6: speed benchmarks (python eval.py --bench)
+#
+# How fast each piece is on the current device, all measured in one run: every comparison is a
+# ratio of two timings taken side by side, never a number carried over from another machine.
+#   6a. the three attention backends (math, sdpa, flex) on packed rows of growing length;
+#   6b. a training step, against a plain causal language model of the same size (MFU on CUDA);
+#   6c. greedy text decoding with and without the KV cache;
+#   6d. sampling one audio span with and without the prefix cache;
+#   6e. DPM-Solver++ against DDIM-150 at equal quality (needs --ckpt; scored by the judge);
+#   6f. end-to-end latency of a story and its real-time factor, next to the simulator's render.
+# The inputs are the first dialogues of the test split, simulated and encoded as in training,
+# so span layouts and lengths are the ones the model meets. Without --ckpt the model is a
+# randomly initialised one of the size train.py trains here: speed does not depend on weights.
+# Tables are printed as each section ends, and OUT_DIR/bench.json holds every number. No test
+# asserts a timing; the tests check the machinery and that cached and uncached paths agree.
+
+@dataclass
+class BenchSizes:
+    """How much each section measures: BenchSizes() is `--bench`; the test suite uses QUICK_BENCH."""
+    attn_lengths: tuple = (256, 512, 1024, 2048, 4096)  # tokens per packed row (batch 1)
+    math_max_len_cpu: int = 2048     # math materialises (H, L, L) scores and their gradient: skipped above on CPU
+    repeats: int = 3                 # timed calls per figure (the median is reported), after one warm-up
+    dialogues: int = 16              # test-split dialogues simulated as the bench's inputs
+    fit_dialogues: int = 48          # train-split dialogues the BPE and codec statistics are fit on (no --ckpt)
+    model: dict = None               # overrides of the preset's sizes (TrainConfig fields)
+    decode_tokens: int = 100         # tokens decoded per run in 6c
+    cache_turns: int = 3             # audio turns of one dialogue in 6d: the story, then its edits
+    sampler_episodes: int = 4        # stories scored per sampler in 6e
+    dpm_steps: tuple = (10, 15, 25, 50)
+    ddim_steps: int = 150
+    stories: int = 3                 # stories timed end to end in 6f
+
+
+QUICK_BENCH = BenchSizes(attn_lengths=(128, 256), repeats=1, dialogues=3, fit_dialogues=3, decode_tokens=6, cache_turns=2,
+                         sampler_episodes=2, dpm_steps=(2, 3), ddim_steps=4, stories=1,
+                         model=dict(n_layer=2, n_gen_layer=1, n_head=2, n_embd=32, batch_size=1))
+
+
+def synchronize(device):
+    """Wait for the device's queued work: CUDA and MPS run asynchronously to Python."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    elif device == "mps":
+        torch.mps.synchronize()
+
+
+def median_time(fn, device, repeats=3, warmup=1):
+    """Median wall-clock seconds of fn() over `repeats` calls, after `warmup` untimed calls that
+    absorb one-off costs (compilation, allocator growth). The device is synchronised before each
+    clock read, so queued GPU work is counted, not just its launch."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def device_name(device):
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(device)
+    return "Apple GPU (mps)" if device == "mps" else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+
+
+def bench_dialogues(n, tok=None, codec=None, n_fit=48):
+    """The first n dialogues of the test split (StoryGen-Eval-toy's seeds), simulated afresh ->
+    (episodes, training sequences, tok, codec). Without a checkpoint's tokenizer and codec, a BPE
+    and the codec statistics are fit on the first n_fit dialogues of the train split, as
+    write_dataset fits them (a BPE fit on the test dialogues themselves would compress them too
+    well: their sequences would be shorter than the model ever meets)."""
+    if tok is None:
+        fit = [make_dialogue(SPLIT_SEEDS["train"] + i) for i in range(n_fit)]
+        tok = BPETokenizer()
+        tok.train([text for d, _ in fit for text in dialogue_text(d)], vocab_size=1024)
+        codec = AudioCodec().fit([FRONT_END.encode_raw(a) for _, clips in fit for a in clips])
+    dialogues, audios = zip(*(make_dialogue(SPLIT_SEEDS["test"] + i) for i in range(n)))
+    raws = [[FRONT_END.encode_raw(a) for a in clips] for clips in audios]
+    seqs = [encode_dialogue(d, [codec.normalize(r) for r in rs], tok) for d, rs in zip(dialogues, raws)]
+    return [episode(d) for d in dialogues], seqs, tok, codec
+
+
+def preset_config(vocab_size, overrides=None):
+    """The sizes train.py trains on this machine (its preset: cpu, or gpu under CUDA), with
+    `overrides` of TrainConfig fields. -> (ModelConfig, TrainConfig)."""
+    config = parse_config(TrainConfig, [], PRESETS)
+    for key, value in (overrides or {}).items():
+        setattr(config, key, value)
+    sizes = {f.name: getattr(config, f.name) for f in fields(ModelConfig) if hasattr(config, f.name)}
+    return ModelConfig(vocab_size=vocab_size, latent_dim=LATENT_DIM, **sizes), config
+
+
+# 6a. the attention backends
+
+def packed_row(seqs, length, device):
+    """span_id, doc_id (1, length) of one training row packed with whole dialogues, cut at length."""
+    row, n = [], 0
+    for seq in itertools.cycle(seqs):
+        row.append(seq)
+        n += len(seq["tokens"])
+        if n >= length:
+            break
+    batch = collate([row], pad_id=0)
+    return batch["span_id"][:, :length].to(device), batch["doc_id"][:, :length].to(device)
+
+
+def bench_attention(seqs, model_config, lengths, device, repeats, math_max_len_cpu):
+    """Forward and forward+backward time of model.attend with each backend, one row of `lengths`
+    tokens packed with dialogues (batch 1, the model's heads and width; bf16 on CUDA). The mask is
+    built once per training step and shared by every layer, so it is built outside the timing.
+    FlexAttention has no backward off CUDA: there only its forward is timed."""
+    H, hd = model_config.n_head, model_config.n_embd // model_config.n_head
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    rows = []
+    for L in lengths:
+        span_id, doc_id = packed_row(seqs, L, device)
+        dense = transfusion_mask(span_id, doc_id)
+        masks = {"math": dense, "sdpa": dense, "flex": flex_block_mask(span_id, doc_id)}
+        q, k, v = (torch.randn(1, H, L, hd, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+        row = {"tokens": L, "mask_density": dense.float().mean().item(), "flex_blocks_skipped": masks["flex"].sparsity() / 100}
+        for backend, mask in masks.items():
+            if backend == "math" and device == "cpu" and L > math_max_len_cpu:
+                row[backend] = {"fwd_ms": None, "fwd_bwd_ms": None}
+                continue
+
+            def forward():   # detached: flex refuses inputs that require grad where it has no backward
+                with torch.no_grad():
+                    attend(q.detach(), k.detach(), v.detach(), mask, backend)
+
+            def forward_backward():
+                attend(q, k, v, mask, backend).sum().backward()
+                q.grad = k.grad = v.grad = None
+
+            with warnings.catch_warnings():   # eager flex off CUDA warns that it is unfused: we know
+                warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile")
+                fwd = median_time(forward, device, repeats)
+                can_backward = backend != "flex" or device.startswith("cuda")
+                fwd_bwd = median_time(forward_backward, device, repeats) if can_backward else None
+            row[backend] = {"fwd_ms": 1000 * fwd, "fwd_bwd_ms": None if fwd_bwd is None else 1000 * fwd_bwd}
+        rows.append(row)
+    def ms(x):
+        return "n/a" if x is None else f"{x:.1f}"
+    print("\n".join(markdown(f"6a. Attention backends: forward+backward (forward) ms, batch 1, {H} heads of {hd}, {dtype}",
+                             ["tokens", "mask density", "flex blocks skipped", "math", "sdpa", "flex"],
+                             [[str(r["tokens"]), f"{r['mask_density']:.2f}", f"{r['flex_blocks_skipped']:.2f}"]
+                              + [f"{ms(r[b]['fwd_bwd_ms'])} ({ms(r[b]['fwd_ms'])})" for b in ("math", "sdpa", "flex")]
+                              for r in rows])))
+    note = ("Rows are packed test dialogues (text runs between audio spans of 80-120 tokens), documents kept apart: "
+            "the longer the row, the less of it any token may see. Mask density: the share of allowed query-key pairs; "
+            "flex blocks skipped: the share of 128 x 128 blocks FlexAttention never computes. "
+            "flex runs compiled on CUDA, eagerly (unfused) elsewhere.")
+    if not device.startswith("cuda"):
+        note += " PyTorch has no FlexAttention backward off CUDA: flex forward+backward is n/a here."
+    if device == "cpu" and max(lengths) > math_max_len_cpu:
+        note += f" math is skipped above {math_max_len_cpu} tokens on CPU: its (H, L, L) scores, mask and gradients take over a GB and seconds per call."
+    print(note)
+    return {"rows": rows, "dtype": str(dtype), "n_head": H, "head_dim": hd, "note": note}
+
+
+# 6b. training throughput
+
+def causal_lm_loss(model, tokens):
+    """The baseline of 6b: a plain GPT on the same weights and layers. Token + position
+    embeddings, every block under the causal mask only (no audio spans, no documents), the text
+    head on top, cross-entropy on every next token; no noise levels, no diffusion head, no MSE."""
+    L = tokens.size(1)
+    backend = model.backend
+    no_spans = torch.full_like(tokens, -1)   # with no audio span the Transfusion rule is the causal mask
+    mask = flex_block_mask(no_spans) if backend == "flex" else transfusion_mask(no_spans)
+    x = model.wte(tokens) + model.wpe(torch.arange(L, device=tokens.device))
+    for block in model.blocks:
+        x, _ = block(x, mask, backend)
+    logits = model.text_head(x)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
+
+
+# dense bf16 tensor-core peak of one GPU, from the vendors' data sheets (without sparsity)
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12}
+
+
+def peak_flops(device):
+    """The device's bf16 peak in FLOP/s, or None (not CUDA, or a GPU missing from the table)."""
+    if not device.startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
+def flops_per_token(model, T):
+    """nanoGPT's estimate_mfu (PaLM, appendix B): 6 N for the weights' matmuls forward and
+    backward, plus 12 L H Q T for attention; N parameters (no position table), L layers, H heads
+    of size Q, T tokens of context."""
+    c = model.config
+    return 6 * model.num_params() + 12 * len(model.blocks) * c.n_head * (c.n_embd // c.n_head) * T
+
+
+def bench_training(seqs, tok, device, repeats, overrides=None):
+    """Tokens per second of one training step (forward, backward, AdamW) of AudioChat-mini, with
+    transfusion_forcing_loss on a batch packed from dialogues as train.py packs it, against the
+    same model trained as a plain causal LM (causal_lm_loss) on the same tokens. bf16 autocast on
+    CUDA, as train.py. Model and batch sizes are train.py's preset for this machine."""
+    model_config, config = preset_config(tok.vocab_size, overrides)
+    torch.manual_seed(0)
+    model = AudioChatModel(model_config).to(device)
+    rows = pack(seqs, config.block_size, config.seed)   # the fullest rows: a full dataset packs them tight
+    rows = sorted(rows, key=lambda r: -sum(len(seqs[i]["tokens"]) for i in r))
+    rows = [rows[i % len(rows)] for i in range(config.batch_size)]
+    batch = {k: v.to(device) for k, v in collate([[seqs[i] for i in r] for r in rows], tok.special("<|pad|>")).items()}
+    n_tokens = int((~batch["is_pad"]).sum())
+    optimizer = model.configure_optimizers(config.weight_decay, config.learning_rate, (0.9, 0.95), device.split(":")[0])
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda")
+                else torch.autocast("cpu", enabled=False))
+    g = torch.Generator().manual_seed(0)
+    losses = {"audiochat": lambda: transfusion_forcing_loss(model, batch, tok.special("<|null|>"), generator=g)[0],
+              "causal_lm": lambda: causal_lm_loss(model, batch["tokens"])}
+
+    def step(loss_fn):
+        with autocast:
+            loss = loss_fn()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    B, L = batch["tokens"].shape
+    out = {"batch": B, "seq_len": L, "tokens_per_step": n_tokens, "params_M": model.num_params() / 1e6,
+           "n_layer": len(model.blocks), "n_embd": model.config.n_embd, "attn": model.backend}
+    peak = peak_flops(device)
+    for name, loss_fn in losses.items():
+        tps = n_tokens / median_time(lambda: step(loss_fn), device, repeats)
+        out[name] = {"tokens_per_s": tps, "mfu": None if peak is None else flops_per_token(model, L) * tps / peak}
+    out["slowdown"] = out["causal_lm"]["tokens_per_s"] / out["audiochat"]["tokens_per_s"]
+    print("\n".join(markdown(f"6b. Training throughput: {B} x {L} tokens ({n_tokens} not padding), {out['params_M']:.2f}M "
+                             f"parameters, {out['n_layer']} layers of {out['n_embd']}, {out['attn']} attention",
+                             ["model", "tokens/s", "MFU", "time vs causal LM"],
+                             [[name, f"{out[name]['tokens_per_s']:.0f}",
+                               "n/a" if out[name]["mfu"] is None else f"{100 * out[name]['mfu']:.1f} %",
+                               f"{out['causal_lm']['tokens_per_s'] / out[name]['tokens_per_s']:.2f}x"] for name in losses])))
+    print("causal_lm: the same layers as a text-only GPT (causal mask only, cross-entropy only). MFU (CUDA only): "
+          "nanoGPT's 6N + 12 L H Q T FLOPs per token against the GPU's dense bf16 peak.")
+    return out
+
+
+# 6c. text decoding with and without the KV cache
+
+@torch.no_grad()
+def greedy_decode(model, prompt, n, cached=True):
+    """Exactly n greedily decoded text tokens after `prompt` (a list of ids) -> list of n ids.
+    cached: the prompt once, then one token per step through the KV cache (model.extend, SCT's
+    U understanding layers only). Otherwise forward() re-runs the whole growing sequence per token."""
+    dev, latent = model.wte.weight.device, model.config.latent_dim
+
+    def text(ids):
+        L = len(ids)
+        return (torch.tensor([ids], device=dev), torch.zeros(1, L, latent, device=dev), torch.zeros(1, L, device=dev),
+                torch.full((1, L), -1, device=dev))
+
+    out = []
+    if not cached:
+        for _ in range(n):
+            logits, _ = model(*text(prompt + out))
+            out.append(int(logits[0, -1].argmax()))
+        return out
+    cache = model.new_cache(1)
+    logits, _ = model.extend(cache, *text(prompt), layers="text")
+    while True:
+        out.append(int(logits[0, -1].argmax()))
+        if len(out) == n:
+            return out
+        logits, _ = model.extend(cache, *text(out[-1:]), layers="text")
+
+
+def story_request(tok, ep):
+    """The ids a story turn starts from: <|user|>{request}<|end|><|assistant|>."""
+    return ([tok.special("<|user|>")] + tok.encode_ordinary(ep.story["text"])
+            + [tok.special("<|end|>"), tok.special("<|assistant|>")])
+
+
+def bench_decoding(model, tok, ep, n, device, repeats):
+    """Tokens per second of greedy_decode with and without the KV cache, n tokens after a story request."""
+    prompt = story_request(tok, ep)
+    tps = {name: n / median_time(lambda: greedy_decode(model, prompt, n, cached), device, repeats)
+           for name, cached in (("kv_cache", True), ("recompute", False))}
+    out = {"prompt_tokens": len(prompt), "new_tokens": n, **{f"{k}_tokens_per_s": v for k, v in tps.items()},
+           "speedup": tps["kv_cache"] / tps["recompute"]}
+    print("\n".join(markdown(f"6c. Greedy text decoding: {n} tokens after a {len(prompt)}-token story request, batch 1",
+                             ["path", "tokens/s", "speed-up"],
+                             [["KV cache (model.extend, U layers)", f"{tps['kv_cache']:.0f}", f"{out['speedup']:.1f}x"],
+                              ["recompute (forward on the whole prefix)", f"{tps['recompute']:.0f}", "1.0x"]])))
+    return out
+
+
+# 6d. sampling an audio span with and without the prefix cache
+
+def turn_prefix(seq, span):
+    """The part of an encoded dialogue before audio span `span` (its <|audio|> included) ->
+    (dict of tokens, audio, span_id, is_plain_text, each (T, ...)), the span's length in tokens)."""
+    where = (seq["span_id"] == span).nonzero()[:, 0]
+    return {k: seq[k][:int(where[0])] for k in ("tokens", "audio", "span_id", "is_plain_text")}, len(where)
+
+
+@torch.no_grad()
+def sample_span(model, prefix, n_tokens, steps, sampler, cfg_scale, null_id, generator, cached=True):
+    """Sample the n_tokens audio span that follows `prefix` (turn_prefix) -> x0 (1, n_tokens, latent).
+    With guidance, a second row holds the prefix with its words replaced by <|null|> (batched CFG,
+    as in sample.Chat). cached: the prefix's keys and values are computed once (one extend), then
+    each step of diffusion.sample_audio runs only the span's tokens against them. Otherwise every
+    denoiser call re-runs forward() over the whole sequence, prefix and span."""
+    dev = model.wte.weight.device
+    guided = cfg_scale != 1.0
+    tokens = prefix["tokens"][None]
+    if guided:
+        tokens = torch.cat([tokens, torch.where(prefix["is_plain_text"], null_id, prefix["tokens"])[None]])
+    R, T = tokens.shape
+    tokens = tokens.to(dev)
+    audio = prefix["audio"][None].expand(R, -1, -1).to(dev)
+    span_id = prefix["span_id"][None].expand(R, -1).to(dev)
+    if cached:
+        cache = model.new_cache(R)
+        model.extend(cache, tokens, audio, torch.zeros(R, T, device=dev), span_id, layers="all")
+        return sample_audio(model, cache, n_tokens, steps, sampler, cfg_scale, generator)
+    tokens = torch.cat([tokens, tokens.new_zeros(R, n_tokens)], 1)
+    span_id = torch.cat([span_id, span_id.new_full((R, n_tokens), int(span_id.max()) + 1)], 1)
+
+    def v_fn(x, t):
+        x_all = torch.cat([audio, x.expand(R, -1, -1)], 1)   # both rows denoise the same x
+        t_all = torch.cat([torch.zeros(R, T, device=dev), t[:, None].expand(R, n_tokens)], 1)
+        v = model(tokens, x_all, t_all, span_id)[1][:, T:].float()
+        return cfg(v[:1], v[1:], cfg_scale) if guided else v
+
+    noise = rand((1, n_tokens, model.config.latent_dim), generator, dev, normal=True)   # the draw sample_audio makes
+    return SAMPLERS[sampler](v_fn, noise, steps)
+
+
+def bench_prefix_cache(model, tok, seqs, config, device, repeats, n_turns):
+    """Seconds to sample each assistant audio turn of one dialogue (the story, then its edits,
+    each after everything said and heard before it) with config's sampler, steps and CFG: with
+    the prefix cache (sample_span cached, as sample.Chat samples) and recomputing the sequence."""
+    seq = max(seqs, key=lambda s: int(s["span_is_target"].sum()))   # the dialogue with the most edits
+    targets = seq["span_is_target"].nonzero()[:, 0].tolist()[:n_turns]
+    rows = []
+    for k, span in enumerate(targets):
+        prefix, n = turn_prefix(seq, span)
+        seconds = {}
+        for name, cached in (("cached_s", True), ("recompute_s", False)):
+            def run():
+                g = torch.Generator(device).manual_seed(0)
+                sample_span(model, prefix, n, config.steps, config.sampler, config.cfg, tok.special("<|null|>"), g, cached)
+            seconds[name] = median_time(run, device, repeats)
+        rows.append({"turn": "story" if k == 0 else f"edit {k}", "context_tokens": len(prefix["tokens"]),
+                     "audio_tokens": n, **seconds, "speedup": seconds["recompute_s"] / seconds["cached_s"]})
+    print("\n".join(markdown(f"6d. Sampling one audio span: {config.sampler} {config.steps} steps, CFG {config.cfg:g}",
+                             ["turn", "context tokens", "audio tokens", "prefix cache s", "recompute s", "speed-up"],
+                             [[r["turn"], str(r["context_tokens"]), str(r["audio_tokens"]), f"{r['cached_s']:.3f}",
+                               f"{r['recompute_s']:.3f}", f"{r['speedup']:.1f}x"] for r in rows])))
+    print("Per step the cached path still runs the span's own tokens through every layer: the saving is the "
+          "context's share, (context + audio) / audio, so it grows with every turn of the dialogue.")
+    return {"sampler": config.sampler, "steps": config.steps, "cfg": config.cfg, "rows": rows}
+
+
+# 6e. DPM-Solver++ against DDIM
+
+def bench_samplers(model, tok, codec, judge, episodes, seqs, config, sizes, device):
+    """multiFLAM and seconds per story of DDIM (sizes.ddim_steps) and DPM-Solver++ at each of
+    sizes.dpm_steps, on the story turns of the first sizes.sampler_episodes test dialogues. The
+    prefix holds the GROUND-TRUTH plan, so the comparison isolates the sampler from plan
+    writing; every sampler starts from the same noise. Reports the fewest DPM++ steps whose mean
+    score is within one standard error of DDIM's (or above it), and its speed-up."""
+    runs = [("ddim", sizes.ddim_steps)] + [("dpmpp", s) for s in sizes.dpm_steps]
+    scores, seconds = {r: [] for r in runs}, {r: [] for r in runs}
+    null_id = tok.special("<|null|>")
+    for i, (ep, seq) in enumerate(zip(episodes[:sizes.sampler_episodes], seqs)):
+        prefix, n = turn_prefix(seq, 0)
+        if i == 0:   # warm-up: first-call costs are not the sampler's
+            sample_span(model, prefix, n, 2, "dpmpp", config.cfg, null_id, torch.Generator(device).manual_seed(0))
+        for sampler, steps in runs:
+            g = torch.Generator(device).manual_seed(ep.seed)
+            synchronize(device)
+            t0 = time.perf_counter()
+            x0 = sample_span(model, prefix, n, steps, sampler, config.cfg, null_id, g)
+            synchronize(device)
+            seconds[sampler, steps].append(time.perf_counter() - t0)
+            wav = codec.decode(AudioCodec.unpatchify(x0[0].float().cpu())).numpy()
+            scores[sampler, steps].append(multiflam(judge, wav, ep.story["plan"]))
+
+    def stats(run):
+        s = np.array(scores[run])
+        return {"sampler": run[0], "steps": run[1], "multiFLAM": float(s.mean()),
+                "stderr": float(s.std(ddof=1) / np.sqrt(len(s))) if len(s) > 1 else 0.0,
+                "seconds": float(np.mean(seconds[run]))}
+
+    rows = [stats(r) for r in runs]
+    ddim = rows[0]
+    good = [r for r in rows[1:] if r["multiFLAM"] >= ddim["multiFLAM"] - ddim["stderr"]]
+    best = min(good, key=lambda r: r["steps"], default=None)
+    out = {"episodes": len(scores[runs[0]]), "cfg": config.cfg, "rows": rows,
+           "fewest_dpmpp_steps_within_noise": best and best["steps"],
+           "speedup_vs_ddim": best and ddim["seconds"] / best["seconds"]}
+    print("\n".join(markdown(f"6e. DPM-Solver++ vs DDIM-{sizes.ddim_steps}: story audio from the ground-truth plan, "
+                             f"{out['episodes']} test stories, CFG {config.cfg:g}, judge frame F1 {judge.info['frameF1']:.1f} %",
+                             ["sampler", "steps", "multiFLAM ↑ (± s.e.)", "s per story", "speed-up vs DDIM"],
+                             [[r["sampler"], str(r["steps"]), f"{r['multiFLAM']:.1f} ± {r['stderr']:.1f}", f"{r['seconds']:.2f}",
+                               f"{ddim['seconds'] / r['seconds']:.1f}x"] for r in rows])))
+    print(f"Fewest DPM++ steps within one standard error of DDIM-{sizes.ddim_steps}: "
+          + ("none" if best is None else f"{best['steps']} ({out['speedup_vs_ddim']:.1f}x faster)"))
+    return out
+
+
+# 6f. end-to-end latency of a story
+
+@torch.no_grad()
+def story_latency(chat, ep, plan_tokens=None):
+    """One story turn of sample.Chat (greedy plan with the KV cache, then the audio with the
+    prefix cache, then the codec), phase by phase -> dict of seconds and the audio's duration.
+    plan_tokens=None: the model writes its plan until <|audio|>, and the audio lasts what the plan
+    says (the ground truth's duration if the plan is invalid). plan_tokens=n (an untrained
+    model): exactly n greedy tokens, then <|audio|>, and the ground truth's duration."""
+    ids, device = chat.ids, str(chat.device)
+    duration = ep.story["plan"]["duration"]
+    synchronize(device)
+    t0 = time.perf_counter()
+    chat._feed([ids["<|user|>"]], [False])
+    chat._feed_words(ep.story["text"])
+    logits = chat._feed([ids["<|end|>"], ids["<|assistant|>"]], [False, False])
+    if plan_tokens is None:
+        text, stop = chat._decode(logits)
+        try:
+            duration = plan_from_text(text)["duration"]
+        except PlanError:
+            pass
+        if stop != ids["<|audio|>"]:
+            chat._feed([ids["<|audio|>"]], [False])
+    else:
+        for _ in range(plan_tokens):
+            logits = chat._feed([int(logits.argmax())], [True])
+        chat._feed([ids["<|audio|>"]], [False])
+    synchronize(device)
+    t1 = time.perf_counter()
+    z = sample_audio(chat.model, chat.cache, round(duration * SR / HOP) // PATCH, steps=chat.steps,
+                     sampler=chat.sampler, cfg_scale=chat.cfg_scale, generator=chat.generator)[0]
+    synchronize(device)
+    t2 = time.perf_counter()
+    chat.codec.decode(AudioCodec.unpatchify(z.float().cpu()))
+    t3 = time.perf_counter()
+    return {"plan_s": t1 - t0, "audio_s": t2 - t1, "codec_s": t3 - t2, "total_s": t3 - t0, "duration_s": duration}
+
+
+def bench_end_to_end(model, tok, codec, episodes, config, n_stories, trained, device):
+    """Latency and real-time factor of a story (story_latency) for the first n_stories test
+    requests, next to the simulator's own render time of the ground-truth plans (the toy cascade's
+    tools, as the paper sets AudioChat next to WavJourney). Each source is synthesised anew: the
+    simulator's cache of dry signals is cleared before every render."""
+    def chat(ep):
+        return Chat(model, tok, codec, sampler=config.sampler, steps=config.steps, cfg_scale=config.cfg, seed=ep.seed)
+
+    def plan_tokens(ep):   # an untrained model never stops: it writes as many tokens as the true plan has
+        return None if trained else len(tok.encode_ordinary(plan_to_text(ep.story["plan"])))
+
+    story_latency(chat(episodes[0]), episodes[0], plan_tokens(episodes[0]))   # warm-up
+    rows = []
+    for ep in episodes[:n_stories]:
+        r = story_latency(chat(ep), ep, plan_tokens(ep))
+        r["render_s"] = median_time(lambda: (dry_signal.cache_clear(), render(ep.story["plan"], ep.seed)), "cpu", 1, 0)
+        rows.append(r)
+    mean_row = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+    mean_row["rtf"] = mean_row["total_s"] / mean_row["duration_s"]
+    mean_row["render_rtf"] = mean_row["render_s"] / mean_row["duration_s"]
+    note = (f"{config.sampler} {config.steps} steps, CFG {config.cfg:g}, on {device}. "
+            + ("Plans written by the model." if trained else
+               "No --ckpt: a randomly initialised model of the preset's size, its plan forced to the ground-truth plan's "
+               "token count and its audio to the true duration."))
+    print("\n".join(markdown(f"6f. End-to-end latency per story ({len(rows)} stories, mean)",
+                             ["system", "plan s", "audio sampling s", "codec s", "total s", "audio s", "RTF ↓"],
+                             [["AudioChat-mini", f"{mean_row['plan_s']:.2f}", f"{mean_row['audio_s']:.2f}",
+                               f"{mean_row['codec_s']:.2f}", f"{mean_row['total_s']:.2f}", f"{mean_row['duration_s']:.1f}",
+                               f"{mean_row['rtf']:.3f}"],
+                              ["simulator render (toy cascade's tools)", "–", "–", "–", f"{mean_row['render_s']:.2f}",
+                               f"{mean_row['duration_s']:.1f}", f"{mean_row['render_rtf']:.3f}"]])))
+    print(note)
+    return {"stories": rows, "mean": mean_row, "trained": trained, "note": note}
+
+
+# the whole benchmark
+
+def bench(config, sizes=BenchSizes()):
+    """Run sections 6a-6f on the current device; print their tables; write OUT_DIR/bench.json.
+    With config.ckpt, its first checkpoint is the model of 6c-6f and 6e runs (with the judge
+    cached in OUT_DIR/judge.pt); without, 6e is skipped. -> the bench.json dict."""
+    t_start = time.perf_counter()
+    device = pick_device(config.device)
+    trained = bool(config.ckpt)
+    if trained:
+        model, tok, codec, _ = load_checkpoint(config.ckpt[0], device)
+        episodes, seqs, _, _ = bench_dialogues(sizes.dialogues, tok, codec)
+    else:
+        episodes, seqs, tok, codec = bench_dialogues(sizes.dialogues, n_fit=sizes.fit_dialogues)
+        torch.manual_seed(0)
+        model = AudioChatModel(preset_config(tok.vocab_size, sizes.model)[0]).to(device).eval()
+    results = {"device": device_name(device), "torch": torch.__version__,
+               "ckpt": config.ckpt[0] if trained else None, "sections_s": {}}
+    print(f"speed benchmarks on {results['device']}, torch {torch.__version__}; model: "
+          f"{config.ckpt[0] if trained else 'randomly initialised, preset size'}, {model.num_params() / 1e6:.2f}M parameters")
+
+    def section(key, fn, *args):
+        t0 = time.perf_counter()
+        results[key] = fn(*args)
+        results["sections_s"][key] = time.perf_counter() - t0
+
+    section("attention", bench_attention, seqs, preset_config(tok.vocab_size, sizes.model)[0], sizes.attn_lengths, device, sizes.repeats, sizes.math_max_len_cpu)
+    section("training", bench_training, seqs, tok, device, sizes.repeats, sizes.model)
+    section("decoding", bench_decoding, model, tok, episodes[0], sizes.decode_tokens, device, sizes.repeats)
+    section("prefix_cache", bench_prefix_cache, model, tok, seqs, config, device, sizes.repeats, sizes.cache_turns)
+    if trained:
+        judge = load_or_train_judge(os.path.join(config.out_dir, "judge.pt"))
+        section("samplers", bench_samplers, model, tok, codec, judge, episodes, seqs, config, sizes, device)
+    else:
+        results["samplers"] = {"skipped": "needs a trained model: python eval.py --bench --ckpt out/ckpt.pt"}
+        print(f"\n### 6e. DPM-Solver++ vs DDIM\n\nskipped: {results['samplers']['skipped']}")
+    section("end_to_end", bench_end_to_end, model, tok, codec, episodes, config, sizes.stories, trained, device)
+    results["total_s"] = time.perf_counter() - t_start
+    os.makedirs(config.out_dir, exist_ok=True)
+    path = os.path.join(config.out_dir, "bench.json")
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"\nbench took {results['total_s']:.0f} s; wrote {path}")
+    return results
+
+
 def main(argv):
     config = parse_config(EvalConfig, argv)
-    if not config.ckpt:
-        sys.exit("error: give a checkpoint: python eval.py --ckpt out/ckpt.pt (repeat --ckpt to compare several)")
     if config.sampler not in SAMPLERS or config.n < 1:
         sys.exit(f"error: --sampler is one of {', '.join(SAMPLERS)} and --n at least 1")
+    if config.bench:
+        bench(config)
+        return
+    if not config.ckpt:
+        sys.exit("error: give a checkpoint: python eval.py --ckpt out/ckpt.pt (repeat --ckpt to compare several)")
     evaluate(config)
 
 

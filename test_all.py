@@ -1435,6 +1435,115 @@ def test_evaluate_end_to_end_writes_the_paper_tables():
 
 
 # -----------------------------------------------------------------------------
+# speed benchmarks (eval.py --bench): the machinery, and the equivalences the comparisons rest on.
+# Never the timings themselves.
+
+class one_thread:
+    """with one_thread(): ... -- ops this small only lose time to thread hand-offs on a busy machine."""
+
+    def __enter__(self):
+        self.threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.threads)
+
+
+def test_bench_cached_and_recomputed_paths_agree():
+    """Each cache of --bench is timed against recomputing everything, so both sides must compute
+    the same thing: greedy decoding picks the same tokens with and without the KV cache; an audio
+    span sampled after a context that holds an earlier span gives the same latents with and
+    without the prefix cache (guided or not, DDIM and DPM-Solver++); and the causal-LM baseline is
+    the model's own text path (dense: the text head on the top layer, where causal_lm_loss reads)."""
+    import torch.nn.functional as F
+    model = tiny_model()
+    prompt = torch.randint(0, 38, (9,), generator=torch.Generator().manual_seed(0)).tolist()
+    with one_thread():
+        cached, recomputed = (E.greedy_decode(model, prompt, 12, cached=c) for c in (True, False))
+    assert len(cached) == 12 and cached == recomputed, (cached, recomputed)
+    tokens, audio, span_id = random_sequence([("text", 5), ("audio", 4), ("text", 3)], seed=6)
+    prefix = {"tokens": tokens, "audio": audio, "span_id": span_id, "is_plain_text": span_id < 0}
+    for sampler, scale in (("ddim", 3.0), ("dpmpp", 3.0), ("dpmpp", 1.0)):
+        with one_thread():
+            x = [E.sample_span(model, prefix, 5, 4, sampler, scale, 38, torch.Generator().manual_seed(1), cached=c)
+                 for c in (True, False)]
+        assert x[0].shape == (1, 5, 8) and torch.allclose(x[0], x[1], atol=1e-5), (sampler, scale, (x[0] - x[1]).abs().max())
+    dense = tiny_model(arch="dense")
+    toks = torch.randint(0, 38, (2, 11), generator=torch.Generator().manual_seed(2))
+    logits, _ = dense(toks, torch.zeros(2, 11, 8), torch.zeros(2, 11), torch.full((2, 11), -1))
+    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), toks[:, 1:].flatten())
+    assert torch.allclose(E.causal_lm_loss(dense, toks), ce, atol=1e-6)
+
+
+def _bench_numbers(x, key=""):
+    """(key, number) for every number in a nested bench.json value (booleans are not numbers)."""
+    if isinstance(x, dict):
+        return [kv for k, v in x.items() for kv in _bench_numbers(v, k)]
+    if isinstance(x, list):
+        return [kv for v in x for kv in _bench_numbers(v, key)]
+    return [(key, x)] if isinstance(x, (int, float)) and not isinstance(x, bool) else []
+
+
+def test_bench_quick_writes_bench_json():
+    """`eval.py --bench` at tiny sizes (QUICK_BENCH), without a checkpoint (5e skipped, a random
+    model) and with one (an untrained tiny checkpoint and an untrained judge: the machinery, not
+    the quality): bench.json holds every section's keys, and every figure is finite and positive
+    (scores and skipped-block shares may be 0; what cannot be measured here is null)."""
+    from model import AudioChatModel, ModelConfig
+    from train import TrainConfig, save_checkpoint
+    with one_thread():
+        out = os.path.join(TMP, "bench")
+        from train import parse_config
+        config = parse_config(E.EvalConfig, ["--bench", f"--out_dir={out}", "--steps=2", "--device=cpu"])
+        assert config.bench and not config.ckpt
+        results = E.bench(config, E.QUICK_BENCH)
+        with open(os.path.join(out, "bench.json")) as f:
+            assert json.load(f) == json.loads(json.dumps(results))
+        assert set(results) == {"device", "torch", "ckpt", "sections_s", "attention", "training", "decoding",
+                                "prefix_cache", "samplers", "end_to_end", "total_s"}
+        assert set(results["sections_s"]) == {"attention", "training", "decoding", "prefix_cache", "end_to_end"}
+        assert [r["tokens"] for r in results["attention"]["rows"]] == list(E.QUICK_BENCH.attn_lengths)
+        for row in results["attention"]["rows"]:
+            assert all(row[b]["fwd_ms"] > 0 for b in ("math", "sdpa", "flex")) and row["sdpa"]["fwd_bwd_ms"] > 0
+            assert row["flex"]["fwd_bwd_ms"] is None   # no FlexAttention backward on CPU
+        training = results["training"]
+        assert training["audiochat"]["tokens_per_s"] > 0 and training["causal_lm"]["tokens_per_s"] > 0
+        assert training["audiochat"]["mfu"] is None and training["slowdown"] > 0   # MFU: CUDA only
+        assert {"kv_cache_tokens_per_s", "recompute_tokens_per_s", "speedup"} <= set(results["decoding"])
+        assert [r["turn"] for r in results["prefix_cache"]["rows"]] == ["story", "edit 1"]
+        assert {"cached_s", "recompute_s", "speedup", "context_tokens", "audio_tokens"} <= set(results["prefix_cache"]["rows"][0])
+        assert "skipped" in results["samplers"]
+        e2e = results["end_to_end"]
+        assert len(e2e["stories"]) == 1 and not e2e["trained"]
+        assert {"plan_s", "audio_s", "codec_s", "total_s", "duration_s", "rtf", "render_s", "render_rtf"} <= set(e2e["mean"])
+        may_be_zero = {"flex_blocks_skipped", "multiFLAM", "stderr"}
+
+        def check_numbers(results):
+            for key, x in _bench_numbers(results):
+                assert np.isfinite(x) and (x > 0 or (key in may_be_zero and x == 0)), (key, x)
+        check_numbers(results)
+
+        # with a checkpoint: 5e runs (judge cached in out_dir), 5f lets the model write its plan
+        out = os.path.join(TMP, "bench_ckpt")
+        os.makedirs(out, exist_ok=True)
+        _, _, tok, codec = E.bench_dialogues(1, n_fit=2)
+        mc = ModelConfig(vocab_size=tok.vocab_size, n_layer=1, n_gen_layer=1, n_head=2, n_embd=32)
+        model = AudioChatModel(mc)
+        ckpt = os.path.join(out, "ckpt.pt")
+        save_checkpoint(ckpt, model, torch.optim.AdamW(model.parameters()), mc, TrainConfig(), tok, codec, 0, float("inf"))
+        j = E.Judge(width=16)
+        torch.save({"model": j.state_dict(), "args": {"width": 16, "dilations": [c.dilation[0] for c in j.convs]},
+                    "classes": E.CLASSES, "info": {"frameF1": 50.0}}, os.path.join(out, "judge.pt"))
+        results = E.bench(E.EvalConfig(bench=True, ckpt=[ckpt], out_dir=out, steps=2, device="cpu"), E.QUICK_BENCH)
+        samplers = results["samplers"]
+        assert [(r["sampler"], r["steps"]) for r in samplers["rows"]] == [("ddim", 4), ("dpmpp", 2), ("dpmpp", 3)]
+        assert samplers["episodes"] == 2 and all(0 <= r["multiFLAM"] <= 100 for r in samplers["rows"])
+        assert samplers["fewest_dpmpp_steps_within_noise"] in (None, 2, 3)
+        assert results["end_to_end"]["trained"] and results["ckpt"] == ckpt
+        check_numbers(results)
+
+
+# -----------------------------------------------------------------------------
 # runner: plain python, no pytest needed
 
 def main(filters):
