@@ -1485,7 +1485,7 @@ def _bench_numbers(x, key=""):
 
 
 def test_bench_quick_writes_bench_json():
-    """`eval.py --bench` at tiny sizes (QUICK_BENCH), without a checkpoint (5e skipped, a random
+    """`eval.py --bench` at tiny sizes (QUICK_BENCH), without a checkpoint (6e skipped, a random
     model) and with one (an untrained tiny checkpoint and an untrained judge: the machinery, not
     the quality): bench.json holds every section's keys, and every figure is finite and positive
     (scores and skipped-block shares may be 0; what cannot be measured here is null)."""
@@ -1523,7 +1523,7 @@ def test_bench_quick_writes_bench_json():
                 assert np.isfinite(x) and (x > 0 or (key in may_be_zero and x == 0)), (key, x)
         check_numbers(results)
 
-        # with a checkpoint: 5e runs (judge cached in out_dir), 5f lets the model write its plan
+        # with a checkpoint: 6e runs (judge cached in out_dir), 6f lets the model write its plan
         out = os.path.join(TMP, "bench_ckpt")
         os.makedirs(out, exist_ok=True)
         _, _, tok, codec = E.bench_dialogues(1, n_fit=2)
