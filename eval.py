@@ -1245,7 +1245,8 @@ def bench_attention(seqs, model_config, lengths, device, repeats, math_max_len_c
 def causal_lm_loss(model, tokens):
     """The baseline of 6b: a plain GPT on the same weights and layers. Token + position
     embeddings, every block under the causal mask only (no audio spans, no documents), the text
-    head on top, cross-entropy on every next token; no noise levels, no diffusion head, no MSE."""
+    head on top, cross-entropy on every next token; no noise levels, no diffusion head, no MSE,
+    no token shift."""
     L = tokens.size(1)
     backend = model.backend
     no_spans = torch.full_like(tokens, -1)   # with no audio span the Transfusion rule is the causal mask

@@ -182,6 +182,7 @@ class KVCache:
         self.v = [None] * n_layer
         self.pending = None
         self.pending_span = None
+        self.last = None  # (B, D) the last committed token's input embedding (for token shift)
 
     def __len__(self):
         """Number of committed tokens (all of them are in the understanding layers)."""
@@ -218,6 +219,7 @@ class ModelConfig:
     bias: bool = False        # biases in Linear and LayerNorm
     arch: str = "sct"         # "sct": text head at layer U | "dense": both heads on top of U + G layers
     attn: str = "auto"        # "auto" (flex on CUDA, sdpa elsewhere) | "math" | "sdpa" | "flex"
+    token_shift: bool = True  # add a learned map of the previous token's embedding to each input (see embed)
 
 
 class AudioChatModel(nn.Module):
@@ -236,6 +238,7 @@ class AudioChatModel(nn.Module):
         self.wpe = nn.Embedding(config.block_size, config.n_embd)
         self.audio_in = nn.Linear(config.latent_dim, config.n_embd, bias=config.bias)
         self.noise_emb = NoiseLevelEmbedding(config.n_embd)
+        self.shift = nn.Linear(config.n_embd, config.n_embd, bias=False) if config.token_shift else None
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList([Block(config) for _ in range(n_blocks)])
         self.ln_text = nn.LayerNorm(config.n_embd, bias=config.bias)
@@ -248,6 +251,8 @@ class AudioChatModel(nn.Module):
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_blocks))
         nn.init.zeros_(self.diffusion_head.weight)  # predict v = 0 at first: a calm start for the MSE
+        if self.shift is not None:
+            nn.init.zeros_(self.shift.weight)  # start as the plain transformer
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -267,21 +272,38 @@ class AudioChatModel(nn.Module):
             return self.config.attn
         return "flex" if self.wte.weight.is_cuda else "sdpa"
 
-    def embed(self, tokens, audio, t, span_id, pos):
+    def embed(self, tokens, audio, t, span_id, pos, prev=None, starts=None):
         """tokens: (B, L) long, audio: (B, L, latent) noisy patches, t: (B, L) noise levels,
-        span_id: (B, L), pos: (B, L) or (L,) positions -> (B, L, D).
+        span_id: (B, L), pos: (B, L) or (L,) positions, prev: (B, D) the embedding of the token
+        before this chunk (None: nothing before it), starts: (B, L) bool, True where a packed
+        document begins -> (the inputs (B, L, D), the last token's embedding (B, D)).
 
         Text positions take their token embedding; audio positions take a linear projection of the
         noisy patch plus the embedding of its noise level, rescaled so its norm matches the text
         embeddings' mean norm: AudioChat's stabiliser, without which the model learns to ignore
         audio (a fresh projection has a very different scale from the token table).
+
+        Token shift (not in the paper; RWKV's token shift, akin to the "smeared keys" of Olsson et
+        al. 2022): each input also gets a learned linear map of the previous token's embedding.
+        Writing a plan means copying the user's words ("ava says 'the dog runs home'"), and a
+        plain transformer copies with an induction circuit -- a head that finds where the current
+        token occurred before and reads the one after it -- which needs two layers to compose and
+        forms late: the CPU preset never formed one in its budget. With the previous token in every
+        input, one layer can match "the token after the one I just wrote" directly.
         """
         text = self.wte(tokens)
         audio = self.audio_in(audio) + self.noise_emb(t)
         text_norm = self.wte.weight.norm(dim=1).mean().detach()  # a target scale, not a gradient path
         audio = F.normalize(audio, dim=-1) * text_norm
-        x = torch.where((span_id >= 0)[..., None], audio, text)
-        return self.drop(x + self.wpe(pos))
+        e = torch.where((span_id >= 0)[..., None], audio, text)
+        x = e
+        if self.shift is not None:
+            before = torch.zeros_like(e[:, :1]) if prev is None else prev[:, None]
+            shifted = torch.cat([before, e[:, :-1]], dim=1)
+            if starts is not None:  # a packed document does not see the one before it
+                shifted = shifted.masked_fill(starts[..., None], 0.0)
+            x = x + self.shift(shifted)
+        return self.drop(x + self.wpe(pos)), e[:, -1]
 
     def text_head(self, h):
         return self.lm_head(self.ln_text(h))
@@ -302,13 +324,14 @@ class AudioChatModel(nn.Module):
         if L > self.config.block_size:
             raise ValueError(f"sequence of {L} tokens is longer than block_size {self.config.block_size}")
         pos = torch.arange(L, device=tokens.device).expand(B, L)
+        starts = None
         if doc_id is not None:  # each packed document starts at position 0, as it will when sampled
             starts = torch.ones_like(doc_id, dtype=torch.bool)
             starts[:, 1:] = doc_id[:, 1:] != doc_id[:, :-1]
             pos = pos - torch.where(starts, pos, 0).cummax(dim=1).values
         backend = self.backend
         mask = flex_block_mask(span_id, doc_id) if backend == "flex" else transfusion_mask(span_id, doc_id)
-        x = self.embed(tokens, audio, t, span_id, pos)
+        x, _ = self.embed(tokens, audio, t, span_id, pos, starts=starts)
         for i, block in enumerate(self.blocks):
             if i == self.text_layer:
                 text_logits = self.text_head(x)
@@ -367,7 +390,9 @@ class AudioChatModel(nn.Module):
             self._run_chunk(cache, cache.pending, cache.pending_span, range(U, n_blocks), commit=True)
             cache.pending = cache.pending_span = None
         pos = torch.arange(T, T + n, device=tokens.device)
-        x = self.embed(tokens, audio, t, span_id, pos)
+        x, last = self.embed(tokens, audio, t, span_id, pos, prev=cache.last)
+        if commit:
+            cache.last = last
         x = self._run_chunk(cache, x, span_id, range(U), commit)
         text_logits = self.text_head(x)
         if U == n_blocks:  # dense: the text head already needed every layer

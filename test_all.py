@@ -620,8 +620,10 @@ def tiny_model(arch="sct", attn="sdpa", seed=0):
     config = ModelConfig(vocab_size=40, latent_dim=8, n_layer=2, n_gen_layer=1, n_head=2, n_embd=32,
                          block_size=128, arch=arch, attn=attn)
     model = AudioChatModel(config)
-    # the diffusion head starts at zero; give it weights so that tests see audio outputs move
+    # the diffusion head and the token shift start at zero; give them weights so that tests see
+    # audio outputs move and caches must carry the previous token across chunks
     torch.nn.init.normal_(model.diffusion_head.weight, std=0.1)
+    torch.nn.init.normal_(model.shift.weight, std=0.3)
     return model
 
 
@@ -746,7 +748,8 @@ def test_model_sct_text_ignores_generation_layers():
 def test_model_audio_embedding_norm_matches_text():
     model = tiny_model()
     tokens, audio, t, span_id = random_batch()
-    x = model.embed(tokens, 10 * audio, t, span_id, torch.arange(tokens.size(1))) - model.wpe.weight[:tokens.size(1)]
+    model.shift = None   # the embeddings alone, without the token shift's mix of the previous one
+    x = model.embed(tokens, 10 * audio, t, span_id, torch.arange(tokens.size(1)))[0] - model.wpe.weight[:tokens.size(1)]
     text_norm = model.wte.weight.norm(dim=1).mean()
     audio_norms = x[span_id >= 0].norm(dim=-1)
     assert torch.allclose(audio_norms, text_norm.expand_as(audio_norms), rtol=1e-5)
@@ -1469,6 +1472,7 @@ def test_bench_cached_and_recomputed_paths_agree():
                  for c in (True, False)]
         assert x[0].shape == (1, 5, 8) and torch.allclose(x[0], x[1], atol=1e-5), (sampler, scale, (x[0] - x[1]).abs().max())
     dense = tiny_model(arch="dense")
+    dense.shift = None   # the baseline is a plain GPT: no token shift
     toks = torch.randint(0, 38, (2, 11), generator=torch.Generator().manual_seed(2))
     logits, _ = dense(toks, torch.zeros(2, 11, 8), torch.zeros(2, 11), torch.full((2, 11), -1))
     ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), toks[:, 1:].flatten())
