@@ -966,7 +966,7 @@ def test_overfit_one_batch():
 # training (train.py) and chat (sample.py), on a tiny simulated dataset
 
 TINY = ["--n_layer=2", "--n_gen_layer=1", "--n_head=2", "--n_embd=32", "--batch_size=2", "--block_size=1024",
-        "--eval_iters=1", "--warmup_iters=2", "--device=cpu"]
+        "--eval_iters=1", "--warmup_iters=2", "--device=cpu", "--text_iters=2"]   # both curriculum stages
 
 
 def tiny_dataset():
@@ -992,6 +992,25 @@ def test_train_writes_checkpoint_log_and_plot():
     assert [r["iter"] for r in rows][:4] == [0, 1, 2, 3] and rows[-1]["val_ce"] != ""
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert ckpt["iter_num"] == 4 and {"model", "optimizer", "model_args", "config", "tokenizer", "codec"} <= set(ckpt)
+
+
+def test_text_only_stage_cuts_the_audio_and_the_answer_about_it():
+    import train
+    from tokenizer import BPETokenizer, encode_dialogue
+    d, audios = make_dialogue(5)
+    tok = BPETokenizer()
+    tok.train(dialogue_text(d), vocab_size=300)
+    seq = encode_dialogue(d, [torch.zeros(a.shape[1] // 400 // 2 * 2, 64) for a in audios], tok)
+    text = train.text_only(seq)
+    assert (text["span_id"] == -1).all() and len(text["span_is_target"]) == 0
+    assert len(text["tokens"]) == int((seq["span_id"] < 0).sum())
+    assert (text["tokens"] == tok.special("<|audio|>")).sum() == len(audios)   # the markers stay
+    # every plan token is still learned; the answer (after the user's clip) is not
+    words = tok.decode([int(x) for x, learn in zip(text["tokens"][1:], text["text_target"][:-1]) if learn])
+    plans = [plan_to_text(t["plan"]) for t in d["turns"] if t["role"] == "assistant" and "audio" in t]
+    assert all(p in words for p in plans) and d["turns"][-1]["text"] not in words
+    learned = int(seq["text_target"].sum()) - int(text["text_target"].sum())
+    assert learned == len(tok.encode_ordinary(d["turns"][-1]["text"])) + 1   # the answer and its <|end|>
 
 
 def test_train_resume_is_exact():

@@ -43,7 +43,7 @@ class TrainConfig:
     # I/O
     out_dir: str = opt("out", "where ckpt.pt, log.csv and loss.png go")
     data_dir: str = opt("data", "dataset written by simulate_data.py (simulated here if missing)")
-    n_dialogues: int = opt(2000, "training dialogues to simulate when data_dir holds none")
+    n_dialogues: int = opt(3000, "training dialogues to simulate when data_dir holds none")
     init_from: str = opt("scratch", "scratch | resume (from out_dir/ckpt.pt)")
     preset: str = opt("auto", "auto | cpu | gpu: defaults sized for the machine (flags still win)")
     # model (ModelConfig)
@@ -57,7 +57,8 @@ class TrainConfig:
     dropout: float = opt(0.0, "dropout probability")
     # optimisation
     batch_size: int = opt(4, "sequences per step per process")
-    max_iters: int = opt(600, "training steps")
+    max_iters: int = opt(1200, "training steps")
+    text_iters: int = opt(300, "curriculum: the first steps see the dialogues without their audio (train.text_only)")
     learning_rate: float = opt(2e-3, "peak learning rate (AdamW)")
     min_lr: float = opt(2e-4, "learning rate at the end of the cosine decay")
     lr_decay_iters: int = opt(0, "length of the cosine decay (0 = max_iters; set it to stop early and resume later)")
@@ -69,7 +70,7 @@ class TrainConfig:
     cfg_drop_p: float = opt(0.1, "probability of dropping a sample's text to <|null|> (for CFG)")
     per_frame_noise: bool = opt(False, "one noise level per audio token instead of per span")
     # logging and evaluation
-    eval_interval: int = opt(100, "steps between validation and checkpoint")
+    eval_interval: int = opt(200, "steps between validation and checkpoint")
     eval_iters: int = opt(8, "validation batches")
     log_interval: int = opt(10, "steps between progress-bar updates")
     # system
@@ -159,6 +160,27 @@ def load_dataset(data_dir, split, tok, codec):
             latents = [codec.normalize(raw.float()) for raw in raws]
             seqs.append(encode_dialogue(json.loads(text), latents, tok))
     return seqs
+
+
+def text_only(seq):
+    """Stage 1 of the curriculum: a dialogue (encode_dialogue dict) with its audio spans cut out;
+    the <|audio|> and <|/audio|> markers stay, so the turns keep their shape. The answer about a
+    user-supplied clip is not learned here: without the clip it could only be guessed.
+
+    Why a text stage: writing a plan means copying from the context (the request's voices and
+    words; the previous plan, nearly verbatim, in an edit), and a small transformer learns to copy
+    only after seeing some thousands of dialogues. Audio is ~70% of a dialogue's tokens, so on
+    text alone the same compute shows the model ~3x more dialogues; the joint stage then learns
+    the audio on top (the paper, too, trains in stages)."""
+    is_audio = seq["span_id"] >= 0
+    text_target = seq["text_target"].clone()
+    heard = is_audio & ~seq["span_is_target"][seq["span_id"].clamp(min=0)]
+    if heard.any():   # the user's clip comes last (simulate_data.make_dialogue): mask from there on
+        text_target[int(heard.nonzero()[0]):] = False
+    keep = ~is_audio
+    return {"tokens": seq["tokens"][keep], "audio": seq["audio"][keep], "span_id": seq["span_id"][keep],
+            "span_is_target": seq["span_is_target"][:0], "text_target": text_target[keep],
+            "is_plain_text": seq["is_plain_text"][keep]}
 
 
 def pack(seqs, block_size, seed):
@@ -325,6 +347,8 @@ def train(config):
     val_seqs = load_dataset(config.data_dir, "val", tok, codec)
     train_rows = pack(train_seqs, config.block_size, config.seed)
     val_rows = pack(val_seqs, config.block_size, config.seed)
+    text_seqs = [text_only(seq) for seq in train_seqs] if config.text_iters else []
+    text_rows = pack(text_seqs, config.block_size, config.seed) if config.text_iters else []
 
     model_config = ModelConfig(vocab_size=tok.vocab_size, latent_dim=train_seqs[0]["audio"].shape[-1],
                                n_layer=config.n_layer, n_gen_layer=config.n_gen_layer, n_head=config.n_head,
@@ -384,7 +408,8 @@ def train(config):
         for group in optimizer.param_groups:
             group["lr"] = lr
         g = step_generator(config.seed, it, rank)
-        batch = get_batch(train_seqs, train_rows, config.batch_size, g, tok.special("<|pad|>"), device)
+        stage = (text_seqs, text_rows) if it < config.text_iters else (train_seqs, train_rows)
+        batch = get_batch(*stage, config.batch_size, g, tok.special("<|pad|>"), device)
         with autocast:
             loss, ce, mse = transfusion_forcing_loss(model, batch, lambda_audio=config.lambda_audio,
                                                      null_id=tok.special("<|null|>"), cfg_drop_p=config.cfg_drop_p,
