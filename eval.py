@@ -3,7 +3,7 @@ Evaluate AudioChat-mini the way the paper does, at toy scale: StoryGen-Eval-toy 
 written by simulate_data.py), a judge model, the paper's metrics, and the paper's systems side by
 side.
 
-    python eval.py --ckpt out/ckpt.pt --n 20                            # 3-5 min on a 2-core CPU
+    python eval.py --ckpt out/ckpt.pt                                   # ~2 min on a 2-core CPU (+4 for the judge, once)
     python eval.py --ckpt out/ckpt.pt --ckpt out/dense/ckpt.pt --n 50   # + the architecture ablation
     python eval.py --bench [--ckpt out/ckpt.pt]                         # speed tables, OUT_DIR/bench.json
     python eval.py --help                                               # every flag
