@@ -386,12 +386,12 @@ def train(config):
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda")
                 else torch.autocast("cpu", enabled=False))
 
-    def checkpoint(it):
+    def checkpoint(it, validation_row):
         save_checkpoint(ckpt_path, raw_model, optimizer, model_config, config, tok, codec, it, best_val)
-        with open(log_path, "w", newline="") as f:
+        with open(log_path, "w", newline="") as f:  # with this step's validation, before its training
             writer = csv.DictWriter(f, LOG_FIELDS)
             writer.writeheader()
-            writer.writerows(log_rows)
+            writer.writerows(log_rows + [{k: validation_row.get(k, "") for k in LOG_FIELDS}])
         plot_losses(log_path, os.path.join(config.out_dir, "loss.png"))
 
     t0 = time.time() - (float(log_rows[-1]["elapsed_s"]) if log_rows else 0.0)
@@ -403,7 +403,7 @@ def train(config):
             row["val_loss"], row["val_ce"], row["val_mse"] = validate(raw_model, val_seqs, val_rows, config, tok, device, autocast)
             best_val = min(best_val, row["val_loss"])
             if it > iter_num or (it == 0 and not log_rows):
-                checkpoint(it)
+                checkpoint(it, row)
         lr = learning_rate(config, it)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -428,8 +428,8 @@ def train(config):
         row = {"iter": config.max_iters, "elapsed_s": round(time.time() - t0, 2)}
         row["val_loss"], row["val_ce"], row["val_mse"] = validate(raw_model, val_seqs, val_rows, config, tok, device, autocast)
         best_val = min(best_val, row["val_loss"])
+        checkpoint(config.max_iters, row)
         log_rows.append({k: row.get(k, "") for k in LOG_FIELDS})
-        checkpoint(config.max_iters)
         print(f"done: val ce {row['val_ce']:.3f}, val mse {row['val_mse']:.3f}; wrote {ckpt_path}, {log_path}, loss.png")
     if ddp:
         dist.destroy_process_group()
