@@ -288,8 +288,9 @@ class AudioChatModel(nn.Module):
         Writing a plan means copying the user's words ("ava says 'the dog runs home'"), and a
         plain transformer copies with an induction circuit -- a head that finds where the current
         token occurred before and reads the one after it -- which needs two layers to compose and
-        forms late: the CPU preset never formed one in its budget. With the previous token in every
-        input, one layer can match "the token after the one I just wrote" directly.
+        forms late. With the previous token in every input, one layer can match "the token after
+        the one I just wrote" directly. Measured on the CPU preset at step 400: its plans name 31%
+        of the requested sources with the shift, 3% without (README, "What it took").
         """
         text = self.wte(tokens)
         audio = self.audio_in(audio) + self.noise_emb(t)
