@@ -38,6 +38,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass, fields
+from html import escape
 
 import numpy as np
 import torch
@@ -46,13 +47,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from tokenizer import SR, HOP, FRAME_RATE, N_MELS, PATCH, LATENT_DIM, AudioCodec, BPETokenizer, encode_dialogue
-from train import PRESETS, TrainConfig, load_checkpoint, opt, pack, parse_config, pick_device
+from train import PRESETS, TrainConfig, autocast_for, load_checkpoint, opt, pack, parse_config, pick_device, plot_losses
 from model import AudioChatModel, ModelConfig, attend, flex_block_mask, transfusion_mask
 from sample import Chat
 from diffusion import SAMPLERS, cfg, collate, rand, sample_audio, transfusion_forcing_loss
 from simulate_data import (AMBIENCES, EDIT_KINDS, MUSIC, SFX, SPLIT_SEEDS, VOICES, DesignerAgent, PlanError, Studio,
                            UserAgent, dialogue_text, dry_signal, make_dialogue, pick, plan_from_text, plan_to_text,
-                           render, side_of)
+                           plot_story, render, side_of)
 
 # -----------------------------------------------------------------------------
 # Part 1: the judge ("FLAM-lite")
@@ -959,7 +960,6 @@ pre { white-space: pre-wrap; word-break: break-all; font-size: 0.78em; backgroun
 
 
 def html_table(header, rows):
-    from html import escape
     head = "".join(f"<th>{escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in row) + "</tr>" for row in rows)
     return f'<table class="results"><tr>{head}</tr>{body}</table>'
@@ -969,8 +969,6 @@ def report_cell(title, reply, media_dir, stem):
     """One system's answer to one turn: its plan (or answer), a player and the picture (files
     written into media_dir) -> an HTML fragment."""
     import soundfile as sf
-    from html import escape
-    from simulate_data import plot_story
     parts = [f'<div class="system"><h4>{escape(title)}</h4>']
     if reply is None:
         return parts[0] + '<p class="note">(no answer: this system does not understand audio)</p></div>'
@@ -992,8 +990,6 @@ def report_cell(title, reply, media_dir, stem):
 def write_report(results, showcase, ckpt_paths, out_dir):
     """out_dir/report.html (+ out_dir/report/): showcase is [(Episode, {system: run})] with the runs
     of ground_truth, audiochat and cascade."""
-    from html import escape
-    from train import plot_losses
     media = os.path.join(out_dir, "report")
     os.makedirs(media, exist_ok=True)
     html = [f"<!doctype html><html><head><meta charset='utf-8'><title>AudioChat-mini: StoryGen-Eval-toy report</title>"
@@ -1292,8 +1288,7 @@ def bench_training(seqs, tok, device, repeats, overrides=None):
     batch = {k: v.to(device) for k, v in collate([[seqs[i] for i in r] for r in rows], tok.special("<|pad|>")).items()}
     n_tokens = int((~batch["is_pad"]).sum())
     optimizer = model.configure_optimizers(config.weight_decay, config.learning_rate, (0.9, 0.95), device.split(":")[0])
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda")
-                else torch.autocast("cpu", enabled=False))
+    autocast = autocast_for(device)
     g = torch.Generator().manual_seed(0)
     losses = {"audiochat": lambda: transfusion_forcing_loss(model, batch, tok.special("<|null|>"), generator=g)[0],
               "causal_lm": lambda: causal_lm_loss(model, batch["tokens"])}

@@ -803,7 +803,8 @@ def plan_from_text(text):
         plan = json.loads(text)
     except json.JSONDecodeError as e:
         raise PlanError(f"the plan is not valid JSON: {e}") from None
-    for s in plan.get("sources", []) if isinstance(plan, dict) and isinstance(plan.get("sources"), list) else []:
+    sources = plan.get("sources") if isinstance(plan, dict) else None
+    for s in sources if isinstance(sources, list) else []:   # a malformed plan: validate_plan says how
         if isinstance(s, dict) and s.get("type") in DERIVED_DUR:
             if "dur" in s:
                 raise PlanError(f"source {s.get('id')}: the dur of a {s['type']} source is derived; leave it out")

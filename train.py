@@ -262,6 +262,11 @@ def load_checkpoint(path, device="cpu"):
 LOG_FIELDS = ["iter", "lr", "loss", "ce", "mse", "val_loss", "val_ce", "val_mse", "elapsed_s"]
 
 
+def log_row(row):
+    """A step's dict -> its log.csv row: every LOG_FIELDS key, "" where the step has no value."""
+    return {k: row.get(k, "") for k in LOG_FIELDS}
+
+
 def plot_losses(log_path, png_path):
     import matplotlib
     matplotlib.use("Agg")
@@ -302,6 +307,12 @@ def learning_rate(config, it):
 # the training loop
 
 @torch.no_grad()
+def autocast_for(device):
+    """bf16 autocast on CUDA; a no-op context elsewhere (CPU and MPS train in float32)."""
+    return (torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda")
+            else torch.autocast("cpu", enabled=False))
+
+
 def validate(model, seqs, rows, config, tok, device, autocast):
     """Mean (loss, ce, mse) over config.eval_iters fixed validation batches (no CFG dropout)."""
     model.eval()
@@ -348,8 +359,10 @@ def train(config):
     val_seqs = load_dataset(config.data_dir, "val", tok, codec)
     train_rows = pack(train_seqs, config.block_size, config.seed)
     val_rows = pack(val_seqs, config.block_size, config.seed)
-    text_seqs = [text_only(seq) for seq in train_seqs] if config.text_iters else []
-    text_rows = pack(text_seqs, config.block_size, config.seed) if config.text_iters else []
+    text_seqs, text_rows = [], []
+    if config.text_iters:
+        text_seqs = [text_only(seq) for seq in train_seqs]
+        text_rows = pack(text_seqs, config.block_size, config.seed)
 
     model_config = ModelConfig(vocab_size=tok.vocab_size, latent_dim=train_seqs[0]["audio"].shape[-1],
                                n_layer=config.n_layer, n_gen_layer=config.n_gen_layer, n_head=config.n_head,
@@ -384,15 +397,14 @@ def train(config):
     if ddp:
         from torch.nn.parallel import DistributedDataParallel
         model = DistributedDataParallel(model, device_ids=[int(device.split(":")[1])] if device.startswith("cuda") else None)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda")
-                else torch.autocast("cpu", enabled=False))
+    autocast = autocast_for(device)
 
     def checkpoint(it, validation_row):
         save_checkpoint(ckpt_path, raw_model, optimizer, model_config, config, tok, codec, it, best_val)
         with open(log_path, "w", newline="") as f:  # with this step's validation, before its training
             writer = csv.DictWriter(f, LOG_FIELDS)
             writer.writeheader()
-            writer.writerows(log_rows + [{k: validation_row.get(k, "") for k in LOG_FIELDS}])
+            writer.writerows(log_rows + [log_row(validation_row)])
         plot_losses(log_path, os.path.join(config.out_dir, "loss.png"))
 
     t0 = time.time() - (float(log_rows[-1]["elapsed_s"]) if log_rows else 0.0)
@@ -422,7 +434,7 @@ def train(config):
         optimizer.step()
         loss, ce, mse = loss.detach(), ce.detach(), mse.detach()
         row.update(lr=lr, loss=loss.item(), ce=ce.item(), mse=mse.item(), elapsed_s=round(time.time() - t0, 2))
-        log_rows.append({k: row.get(k, "") for k in LOG_FIELDS})
+        log_rows.append(log_row(row))
         if it % config.log_interval == 0:
             bar.set_postfix(ce=f"{float(ce):.3f}", mse=f"{float(mse):.3f}", lr=f"{lr:.1e}")
     if master:
@@ -430,7 +442,7 @@ def train(config):
         row["val_loss"], row["val_ce"], row["val_mse"] = validate(raw_model, val_seqs, val_rows, config, tok, device, autocast)
         best_val = min(best_val, row["val_loss"])
         checkpoint(config.max_iters, row)
-        log_rows.append({k: row.get(k, "") for k in LOG_FIELDS})
+        log_rows.append(log_row(row))
         print(f"done: val ce {row['val_ce']:.3f}, val mse {row['val_mse']:.3f}; wrote {ckpt_path}, {log_path}, loss.png")
     if ddp:
         dist.destroy_process_group()
