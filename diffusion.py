@@ -30,6 +30,17 @@ def alpha_sigma(t):
     return torch.cos(0.5 * math.pi * t), torch.sin(0.5 * math.pi * t)
 
 
+def shift_noise_level(t, shift):
+    """Move noise levels towards noise: the level whose signal-to-noise ratio (alpha / sigma)^2
+    is shift^2 times smaller, t' = (2 / pi) atan(shift tan(pi t / 2)); shift 1 leaves t alone.
+    The "shifted schedule" of simple diffusion (Hoogeboom et al. 2023) and SD3's timestep shift:
+    neighbouring audio frames are nearly the same, so a noise level that would drown one frame
+    leaves the span easy to guess from its neighbours, and the model learns little there about
+    what the plan asks for. Training at shifted levels spends more steps where it must read the plan."""
+    alpha, sigma = alpha_sigma(t)
+    return (2 / math.pi) * torch.atan2(shift * sigma, alpha.clamp(min=0))  # atan2: exact at t = 1
+
+
 def add_noise(x0, eps, t):
     """x0, eps: (B, L, latent), t: (B, L) -> (x_t, v target), both (B, L, latent)."""
     alpha, sigma = (a[..., None] for a in alpha_sigma(t))
@@ -97,11 +108,12 @@ def rand(shape, generator, device, normal=False):
     return draw(shape, generator=generator, device=gen_device).to(device)
 
 
-def sample_noise_levels(span_id, span_is_target, per_frame=False, clean_context_p=0.9, generator=None):
+def sample_noise_levels(span_id, span_is_target, per_frame=False, clean_context_p=0.9, shift=1.0, generator=None):
     """Noise level of every token for one training step (AudioChat's Audio Transfusion Forcing).
 
     span_id: (B, L) long, span_is_target: (B, S) bool. Returns t: (B, L) float.
-    Every audio span gets its OWN t ~ U(0, 1), independent of the other spans of the dialogue
+    Every audio span gets its OWN t = shift_noise_level(u, shift), u ~ U(0, 1), independent of the
+    other spans of the dialogue
     (diffusion forcing across turns): the model sees clean history with a noisy target, noisy
     history, and everything in between, so it can neither copy the previous turn nor rely on it
     being clean. per_frame=True draws a t for every audio token instead (Diffusion Forcing's
@@ -116,16 +128,17 @@ def sample_noise_levels(span_id, span_is_target, per_frame=False, clean_context_
     u = rand((B, L), generator, span_id.device) if per_frame else rand((B, S), generator, span_id.device).gather(1, idx)
     keep_clean = (rand((B, S), generator, span_id.device) < clean_context_p).gather(1, idx)
     t_context = torch.where(keep_clean, 0.0, CONTEXT_T_MAX * u)
-    t = torch.where(span_is_target.gather(1, idx), u, t_context)
+    t = torch.where(span_is_target.gather(1, idx), shift_noise_level(u, shift), t_context)
     return torch.where(span_id >= 0, t, 0.0)
 
 
 def transfusion_forcing_loss(model, batch, null_id, lambda_audio=5.0, cfg_drop_p=0.1,
-                             per_frame=False, clean_context_p=0.9, generator=None):
+                             per_frame=False, clean_context_p=0.9, noise_shift=1.0, generator=None):
     """One training loss: loss = CE(text) + lambda_audio * MSE(v), as in Transfusion and AudioChat.
 
     batch: the dict made by `collate`, on the model's device. Returns (loss, ce, mse), 0-dim.
-    - Audio is noised at its span's own t (sample_noise_levels) and the model predicts v in place.
+    - Audio is noised at its span's own t (sample_noise_levels, shifted by noise_shift) and the
+      model predicts v in place.
     - With probability cfg_drop_p a whole sample's plain text becomes <|null|> (classifier-free
       guidance learns the unconditional model); that sample's text CE is off, since its answer
       words would have to be predicted from nulls.
@@ -134,7 +147,7 @@ def transfusion_forcing_loss(model, batch, null_id, lambda_audio=5.0, cfg_drop_p
       user-supplied spans are conditioning only.
     """
     tokens, x0, span_id = batch["tokens"], batch["audio"], batch["span_id"]
-    t = sample_noise_levels(span_id, batch["span_is_target"], per_frame, clean_context_p, generator)
+    t = sample_noise_levels(span_id, batch["span_is_target"], per_frame, clean_context_p, noise_shift, generator)
     eps = rand(x0.shape, generator, x0.device, normal=True)
     x_t, v_target = add_noise(x0, eps, t)  # text positions: x0 = 0 and t = 0, so x_t = 0
 

@@ -50,7 +50,7 @@ from tokenizer import SR, HOP, FRAME_RATE, N_MELS, PATCH, LATENT_DIM, AudioCodec
 from train import PRESETS, TrainConfig, autocast_for, load_checkpoint, opt, pack, parse_config, pick_device, plot_losses
 from model import AudioChatModel, ModelConfig, attend, flex_block_mask, transfusion_mask
 from sample import Chat
-from diffusion import SAMPLERS, cfg, collate, rand, sample_audio, transfusion_forcing_loss
+from diffusion import SAMPLERS, alpha_sigma, cfg, collate, rand, sample_audio, transfusion_forcing_loss
 from simulate_data import (AMBIENCES, EDIT_KINDS, MUSIC, SFX, SPLIT_SEEDS, VOICES, DesignerAgent, PlanError, Studio,
                            UserAgent, dialogue_text, dry_signal, make_dialogue, pick, plan_from_text, plan_to_text,
                            plot_story, render, side_of)
@@ -843,6 +843,74 @@ def aggregate(records, reference):
 # -----------------------------------------------------------------------------
 # Part 4: the benchmark -- run every system on the first n test dialogues, tabulate, plot
 
+# 4b. what the denoiser knows: one denoising step from a known answer, by noise level
+
+def bench_dialogues(n, tok=None, codec=None, n_fit=48):
+    """The first n dialogues of the test split (StoryGen-Eval-toy's seeds), simulated afresh ->
+    (episodes, training sequences, tok, codec). Without a checkpoint's tokenizer and codec, a BPE
+    and the codec statistics are fit on the first n_fit dialogues of the train split, as
+    write_dataset fits them (a BPE fit on the test dialogues themselves would compress them too
+    well: their sequences would be shorter than the model ever meets)."""
+    if tok is None:
+        fit = [make_dialogue(SPLIT_SEEDS["train"] + i) for i in range(n_fit)]
+        tok = BPETokenizer()
+        tok.train([text for d, _ in fit for text in dialogue_text(d)], vocab_size=1024)
+        codec = AudioCodec().fit([FRONT_END.encode_raw(a) for _, clips in fit for a in clips])
+    dialogues, audios = zip(*(make_dialogue(SPLIT_SEEDS["test"] + i) for i in range(n)))
+    raws = [[FRONT_END.encode_raw(a) for a in clips] for clips in audios]
+    seqs = [encode_dialogue(d, [codec.normalize(r) for r in rs], tok) for d, rs in zip(dialogues, raws)]
+    return [episode(d) for d in dialogues], seqs, tok, codec
+
+
+def turn_prefix(seq, span):
+    """The part of an encoded dialogue before audio span `span` (its <|audio|> included) ->
+    (dict of tokens, audio, span_id, is_plain_text, each (T, ...)), the span's length in tokens)."""
+    where = (seq["span_id"] == span).nonzero()[:, 0]
+    return {k: seq[k][:int(where[0])] for k in ("tokens", "audio", "span_id", "is_plain_text")}, len(where)
+
+
+PROFILE_T = (0.3, 0.6, 0.9, 1.0)
+
+
+@torch.no_grad()
+def denoiser_profile(model, tok, codec, judge, n=8, ts=PROFILE_T, seed=0):
+    """Teacher-forced on the story turn of the first n test dialogues, the ground-truth plan in
+    context: noise the true audio x0 to level t, take the model's one-step estimate
+    x0_hat = alpha x_t - sigma v, and report its error MSE / var(x0) per t (0 = exact; 1 = the
+    clip's mean spectrum) and, at t = 1 (pure noise: only the plan to go on), the multiFLAM of
+    x0_hat decoded. The simulator makes the audio nearly a function of the plan, so a model that
+    has learned the world scores low errors even at t = 1. The reference is the same plan
+    rendered with another seed: the part of the audio the plan does not fix.
+    -> {"n", "x0_error": {t: mean}, "multiFLAM_t1": mean, "seed_error": mean, "seed_multiFLAM": mean}."""
+    episodes, seqs, _, _ = bench_dialogues(n, tok, codec)
+    dev = model.wte.weight.device
+    g = torch.Generator().manual_seed(seed)
+    errors, scores, seed_errors, seed_scores = {t: [] for t in ts}, [], [], []
+    for ep, seq in zip(episodes, seqs):
+        prefix, n_tokens = turn_prefix(seq, 0)
+        x0 = seq["audio"][seq["span_id"] == 0][None]                                   # (1, N, latent)
+        T = len(prefix["tokens"])
+        tokens = torch.cat([prefix["tokens"], prefix["tokens"].new_zeros(n_tokens)])[None].to(dev)
+        span_id = torch.cat([prefix["span_id"], torch.full((n_tokens,), int(prefix["span_id"].max()) + 1)])[None].to(dev)
+        estimates = {}
+        for t in (*ts, 1.0):
+            alpha, sigma = alpha_sigma(torch.tensor(t))
+            x_t = alpha * x0 + sigma * torch.randn(x0.shape, generator=g)
+            audio = torch.cat([prefix["audio"][None], x_t], 1).to(dev)
+            t_all = torch.cat([torch.zeros(T), torch.full((n_tokens,), t)])[None].to(dev)
+            v = model(tokens, audio, t_all, span_id)[1][:, T:].float().cpu()
+            estimates[t] = alpha * x_t - sigma * v
+        for t in ts:
+            errors[t].append(float((estimates[t] - x0).pow(2).mean() / x0.var()))
+        wav = codec.decode(AudioCodec.unpatchify(estimates[1.0][0])).numpy()
+        scores.append(multiflam(judge, wav, ep.story["plan"]))
+        other = AudioCodec.patchify(codec.normalize(FRONT_END.encode_raw(render(ep.story["plan"], ep.seed + 1))))
+        seed_errors.append(float((other - x0[0]).pow(2).mean() / x0.var()))
+        seed_scores.append(multiflam(judge, codec.decode(AudioCodec.unpatchify(other)).numpy(), ep.story["plan"]))
+    return {"n": len(episodes), "x0_error": {t: mean(e) for t, e in errors.items()}, "multiFLAM_t1": mean(scores),
+            "seed_error": mean(seed_errors), "seed_multiFLAM": mean(seed_scores)}
+
+
 @dataclass
 class EvalConfig:
     ckpt: list = opt(None, "checkpoint written by train.py (required); repeat --ckpt to add others, e.g. --arch=dense")
@@ -890,7 +958,22 @@ def result_tables(results):
             ("Editing (paper Table 1)", ["system", "KAD ↓", "deltaMultiFLAM ↓", "editFLAM ↑", "planValidity ↑"], edit),
             ("Editing per sub-task: editFLAM ↑ / deltaMultiFLAM ↓",
              ["system"] + [f"{k} (n={counts[k]['n']})" for k in EDIT_KINDS], per_task),
-            ("Understanding (paper Table 3)", ["system", "tcpWER ↓", "captionMultiFLAM ↑"], understand)]
+            ("Understanding (paper Table 3)", ["system", "tcpWER ↓", "captionMultiFLAM ↑"], understand),
+            *denoiser_table(results)]
+
+
+def denoiser_table(results):
+    """eval.json's "denoiser" (denoiser_profile per model) -> [(title, header, rows)], or []."""
+    profiles = results.get("denoiser")
+    if not profiles:
+        return []
+    ts = list(next(iter(profiles.values()))["x0_error"])
+    seed = next(iter(profiles.values()))
+    rows = [["the same plan, another render seed", *[fmt(seed["seed_error"], 2)] * len(ts), fmt(seed["seed_multiFLAM"])]]
+    rows += [[name, *[fmt(p["x0_error"][t], 2) for t in ts], fmt(p["multiFLAM_t1"])] for name, p in profiles.items()]
+    return [(f"What the denoiser knows: one step from the true story audio, ground-truth plan in context, "
+             f"{seed['n']} dialogues (x0 error = MSE / variance; 1 = the clip's mean spectrum)",
+             ["estimate", *[f"x0 error at t = {float(t):g} ↓" for t in ts], "multiFLAM of the t = 1 estimate ↑"], rows)]
 
 
 def table_note(results):
@@ -1059,7 +1142,9 @@ def evaluate(config):
             showcase.append((ep, runs))
     reference = records["ground_truth"]
     results = {"judge": {"frameF1": judge.info["frameF1"]}, "n": len(episodes),
-               "systems": {name: aggregate(rs, None if name == "ground_truth" else reference) for name, rs in records.items()}}
+               "systems": {name: aggregate(rs, None if name == "ground_truth" else reference) for name, rs in records.items()},
+               "denoiser": {name: denoiser_profile(model, tok, codec, judge, n=min(config.n, 8))
+                            for name, (model, tok, codec, _) in zip(names, models)}}
     print(tables(results))
     os.makedirs(config.out_dir, exist_ok=True)
     with open(os.path.join(config.out_dir, "eval.json"), "w") as f:
@@ -1140,23 +1225,6 @@ def device_name(device):
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(device)
     return "Apple GPU (mps)" if device == "mps" else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
-
-
-def bench_dialogues(n, tok=None, codec=None, n_fit=48):
-    """The first n dialogues of the test split (StoryGen-Eval-toy's seeds), simulated afresh ->
-    (episodes, training sequences, tok, codec). Without a checkpoint's tokenizer and codec, a BPE
-    and the codec statistics are fit on the first n_fit dialogues of the train split, as
-    write_dataset fits them (a BPE fit on the test dialogues themselves would compress them too
-    well: their sequences would be shorter than the model ever meets)."""
-    if tok is None:
-        fit = [make_dialogue(SPLIT_SEEDS["train"] + i) for i in range(n_fit)]
-        tok = BPETokenizer()
-        tok.train([text for d, _ in fit for text in dialogue_text(d)], vocab_size=1024)
-        codec = AudioCodec().fit([FRONT_END.encode_raw(a) for _, clips in fit for a in clips])
-    dialogues, audios = zip(*(make_dialogue(SPLIT_SEEDS["test"] + i) for i in range(n)))
-    raws = [[FRONT_END.encode_raw(a) for a in clips] for clips in audios]
-    seqs = [encode_dialogue(d, [codec.normalize(r) for r in rs], tok) for d, rs in zip(dialogues, raws)]
-    return [episode(d) for d in dialogues], seqs, tok, codec
 
 
 def preset_config(vocab_size, overrides=None):
@@ -1369,13 +1437,6 @@ def bench_decoding(model, tok, ep, n, device, repeats):
 
 
 # 6d. sampling an audio span with and without the prefix cache
-
-def turn_prefix(seq, span):
-    """The part of an encoded dialogue before audio span `span` (its <|audio|> included) ->
-    (dict of tokens, audio, span_id, is_plain_text, each (T, ...)), the span's length in tokens)."""
-    where = (seq["span_id"] == span).nonzero()[:, 0]
-    return {k: seq[k][:int(where[0])] for k in ("tokens", "audio", "span_id", "is_plain_text")}, len(where)
-
 
 @torch.no_grad()
 def sample_span(model, prefix, n_tokens, steps, sampler, cfg_scale, null_id, generator, cached=True):

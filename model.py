@@ -149,9 +149,10 @@ class Block(nn.Module):
 # -----------------------------------------------------------------------------
 # Embedding of an audio patch and its noise level
 
-class NoiseLevelEmbedding(nn.Module):
-    """t: (...) noise level in [0, 1] -> (..., D). Sinusoidal features, then an MLP (DiT's
-    TimestepEmbedder). Every audio token carries its own span's t (diffusion forcing)."""
+class ScalarEmbedding(nn.Module):
+    """x: (...) a number in [0, 1] -> (..., D). Sinusoidal features, then an MLP (DiT's
+    TimestepEmbedder). Two of them embed an audio token: its span's noise level t (every audio
+    token carries its own span's t: diffusion forcing) and its place in its span (span_positions)."""
 
     def __init__(self, n_embd, n_freq=128):
         super().__init__()
@@ -159,9 +160,45 @@ class NoiseLevelEmbedding(nn.Module):
         self.register_buffer("freqs", torch.exp(torch.linspace(0, math.log(1000.0), n_freq // 2)), persistent=False)
         self.mlp = nn.Sequential(nn.Linear(n_freq, n_embd), nn.SiLU(), nn.Linear(n_embd, n_embd))
 
-    def forward(self, t):
-        angles = t[..., None].float() * self.freqs * 2 * math.pi
+    def forward(self, x):
+        angles = x[..., None].float() * self.freqs * 2 * math.pi
         return self.mlp(torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1))
+
+
+def span_positions(span_id):
+    """span_id: (B, L) -> (B, L) long: the index of each audio token inside its span (0, 1, ...:
+    the patch's time in the clip, in patches), 0 for text. Spans are contiguous runs of one id,
+    and a chunk given to the model holds whole spans, so the chunk alone tells where each begins."""
+    idx = torch.arange(span_id.size(1), device=span_id.device).expand_as(span_id)
+    before = torch.cat([span_id.new_full(span_id[:, :1].shape, -1), span_id[:, :-1]], dim=1)
+    begins = (span_id >= 0) & (span_id != before)
+    first = torch.where(begins, idx, 0).cummax(dim=1).values
+    return torch.where(span_id >= 0, idx - first, 0)
+
+
+class DiffusionHead(nn.Module):
+    """h: (B, L, D) the state at layer U + G, x_t: (B, L, latent) the noisy patches, c: (B, L, D)
+    their noise-level embedding -> v: (B, L, latent), the velocity of each patch.
+
+    A one-block MLP per token that also sees the noisy patch it denoises (MAR's denoising MLP,
+    reduced): the transformer says what the patch should hold, read from the plan and the
+    context; the head weighs that against x_t at this noise level. With a bare linear read-out
+    the noisy patch would have to travel through every layer, in a residual stream no wider than
+    the patch, beside everything the layers read from the plan."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.ln_h = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.patch_in = nn.Linear(config.latent_dim, config.n_embd, bias=config.bias)
+        self.ln_mlp = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+        self.ln_out = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.out = nn.Linear(config.n_embd, config.latent_dim, bias=config.bias)
+
+    def forward(self, h, x_t, c):
+        y = self.ln_h(h) + self.patch_in(x_t) + c
+        y = y + self.mlp(self.ln_mlp(y))
+        return self.out(self.ln_out(y))
 
 
 # -----------------------------------------------------------------------------
@@ -237,20 +274,20 @@ class AudioChatModel(nn.Module):
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.wpe = nn.Embedding(config.block_size, config.n_embd)
         self.audio_in = nn.Linear(config.latent_dim, config.n_embd, bias=config.bias)
-        self.noise_emb = NoiseLevelEmbedding(config.n_embd)
+        self.noise_emb = ScalarEmbedding(config.n_embd)
+        self.span_time_emb = ScalarEmbedding(config.n_embd)
         self.shift = nn.Linear(config.n_embd, config.n_embd, bias=False) if config.token_shift else None
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList([Block(config) for _ in range(n_blocks)])
         self.ln_text = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # weight tying, as in GPT-2
-        self.ln_audio = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.diffusion_head = nn.Linear(config.n_embd, config.latent_dim, bias=config.bias)
+        self.diffusion_head = DiffusionHead(config)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_blocks))
-        nn.init.zeros_(self.diffusion_head.weight)  # predict v = 0 at first: a calm start for the MSE
+        nn.init.zeros_(self.diffusion_head.out.weight)  # predict v = 0 at first: a calm start for the MSE
         if self.shift is not None:
             nn.init.zeros_(self.shift.weight)  # start as the plain transformer
 
@@ -278,10 +315,17 @@ class AudioChatModel(nn.Module):
         before this chunk (None: nothing before it), starts: (B, L) bool, True where a packed
         document begins -> (the inputs (B, L, D), the last token's embedding (B, D)).
 
-        Text positions take their token embedding; audio positions take a linear projection of the
-        noisy patch plus the embedding of its noise level, rescaled so its norm matches the text
-        embeddings' mean norm: AudioChat's stabiliser, without which the model learns to ignore
-        audio (a fresh projection has a very different scale from the token table).
+        Text positions take their token embedding. Audio positions take a linear projection of the
+        noisy patch, rescaled so its norm matches the text embeddings' mean norm (AudioChat's
+        stabiliser, without which the model learns to ignore audio: a fresh projection has a very
+        different scale from the token table), plus the embeddings of its noise level and of its
+        time in its span.
+
+        The time in the span (not in the paper, whose positions are relative, RoPE-style): with
+        learned absolute positions a patch knows where it is in the dialogue, not where it is in
+        its clip, and placing "applause at 1.1 s" needs the latter. A span starts wherever its turn
+        happens to start, so without this embedding the model has to work out its own offset by
+        attention before it can even read the plan's times.
 
         Token shift (not in the paper; RWKV's token shift, akin to the "smeared keys" of Olsson et
         al. 2022): each input also gets a learned linear map of the previous token's embedding.
@@ -293,9 +337,12 @@ class AudioChatModel(nn.Module):
         of the requested sources with the shift, 3% without (README, "What it took").
         """
         text = self.wte(tokens)
-        audio = self.audio_in(audio) + self.noise_emb(t)
         text_norm = self.wte.weight.norm(dim=1).mean().detach()  # a target scale, not a gradient path
-        audio = F.normalize(audio, dim=-1) * text_norm
+        patch = F.normalize(self.audio_in(audio), dim=-1) * text_norm
+        # the conditions are added after the rescaling, at their own learned scale: inside it, a
+        # pure-noise patch would drown them, and the model could not tell t = 1 from t = 0.5
+        time_in_span = span_positions(span_id) / self.config.block_size
+        audio = patch + self.noise_emb(t) + self.span_time_emb(time_in_span)
         e = torch.where((span_id >= 0)[..., None], audio, text)
         x = e
         if self.shift is not None:
@@ -309,8 +356,8 @@ class AudioChatModel(nn.Module):
     def text_head(self, h):
         return self.lm_head(self.ln_text(h))
 
-    def audio_head(self, h):
-        return self.diffusion_head(self.ln_audio(h))
+    def audio_head(self, h, audio, t):
+        return self.diffusion_head(h, audio, self.noise_emb(t))
 
     def forward(self, tokens, audio, t, span_id, doc_id=None):
         """The whole sequence at once (training).
@@ -339,7 +386,7 @@ class AudioChatModel(nn.Module):
             x, _ = block(x, mask, backend)
         if self.text_layer == len(self.blocks):
             text_logits = self.text_head(x)
-        return text_logits, self.audio_head(x)
+        return text_logits, self.audio_head(x, audio, t)
 
     # ---- decoding with the key/value cache ----
 
@@ -397,13 +444,13 @@ class AudioChatModel(nn.Module):
         x = self._run_chunk(cache, x, span_id, range(U), commit)
         text_logits = self.text_head(x)
         if U == n_blocks:  # dense: the text head already needed every layer
-            return text_logits, (self.audio_head(x) if layers == "all" else None)
+            return text_logits, (self.audio_head(x, audio, t) if layers == "all" else None)
         if layers == "text":
             if commit:
                 cache.add_pending(x, span_id)
             return text_logits, None
         x = self._run_chunk(cache, x, span_id, range(U, n_blocks), commit)
-        return text_logits, self.audio_head(x)
+        return text_logits, self.audio_head(x, audio, t)
 
     # ---- training helpers ----
 

@@ -37,9 +37,9 @@ from simulate_data import (AMBIENCES, EDIT_KINDS, MUSIC, SFX, SR, VOCAB, VOICES,
                            speech_duration, synth_speech, transcript, validate_plan)
 from tokenizer import (BPETokenizer, AudioCodec, encode_dialogue, SPECIAL_TOKENS, HOP, FRAME_RATE,
                        N_MELS, PATCH, LATENT_DIM)
-from model import AudioChatModel, ModelConfig, transfusion_mask
+from model import AudioChatModel, ModelConfig, span_positions, transfusion_mask
 from diffusion import (add_noise, alpha_sigma, cfg, collate, ddim_sample, dpmpp_2m_sample, sample_audio,
-                       sample_noise_levels, transfusion_forcing_loss)
+                       sample_noise_levels, shift_noise_level, transfusion_forcing_loss)
 
 TMP = tempfile.mkdtemp(prefix="audiochat_test_")  # scratch space shared by the tests of one run
 
@@ -622,7 +622,7 @@ def tiny_model(arch="sct", attn="sdpa", seed=0):
     model = AudioChatModel(config)
     # the diffusion head and the token shift start at zero; give them weights so that tests see
     # audio outputs move and caches must carry the previous token across chunks
-    torch.nn.init.normal_(model.diffusion_head.weight, std=0.1)
+    torch.nn.init.normal_(model.diffusion_head.out.weight, std=0.1)
     torch.nn.init.normal_(model.shift.weight, std=0.3)
     return model
 
@@ -750,9 +750,24 @@ def test_model_audio_embedding_norm_matches_text():
     tokens, audio, t, span_id = random_batch()
     model.shift = None   # the embeddings alone, without the token shift's mix of the previous one
     x = model.embed(tokens, 10 * audio, t, span_id, torch.arange(tokens.size(1)))[0] - model.wpe.weight[:tokens.size(1)]
+    x = x - model.noise_emb(t) - model.span_time_emb(span_positions(span_id) / model.config.block_size)   # the conditions
     text_norm = model.wte.weight.norm(dim=1).mean()
     audio_norms = x[span_id >= 0].norm(dim=-1)
     assert torch.allclose(audio_norms, text_norm.expand_as(audio_norms), rtol=1e-5)
+
+
+def test_model_span_positions_count_from_each_span_start():
+    span_id = torch.tensor([[-1, 0, 0, 0, -1, -1, 1, 1, -1, 2],
+                            [3, 3, -1, 4, 4, 4, 4, -1, -1, -1]])   # a span may open the chunk
+    assert span_positions(span_id).tolist() == [[0, 0, 1, 2, 0, 0, 0, 1, 0, 0], [0, 1, 0, 0, 1, 2, 3, 0, 0, 0]]
+
+
+def test_noise_shift_divides_the_signal_to_noise_ratio():
+    t = torch.linspace(0.05, 0.95, 19)
+    for shift in (1.0, 3.0):
+        (a, s), (a2, s2) = alpha_sigma(t), alpha_sigma(shift_noise_level(t, shift))
+        assert torch.allclose(a2 / s2, a / s / shift, rtol=1e-4)   # alpha / sigma scaled by 1 / shift
+    assert shift_noise_level(torch.tensor([0.0, 1.0]), 3.0).tolist() == [0.0, 1.0]   # the ends stay put
 
 
 # -----------------------------------------------------------------------------
@@ -772,6 +787,10 @@ def test_noise_levels_one_per_span_and_clean_context():
     assert abs(targets.mean().item() - 0.5) < 0.05                      # t ~ U(0, 1)
     user = per_span[:, 1, 0]
     assert 0.8 < (user == 0).float().mean().item() < 0.97 and user.max() <= 0.1  # mostly clean, else small
+    shifted = sample_noise_levels(span_id, is_target, shift=3.0, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(shifted[:, 3:].view(B, n_spans, n)[:, [0, 2, 3]], shift_noise_level(per_span[:, [0, 2, 3]], 3.0))
+    assert (shifted[:, 3:].view(B, n_spans, n)[:, 1] == user[:, None]).all()   # the user's audio is not shifted
+    assert abs(shifted[:, 3:].view(B, n_spans, n)[:, [0, 2, 3], 0].median().item() - 0.795) < 0.05  # (2/pi) atan(3)
     t = sample_noise_levels(span_id, is_target, per_frame=True, generator=torch.Generator().manual_seed(0))
     per_frame = t[:, 3:].view(B, n_spans, n)[:, 0]
     assert (per_frame[:, 1:] != per_frame[:, :1]).all()                 # per-frame: every token its own t
@@ -1434,7 +1453,10 @@ def test_evaluate_end_to_end_writes_the_paper_tables():
     with open(os.path.join(out, "eval.json")) as f:
         assert json.load(f) == json.loads(json.dumps(results))
     assert os.path.isfile(os.path.join(out, "eval.png"))
-    assert set(results) == {"judge", "n", "systems"} and results["judge"]["frameF1"] >= 85 and results["n"] == 2
+    assert set(results) == {"judge", "n", "systems", "denoiser"} and results["judge"]["frameF1"] >= 85 and results["n"] == 2
+    profile = results["denoiser"]["audiochat"]   # untrained: v = 0, so its estimate is alpha x_t and knows nothing
+    assert profile["x0_error"][1.0] >= 0.9
+    assert profile["seed_error"] < 0.5 and profile["seed_multiFLAM"] >= 50   # another seed: nearly the same audio
     with open(os.path.join(out, "report.html")) as f:   # the page, and every file it plays or shows
         page = f.read()
     linked = re.findall(r'src="([^"]+)"', page) + re.findall(r"src='([^']+)'", page)

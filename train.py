@@ -70,6 +70,7 @@ class TrainConfig:
     lambda_audio: float = opt(5.0, "weight of the audio v-MSE against the text cross-entropy")
     cfg_drop_p: float = opt(0.1, "probability of dropping a sample's text to <|null|> (for CFG)")
     per_frame_noise: bool = opt(False, "one noise level per audio token instead of per span")
+    noise_shift: float = opt(3.0, "train at noise levels shifted towards noise (diffusion.shift_noise_level; 1 = off)")
     # logging and evaluation
     eval_interval: int = opt(200, "steps between validation and checkpoint")
     eval_iters: int = opt(8, "validation batches")
@@ -323,7 +324,7 @@ def validate(model, seqs, rows, config, tok, device, autocast):
         with autocast:
             losses = transfusion_forcing_loss(model, batch, lambda_audio=config.lambda_audio,
                                               null_id=tok.special("<|null|>"), cfg_drop_p=0.0,
-                                              per_frame=config.per_frame_noise, generator=g)
+                                              per_frame=config.per_frame_noise, noise_shift=config.noise_shift, generator=g)
         totals += torch.tensor([float(x) for x in losses])
     model.train()
     return (totals / config.eval_iters).tolist()
@@ -426,7 +427,7 @@ def train(config):
         with autocast:
             loss, ce, mse = transfusion_forcing_loss(model, batch, lambda_audio=config.lambda_audio,
                                                      null_id=tok.special("<|null|>"), cfg_drop_p=config.cfg_drop_p,
-                                                     per_frame=config.per_frame_noise, generator=g)
+                                                     per_frame=config.per_frame_noise, noise_shift=config.noise_shift, generator=g)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip > 0:
