@@ -147,7 +147,7 @@ class Block(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# Embedding of an audio patch and its noise level
+# An audio token: its embedding (noise level, time in its span) and its diffusion head
 
 class ScalarEmbedding(nn.Module):
     """x: (...) a number in [0, 1] -> (..., D). Sinusoidal features, then an MLP (DiT's
