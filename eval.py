@@ -20,7 +20,8 @@ The file reads top to bottom:
    tcpWER (MeetEval's definition), caption multiFLAM, plan validity and plan recall;
 3. the systems: ground truth, AudioChat, a cascade (the toy WavJourney) with and without audio
    context, and any other checkpoint (the architecture ablation);
-4. the benchmark: run every system on the first n test dialogues, tabulate, plot;
+4. the benchmark: run every system on the first n test dialogues, tabulate, plot; and what each
+   model's denoiser knows (one step from the true audio at each noise level);
 5. the report: out/report.html, a few dialogues turn by turn with players and pictures;
 6. speed benchmarks (--bench): attention backends, training throughput, the KV and prefix
    caches, DPM-Solver++ against DDIM, end-to-end latency per story.
