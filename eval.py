@@ -844,9 +844,10 @@ def aggregate(records, reference):
 # -----------------------------------------------------------------------------
 # Part 4: the benchmark -- run every system on the first n test dialogues, tabulate, plot
 
-# 4b. what the denoiser knows: one denoising step from a known answer, by noise level
+# What the denoiser knows: one denoising step from a known answer, by noise level (on test
+# dialogues simulated afresh, so that their audio is at hand)
 
-def bench_dialogues(n, tok=None, codec=None, n_fit=48):
+def resimulated_test_dialogues(n, tok=None, codec=None, n_fit=48):
     """The first n dialogues of the test split (StoryGen-Eval-toy's seeds), simulated afresh ->
     (episodes, training sequences, tok, codec). Without a checkpoint's tokenizer and codec, a BPE
     and the codec statistics are fit on the first n_fit dialogues of the train split, as
@@ -883,7 +884,7 @@ def denoiser_profile(model, tok, codec, judge, n=8, ts=PROFILE_T, seed=0):
     has learned the world scores low errors even at t = 1. The reference is the same plan
     rendered with another seed: the part of the audio the plan does not fix.
     -> {"n", "x0_error": {t: mean}, "multiFLAM_t1": mean, "seed_error": mean, "seed_multiFLAM": mean}."""
-    episodes, seqs, _, _ = bench_dialogues(n, tok, codec)
+    episodes, seqs, _, _ = resimulated_test_dialogues(n, tok, codec)
     dev = model.wte.weight.device
     g = torch.Generator().manual_seed(seed)
     errors, scores, seed_errors, seed_scores = {t: [] for t in ts}, [], [], []
@@ -1631,9 +1632,9 @@ def bench(config, sizes=BenchSizes()):
     trained = bool(config.ckpt)
     if trained:
         model, tok, codec, _ = load_checkpoint(config.ckpt[0], device)
-        episodes, seqs, _, _ = bench_dialogues(sizes.dialogues, tok, codec)
+        episodes, seqs, _, _ = resimulated_test_dialogues(sizes.dialogues, tok, codec)
     else:
-        episodes, seqs, tok, codec = bench_dialogues(sizes.dialogues, n_fit=sizes.fit_dialogues)
+        episodes, seqs, tok, codec = resimulated_test_dialogues(sizes.dialogues, n_fit=sizes.fit_dialogues)
         torch.manual_seed(0)
         model = AudioChatModel(preset_config(tok.vocab_size, sizes.model)[0]).to(device).eval()
     results = {"device": device_name(device), "torch": torch.__version__,

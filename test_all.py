@@ -1571,7 +1571,7 @@ def test_bench_quick_writes_bench_json():
         # with a checkpoint: 6e runs (judge cached in out_dir), 6f lets the model write its plan
         out = os.path.join(TMP, "bench_ckpt")
         os.makedirs(out, exist_ok=True)
-        _, _, tok, codec = E.bench_dialogues(1, n_fit=2)
+        _, _, tok, codec = E.resimulated_test_dialogues(1, n_fit=2)
         mc = ModelConfig(vocab_size=tok.vocab_size, n_layer=1, n_gen_layer=1, n_head=2, n_embd=32)
         model = AudioChatModel(mc)
         ckpt = os.path.join(out, "ckpt.pt")
