@@ -307,13 +307,13 @@ def learning_rate(config, it):
 # -----------------------------------------------------------------------------
 # the training loop
 
-@torch.no_grad()
 def autocast_for(device):
     """bf16 autocast on CUDA; a no-op context elsewhere (CPU and MPS train in float32)."""
     return (torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda")
             else torch.autocast("cpu", enabled=False))
 
 
+@torch.no_grad()
 def validate(model, seqs, rows, config, tok, device, autocast):
     """Mean (loss, ce, mse) over config.eval_iters fixed validation batches (no CFG dropout)."""
     model.eval()
