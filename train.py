@@ -83,8 +83,9 @@ class TrainConfig:
 
 PRESETS = {  # applied under --preset, before the flags
     "cpu": dict(),
-    "gpu": dict(n_layer=8, n_gen_layer=4, n_head=8, n_embd=512, batch_size=16, max_iters=5000,
-                learning_rate=6e-4, min_lr=6e-5, warmup_iters=200, eval_interval=500, n_dialogues=50000),
+    # one GPU, sized for a short slot: ~4 min on an H100 with simulation and evaluation (README)
+    "gpu": dict(n_layer=8, n_gen_layer=4, n_head=8, n_embd=512, batch_size=16, max_iters=2000,
+                learning_rate=1e-3, min_lr=1e-4, warmup_iters=100, eval_interval=250, n_dialogues=10000),
 }
 
 
