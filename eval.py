@@ -871,6 +871,35 @@ def turn_prefix(seq, span):
     return {k: seq[k][:int(where[0])] for k in ("tokens", "audio", "span_id", "is_plain_text")}, len(where)
 
 
+def guidance_rows(prefix, null_id=None):
+    """A turn_prefix as model rows -> (tokens (R, T), audio (R, T, latent), span_id (R, T)): R = 1,
+    or R = 2 with null_id, the second row holding the prefix with its words replaced by <|null|>
+    (batched classifier-free guidance, as in sample.Chat)."""
+    tokens = prefix["tokens"][None]
+    if null_id is not None:
+        tokens = torch.cat([tokens, torch.where(prefix["is_plain_text"], null_id, prefix["tokens"])[None]])
+    R = len(tokens)
+    return tokens, prefix["audio"][None].expand(R, -1, -1), prefix["span_id"][None].expand(R, -1)
+
+
+def recompute_denoiser(model, prefix, n_tokens, null_id=None):
+    """The denoiser of the n_tokens audio span that follows `prefix`, without any cache: every call
+    runs forward() over the whole sequence, prefix and span -> v_fn(x (1, n_tokens, latent), t (1,))
+    -> v (R, n_tokens, latent) float, one row per guidance_rows row (all denoise the same x)."""
+    dev = model.wte.weight.device
+    tokens, audio, span_id = guidance_rows(prefix, null_id)
+    R, T = tokens.shape
+    tokens = torch.cat([tokens, tokens.new_zeros(R, n_tokens)], 1).to(dev)
+    span_id = torch.cat([span_id, span_id.new_full((R, n_tokens), int(span_id.max()) + 1)], 1).to(dev)
+    audio = audio.to(dev)
+
+    def v_fn(x, t):
+        x_all = torch.cat([audio, x.to(dev).expand(R, -1, -1)], 1)
+        t_all = torch.cat([torch.zeros(R, T, device=dev), t.to(dev)[:, None].expand(R, n_tokens)], 1)
+        return model(tokens, x_all, t_all, span_id)[1][:, T:].float()
+    return v_fn
+
+
 PROFILE_T = (0.3, 0.6, 0.9, 1.0)
 
 
@@ -885,23 +914,17 @@ def denoiser_profile(model, tok, codec, judge, n=8, ts=PROFILE_T, seed=0):
     rendered with another seed: the part of the audio the plan does not fix.
     -> {"n", "x0_error": {t: mean}, "multiFLAM_t1": mean, "seed_error": mean, "seed_multiFLAM": mean}."""
     episodes, seqs, _, _ = resimulated_test_dialogues(n, tok, codec)
-    dev = model.wte.weight.device
     g = torch.Generator().manual_seed(seed)
     errors, scores, seed_errors, seed_scores = {t: [] for t in ts}, [], [], []
     for ep, seq in zip(episodes, seqs):
         prefix, n_tokens = turn_prefix(seq, 0)
         x0 = seq["audio"][seq["span_id"] == 0][None]                                   # (1, N, latent)
-        T = len(prefix["tokens"])
-        tokens = torch.cat([prefix["tokens"], prefix["tokens"].new_zeros(n_tokens)])[None].to(dev)
-        span_id = torch.cat([prefix["span_id"], torch.full((n_tokens,), int(prefix["span_id"].max()) + 1)])[None].to(dev)
+        denoise = recompute_denoiser(model, prefix, n_tokens)
         estimates = {}
         for t in (*ts, 1.0):
             alpha, sigma = alpha_sigma(torch.tensor(t))
             x_t = alpha * x0 + sigma * torch.randn(x0.shape, generator=g)
-            audio = torch.cat([prefix["audio"][None], x_t], 1).to(dev)
-            t_all = torch.cat([torch.zeros(T), torch.full((n_tokens,), t)])[None].to(dev)
-            v = model(tokens, audio, t_all, span_id)[1][:, T:].float().cpu()
-            estimates[t] = alpha * x_t - sigma * v
+            estimates[t] = alpha * x_t - sigma * denoise(x_t, torch.tensor([t])).cpu()
         for t in ts:
             errors[t].append(float((estimates[t] - x0).pow(2).mean() / x0.var()))
         wav = codec.decode(AudioCodec.unpatchify(estimates[1.0][0])).numpy()
@@ -1442,31 +1465,23 @@ def bench_decoding(model, tok, ep, n, device, repeats):
 
 @torch.no_grad()
 def sample_span(model, prefix, n_tokens, steps, sampler, cfg_scale, null_id, generator, cached=True):
-    """Sample the n_tokens audio span that follows `prefix` (turn_prefix) -> x0 (1, n_tokens, latent).
-    With guidance, a second row holds the prefix with its words replaced by <|null|> (batched CFG,
-    as in sample.Chat). cached: the prefix's keys and values are computed once (one extend), then
-    each step of diffusion.sample_audio runs only the span's tokens against them. Otherwise every
-    denoiser call re-runs forward() over the whole sequence, prefix and span."""
+    """Sample the n_tokens audio span that follows `prefix` (turn_prefix) -> x0 (1, n_tokens, latent),
+    guided by the guidance_rows' <|null|> row unless cfg_scale = 1. cached: the prefix's keys and
+    values are computed once (one extend), then each step of diffusion.sample_audio runs only the
+    span's tokens against them. Otherwise every denoiser call re-runs forward() over the whole
+    sequence, prefix and span (recompute_denoiser)."""
     dev = model.wte.weight.device
     guided = cfg_scale != 1.0
-    tokens = prefix["tokens"][None]
-    if guided:
-        tokens = torch.cat([tokens, torch.where(prefix["is_plain_text"], null_id, prefix["tokens"])[None]])
-    R, T = tokens.shape
-    tokens = tokens.to(dev)
-    audio = prefix["audio"][None].expand(R, -1, -1).to(dev)
-    span_id = prefix["span_id"][None].expand(R, -1).to(dev)
     if cached:
+        tokens, audio, span_id = (z.to(dev) for z in guidance_rows(prefix, null_id if guided else None))
+        R, T = tokens.shape
         cache = model.new_cache(R)
         model.extend(cache, tokens, audio, torch.zeros(R, T, device=dev), span_id, layers="all")
         return sample_audio(model, cache, n_tokens, steps, sampler, cfg_scale, generator)
-    tokens = torch.cat([tokens, tokens.new_zeros(R, n_tokens)], 1)
-    span_id = torch.cat([span_id, span_id.new_full((R, n_tokens), int(span_id.max()) + 1)], 1)
+    denoise = recompute_denoiser(model, prefix, n_tokens, null_id if guided else None)
 
     def v_fn(x, t):
-        x_all = torch.cat([audio, x.expand(R, -1, -1)], 1)   # both rows denoise the same x
-        t_all = torch.cat([torch.zeros(R, T, device=dev), t[:, None].expand(R, n_tokens)], 1)
-        v = model(tokens, x_all, t_all, span_id)[1][:, T:].float()
+        v = denoise(x, t)
         return cfg(v[:1], v[1:], cfg_scale) if guided else v
 
     noise = rand((1, n_tokens, model.config.latent_dim), generator, dev, normal=True)   # the draw sample_audio makes

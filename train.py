@@ -361,11 +361,6 @@ def train(config):
     val_seqs = load_dataset(config.data_dir, "val", tok, codec)
     train_rows = pack(train_seqs, config.block_size, config.seed)
     val_rows = pack(val_seqs, config.block_size, config.seed)
-    text_seqs, text_rows = [], []
-    if config.text_iters:
-        text_seqs = [text_only(seq) for seq in train_seqs]
-        text_rows = pack(text_seqs, config.block_size, config.seed)
-
     model_config = ModelConfig(vocab_size=tok.vocab_size, latent_dim=train_seqs[0]["audio"].shape[-1],
                                n_layer=config.n_layer, n_gen_layer=config.n_gen_layer, n_head=config.n_head,
                                n_embd=config.n_embd, block_size=config.block_size, dropout=config.dropout,
@@ -388,6 +383,11 @@ def train(config):
         del model_, ckpt
     elif config.init_from != "scratch":
         raise SystemExit(f"error: --init_from must be scratch or resume, got {config.init_from!r}")
+
+    text_seqs, text_rows = [], []
+    if iter_num < config.text_iters:  # a run resumed past the text stage never needs its rows
+        text_seqs = [text_only(seq) for seq in train_seqs]
+        text_rows = pack(text_seqs, config.block_size, config.seed)
 
     n_params = sum(p.numel() for p in model.parameters())
     if master:
