@@ -936,6 +936,39 @@ def denoiser_profile(model, tok, codec, judge, n=8, ts=PROFILE_T, seed=0):
             "seed_error": mean(seed_errors), "seed_multiFLAM": mean(seed_scores)}
 
 
+# Does the model listen? The true answer's cross-entropy with the user's clip, and without it
+
+def answer_positions(seq):
+    """(L - 1,) bool: the positions i whose next token, tokens[i + 1], belongs to the assistant's
+    answer about the user's clip (the clip comes last in a dialogue, simulate_data.make_dialogue)."""
+    span = seq["span_id"]
+    heard = (span >= 0) & ~seq["span_is_target"][span.clamp(min=0)]
+    after_clip = torch.arange(len(span) - 1) > int(heard.nonzero()[-1])
+    return seq["text_target"][:-1] & after_clip
+
+
+@torch.no_grad()
+def listening_profile(model, tok, codec, n=20):
+    """Teacher-forced on the understanding turn of the first n test dialogues: the mean
+    cross-entropy (nats per token) of the true answer with the clip in context, and with the clip
+    replaced by the average sound (zeros: the mean of the normalised latents). A model that listens
+    is much surer with the clip; equal numbers mean its answers come from the request alone.
+    -> {task: {"n", "ce_clip", "ce_without_clip"}} for each task (transcribe, describe)."""
+    episodes, seqs, _, _ = resimulated_test_dialogues(n, tok, codec)
+    dev = model.wte.weight.device
+    ces = {}
+    for ep, seq in zip(episodes, seqs):
+        where = answer_positions(seq).to(dev)
+        span = seq["span_id"]
+        heard = (span >= 0) & ~seq["span_is_target"][span.clamp(min=0)]
+        tokens, span, targets = seq["tokens"][None].to(dev), span[None].to(dev), seq["tokens"][1:].to(dev)[where]
+        row = ces.setdefault(ep.task, {"ce_clip": [], "ce_without_clip": []})
+        for key, audio in (("ce_clip", seq["audio"]), ("ce_without_clip", seq["audio"] * ~heard[:, None])):
+            logits = model(tokens, audio[None].to(dev), torch.zeros(span.shape, device=dev), span)[0][0, :-1]
+            row[key].append(float(F.cross_entropy(logits[where].float(), targets)))
+    return {task: {"n": len(row["ce_clip"]), **{k: mean(v) for k, v in row.items()}} for task, row in ces.items()}
+
+
 @dataclass
 class EvalConfig:
     ckpt: list = opt(None, "checkpoint written by train.py (required); repeat --ckpt to add others, e.g. --arch=dense")
@@ -984,7 +1017,7 @@ def result_tables(results):
             ("Editing per sub-task: editFLAM ↑ / deltaMultiFLAM ↓",
              ["system"] + [f"{k} (n={counts[k]['n']})" for k in EDIT_KINDS], per_task),
             ("Understanding (paper Table 3)", ["system", "tcpWER ↓", "captionMultiFLAM ↑"], understand),
-            *denoiser_table(results)]
+            *denoiser_table(results), *listening_table(results)]
 
 
 def denoiser_table(results):
@@ -999,6 +1032,20 @@ def denoiser_table(results):
     return [(f"What the denoiser knows: one step from the true story audio, ground-truth plan in context, "
              f"{seed['n']} dialogues (x0 error = MSE / variance; 1 = the clip's mean spectrum)",
              ["estimate", *[f"x0 error at t = {float(t):g} ↓" for t in ts], "multiFLAM of the t = 1 estimate ↑"], rows)]
+
+
+def listening_table(results):
+    """eval.json's "listening" (listening_profile per model) -> [(title, header, rows)], or []."""
+    profiles = results.get("listening")
+    if not profiles:
+        return []
+    tasks = [t for t in ("transcribe", "describe") if t in next(iter(profiles.values()))]
+    rows = [[name, *[f"{fmt(p[t]['ce_clip'], 3)} / {fmt(p[t]['ce_without_clip'], 3)}" for t in tasks]]
+            for name, p in profiles.items()]
+    counts = next(iter(profiles.values()))
+    return [("Does the model listen? Cross-entropy of the true answer (nats per token), with the clip / "
+             "with the clip replaced by the average sound: equal = the answer ignores the audio",
+             ["system", *[f"{t} (n={counts[t]['n']})" for t in tasks]], rows)]
 
 
 def table_note(results):
@@ -1169,7 +1216,9 @@ def evaluate(config):
     results = {"judge": {"frameF1": judge.info["frameF1"]}, "n": len(episodes),
                "systems": {name: aggregate(rs, None if name == "ground_truth" else reference) for name, rs in records.items()},
                "denoiser": {name: denoiser_profile(model, tok, codec, judge, n=min(config.n, 8))
-                            for name, (model, tok, codec, _) in zip(names, models)}}
+                            for name, (model, tok, codec, _) in zip(names, models)},
+               "listening": {name: listening_profile(model, tok, codec, n=config.n)
+                             for name, (model, tok, codec, _) in zip(names, models)}}
     print(tables(results))
     os.makedirs(config.out_dir, exist_ok=True)
     with open(os.path.join(config.out_dir, "eval.json"), "w") as f:

@@ -1256,6 +1256,18 @@ def test_transcript_parser_and_true_answer():
     assert (r["errors"], r["del"]) == (1, 1)   # the unparseable lines count as nothing: "hello" is missing
 
 
+def test_listening_profile_scores_exactly_the_answer_and_sees_the_clip():
+    eps, seqs, tok, codec = E.resimulated_test_dialogues(3)
+    for ep, seq in zip(eps, seqs):   # the positions scored predict the answer's tokens, then <|end|>
+        assert tok.decode(seq["tokens"][1:][E.answer_positions(seq)]) == ep.answer + "<|end|>"
+    torch.manual_seed(0)
+    model = AudioChatModel(ModelConfig(vocab_size=tok.vocab_size, n_layer=1, n_gen_layer=1, n_head=2, n_embd=32)).eval()
+    profile = E.listening_profile(model, tok, codec, n=3)
+    assert sum(p["n"] for p in profile.values()) == 3 and set(profile) <= {"transcribe", "describe"}
+    for p in profile.values():   # an untrained model is unsure either way, but the clip changes its logits
+        assert 5 < p["ce_clip"] < 9 and p["ce_clip"] != p["ce_without_clip"]
+
+
 # -----------------------------------------------------------------------------
 # KAD
 
@@ -1453,7 +1465,7 @@ def test_evaluate_end_to_end_writes_the_paper_tables():
     with open(os.path.join(out, "eval.json")) as f:
         assert json.load(f) == json.loads(json.dumps(results))
     assert os.path.isfile(os.path.join(out, "eval.png"))
-    assert set(results) == {"judge", "n", "systems", "denoiser"} and results["judge"]["frameF1"] >= 85 and results["n"] == 2
+    assert set(results) == {"judge", "n", "systems", "denoiser", "listening"} and results["judge"]["frameF1"] >= 85 and results["n"] == 2
     profile = results["denoiser"]["audiochat"]   # untrained: v = 0, so its estimate is alpha x_t and knows nothing
     assert profile["x0_error"][1.0] >= 0.9
     assert profile["seed_error"] < 0.5 and profile["seed_multiFLAM"] >= 50   # another seed: nearly the same audio
