@@ -1004,8 +1004,13 @@ def run_train(*flags):
 
 
 def test_train_writes_checkpoint_log_and_plot():
+    import contextlib
+    import io
     out = os.path.join(TMP, "smoke")
-    rows = run_train(f"--out_dir={out}", "--max_iters=4", "--eval_interval=2")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        rows = run_train(f"--out_dir={out}", "--max_iters=4", "--eval_interval=2")
+    assert "holds 12 training dialogues, fewer than the 3000" in printed.getvalue()   # a smaller dataset is said
     for name in ("ckpt.pt", "log.csv", "loss.png"):
         assert os.path.getsize(os.path.join(out, name)) > 0, name
     assert [r["iter"] for r in rows][:4] == [0, 1, 2, 3] and rows[-1]["val_ce"] != ""

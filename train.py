@@ -216,8 +216,15 @@ def get_batch(seqs, rows, batch_size, generator, pad_id, device):
 
 
 def ensure_dataset(config):
-    """Simulate a dataset into config.data_dir if it holds none (rank 0 only; the others wait)."""
-    if os.path.exists(os.path.join(config.data_dir, "meta.json")):
+    """Simulate a dataset into config.data_dir if it holds none (rank 0 only; the others wait).
+    One that is there is used as it is, with a note if it is smaller than n_dialogues asks."""
+    meta_path = os.path.join(config.data_dir, "meta.json")
+    if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            n_train = json.load(f)["counts"]["train"]
+        if n_train < config.n_dialogues:
+            print(f"note: {config.data_dir!r} holds {n_train} training dialogues, fewer than the {config.n_dialogues} "
+                  f"this run asks for; training on them (a new --data_dir simulates {config.n_dialogues})")
         return
     import simulate_data
     print(f"no dataset in {config.data_dir!r}: simulating {config.n_dialogues} dialogues first")
