@@ -16,8 +16,9 @@ The ablation variant `dense` is one shared stack of U + G layers with both heads
 Attention follows Transfusion: causal everywhere, plus full bidirectional attention inside each
 audio span. The rule is written once (`mask_rule`) and served by three interchangeable backends:
 `math` (explicit masked softmax, to read), `sdpa` (PyTorch's fused kernel with a dense boolean
-mask) and `flex` (FlexAttention with a block mask, compiled on CUDA, which skips fully masked
-blocks). Decoding uses one key/value cache for both text and audio (`new_cache`, `extend`).
+mask; on packed training rows, one document at a time, so the blocks between documents are never
+computed) and `flex` (FlexAttention with a block mask, compiled on CUDA, which skips every fully
+masked block). Decoding uses one key/value cache for both text and audio (`new_cache`, `extend`).
 
     model = AudioChatModel(ModelConfig(vocab_size=1024))
     text_logits, v_pred = model(tokens, audio, t, span_id)      # training: the whole sequence
@@ -66,6 +67,21 @@ def flex_block_mask(span_id, doc_id=None):
     return create_block_mask(mask_mod, B, None, L, L, device=span_id.device)
 
 
+def document_split(span_id, doc_id):
+    """The Transfusion mask for packed rows, one document at a time: nothing crosses a document
+    boundary, so attention over a row of k documents is k attentions of one document each, and a
+    dense kernel (sdpa) skips the cross-document blocks it would otherwise compute and mask.
+    span_id, doc_id: (B, L) -> (index (n_docs, Lmax) long: each document's positions in the
+    flattened (B * L) row, B * L where it is padded; mask (n_docs, Lmax, Lmax) bool)."""
+    B, L = span_id.shape
+    rows = [b * L + (doc_id[b] == d).nonzero()[:, 0] for b in range(B) for d in range(int(doc_id[b].max()) + 1)]
+    index = torch.full((len(rows), max(len(r) for r in rows)), B * L, dtype=torch.long, device=span_id.device)
+    for i, r in enumerate(rows):
+        index[i, :len(r)] = r
+    spans = torch.cat([span_id.reshape(-1), span_id.new_full((1,), -1)])[index]   # padding: text
+    return index, transfusion_mask(spans)   # padding rows keep their causal diagonal: never NaN
+
+
 @functools.cache
 def compiled_flex_attention():
     """torch.compile turns flex_attention into one fused kernel (built on the first CUDA call).
@@ -76,13 +92,26 @@ def compiled_flex_attention():
 def attend(q, k, v, mask, backend):
     """Scaled dot-product attention with the Transfusion mask.
 
-    q: (B, H, Lq, hd), k, v: (B, H, Lk, hd). mask: (B, Lq, Lk) bool for `math` and `sdpa`,
-    a BlockMask for `flex`. Returns (B, H, Lq, hd). The three backends agree to float tolerance.
+    q: (B, H, Lq, hd), k, v: (B, H, Lk, hd). mask: (B, Lq, Lk) bool for `math` and `sdpa`, or for
+    `sdpa` on packed rows the (index, mask) of document_split; a BlockMask for `flex`. Returns
+    (B, H, Lq, hd). The three backends agree to float tolerance (padding excepted: its outputs
+    are zero in a document split, and nothing reads them).
     """
     if backend == "math":  # what the fused kernels compute, written out
         att = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))
         att = att.masked_fill(~mask[:, None], float("-inf"))
         return F.softmax(att, dim=-1) @ v
+    if backend == "sdpa" and isinstance(mask, tuple):   # packed rows (document_split)
+        index, doc_mask = mask
+        B, H, L, hd = q.shape
+
+        def per_document(z):   # (B, H, L, hd) -> (n_docs, H, Lmax, hd), a zero row for padding
+            flat = torch.cat([z.transpose(1, 2).reshape(B * L, H, hd), z.new_zeros(1, H, hd)])
+            return flat[index].transpose(1, 2)
+        y = F.scaled_dot_product_attention(per_document(q), per_document(k), per_document(v), attn_mask=doc_mask[:, None])
+        real = index < B * L
+        out = q.new_zeros(B * L, H, hd).index_put((index[real],), y.transpose(1, 2)[real])
+        return out.view(B, L, H, hd).transpose(1, 2)
     if backend == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
     if backend == "flex":
@@ -378,7 +407,12 @@ class AudioChatModel(nn.Module):
             starts[:, 1:] = doc_id[:, 1:] != doc_id[:, :-1]
             pos = pos - torch.where(starts, pos, 0).cummax(dim=1).values
         backend = self.backend
-        mask = flex_block_mask(span_id, doc_id) if backend == "flex" else transfusion_mask(span_id, doc_id)
+        if backend == "flex":
+            mask = flex_block_mask(span_id, doc_id)
+        elif backend == "sdpa" and doc_id is not None:
+            mask = document_split(span_id, doc_id)
+        else:
+            mask = transfusion_mask(span_id, doc_id)
         x, _ = self.embed(tokens, audio, t, span_id, pos, starts=starts)
         for i, block in enumerate(self.blocks):
             if i == self.text_layer:
