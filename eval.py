@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from tokenizer import SR, HOP, FRAME_RATE, N_MELS, PATCH, LATENT_DIM, AudioCodec, BPETokenizer, encode_dialogue
-from train import PRESETS, TrainConfig, autocast_for, load_checkpoint, opt, pack, parse_config, pick_device, plot_losses
+from train import PRESETS, TrainConfig, autocast_for, load_checkpoint, opt, pack, parse_config, pick_device, plot_losses, user_audio
 from model import AudioChatModel, ModelConfig, attend, flex_block_mask, transfusion_mask
 from sample import Chat
 from diffusion import SAMPLERS, alpha_sigma, cfg, collate, rand, sample_audio, transfusion_forcing_loss
@@ -941,9 +941,7 @@ def denoiser_profile(model, tok, codec, judge, n=8, ts=PROFILE_T, seed=0):
 def answer_positions(seq):
     """(L - 1,) bool: the positions i whose next token, tokens[i + 1], belongs to the assistant's
     answer about the user's clip (the clip comes last in a dialogue, simulate_data.make_dialogue)."""
-    span = seq["span_id"]
-    heard = (span >= 0) & ~seq["span_is_target"][span.clamp(min=0)]
-    after_clip = torch.arange(len(span) - 1) > int(heard.nonzero()[-1])
+    after_clip = torch.arange(len(seq["span_id"]) - 1) > int(user_audio(seq).nonzero()[-1])
     return seq["text_target"][:-1] & after_clip
 
 
@@ -959,11 +957,9 @@ def listening_profile(model, tok, codec, n=20):
     ces = {}
     for ep, seq in zip(episodes, seqs):
         where = answer_positions(seq).to(dev)
-        span = seq["span_id"]
-        heard = (span >= 0) & ~seq["span_is_target"][span.clamp(min=0)]
-        tokens, span, targets = seq["tokens"][None].to(dev), span[None].to(dev), seq["tokens"][1:].to(dev)[where]
+        tokens, span, targets = seq["tokens"][None].to(dev), seq["span_id"][None].to(dev), seq["tokens"][1:].to(dev)[where]
         row = ces.setdefault(ep.task, {"ce_clip": [], "ce_without_clip": []})
-        for key, audio in (("ce_clip", seq["audio"]), ("ce_without_clip", seq["audio"] * ~heard[:, None])):
+        for key, audio in (("ce_clip", seq["audio"]), ("ce_without_clip", seq["audio"] * ~user_audio(seq)[:, None])):
             logits = model(tokens, audio[None].to(dev), torch.zeros(span.shape, device=dev), span)[0][0, :-1]
             row[key].append(float(F.cross_entropy(logits[where].float(), targets)))
     return {task: {"n": len(row["ce_clip"]), **{k: mean(v) for k, v in row.items()}} for task, row in ces.items()}

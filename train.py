@@ -165,6 +165,13 @@ def load_dataset(data_dir, split, tok, codec):
     return seqs
 
 
+def user_audio(seq):
+    """(L,) bool: the positions of audio the user supplied (an encode_dialogue dict's spans that
+    are conditioning, not the assistant's diffusion targets)."""
+    span = seq["span_id"]
+    return (span >= 0) & ~seq["span_is_target"][span.clamp(min=0)]
+
+
 def text_only(seq):
     """Stage 1 of the curriculum: a dialogue (encode_dialogue dict) with its audio spans cut out;
     the <|audio|> and <|/audio|> markers stay, so the turns keep their shape. The answer about a
@@ -177,7 +184,7 @@ def text_only(seq):
     the audio on top (the paper, too, trains in stages)."""
     is_audio = seq["span_id"] >= 0
     text_target = seq["text_target"].clone()
-    heard = is_audio & ~seq["span_is_target"][seq["span_id"].clamp(min=0)]
+    heard = user_audio(seq)
     if heard.any():   # the user's clip comes last (simulate_data.make_dialogue): mask from there on
         text_target[int(heard.nonzero()[0]):] = False
     keep = ~is_audio
