@@ -13,7 +13,7 @@ text-to-audio tools. This file is that simulator at toy scale, self-contained an
    rule-based designer that answers with tool calls (the seam where real LLM agents would plug in);
 5. the dataset writer (all cores, shards of log-mel frames, BPE + codec statistics) and a demo.
 
-    python simulate_data.py --out data --n 2000          # train / val / test shards in data/
+    python simulate_data.py --out data --n 2000          # train / listen / val / test shards in data/
     python simulate_data.py --demo --out out/demo        # 3 dialogues as markdown + wav + png
 """
 
@@ -1393,6 +1393,18 @@ def _turn(user, designer, studio, phase, rng):
     raise RuntimeError(f"no feasible {phase} request found in 200 tries")
 
 
+def understanding_turns(user, designer, rng, audios):
+    """The user supplies a fresh, independent scene and asks for its transcript or its caption
+    -> [user turn, assistant turn]; the scene's audio is appended to audios."""
+    text, intent = user.request("understand", None, rng)
+    scene_seed = int(rng.integers(2 ** 31))
+    _, _, _, audio, scene = _turn(user, designer, Studio(scene_seed), "story", rng)
+    audios.append(audio)
+    answer = transcript(scene.plan) if intent["task"] == "transcribe" else caption(scene.plan)
+    return [{"role": "user", "text": text, "audio": len(audios) - 1, "intent": {**intent, "scene_seed": scene_seed}},
+            {"role": "assistant", "text": answer, "plan": scene.plan}]
+
+
 def make_dialogue(seed):
     """seed -> (dialogue dict (JSON-serialisable), audios: list of (2, N) float32).
     A story turn, 1-2 edit turns (all rendered with the same seed, so untouched sources stay
@@ -1406,13 +1418,27 @@ def make_dialogue(seed):
         audios.append(audio)
         turns.append({"role": "user", "text": text, "intent": intent})
         turns.append({"role": "assistant", "tools": calls, "plan": studio.plan, "audio": len(audios) - 1})
-    text, intent = user.request("understand", None, rng)
-    scene_seed = int(rng.integers(2 ** 31))
-    _, _, _, audio, scene = _turn(user, designer, Studio(scene_seed), "story", rng)
-    audios.append(audio)
-    answer = transcript(scene.plan) if intent["task"] == "transcribe" else caption(scene.plan)
-    turns.append({"role": "user", "text": text, "audio": len(audios) - 1, "intent": {**intent, "scene_seed": scene_seed}})
-    turns.append({"role": "assistant", "text": answer, "plan": scene.plan})
+    turns += understanding_turns(user, designer, rng, audios)
+    return {"seed": seed, "turns": turns}, audios
+
+
+LISTENING_TURNS = (2, 6)   # understanding turns per listening dialogue (inclusive range)
+
+
+def make_listening_dialogue(seed):
+    """seed -> (dialogue, audios) like make_dialogue, but only understanding turns: 2-6 fresh
+    scenes to transcribe or describe, one after another.
+    Why: a full dialogue holds one clip to understand, and a few thousand clips are too few to
+    learn to hear words and sounds (the model memorises their answers instead); these dialogues
+    add distinct clips at half a full dialogue's simulation cost per clip (write_dataset's
+    n_listen). Why several turns: positions are learned and absolute (model.py), and in a full
+    dialogue the clip comes after ~450 tokens of story and edits; a clip that only ever sat at
+    position ~15 teaches listening there and nowhere else (measured: README, "What it took")."""
+    rng = np.random.default_rng(seed)
+    user, designer = UserAgent(), DesignerAgent()
+    turns, audios = [], []
+    for _ in range(int(rng.integers(LISTENING_TURNS[0], LISTENING_TURNS[1] + 1))):
+        turns += understanding_turns(user, designer, rng, audios)
     return {"seed": seed, "turns": turns}, audios
 
 
@@ -1464,7 +1490,7 @@ def plot_story(wav, plan, path, title=None):
 # -----------------------------------------------------------------------------
 # Part 7: the dataset writer and the demo
 
-SPLIT_SEEDS = {"train": 0, "val": 10_000_000, "test": 20_000_000}  # disjoint ranges (+ --seed * 100M)
+SPLIT_SEEDS = {"train": 0, "val": 10_000_000, "test": 20_000_000, "listen": 30_000_000}  # disjoint ranges (+ --seed * 100M)
 SHARD = 500   # dialogues per shard file
 
 
@@ -1476,15 +1502,18 @@ def _worker_init(keep_wav):
     _worker.update(codec=AudioCodec(), keep_wav=keep_wav)
 
 
-def _simulate(seed):
-    """Worker: one dialogue -> (JSON text, [raw log-mel (T, 64) float16], audios if kept)."""
-    dialogue, audios = make_dialogue(seed)
+def _simulate(job):
+    """Worker: (split, seed) -> one dialogue as (JSON text, [raw log-mel (T, 64) float16], audios if kept).
+    The "listen" split holds make_listening_dialogue's understanding-only dialogues."""
+    split, seed = job
+    dialogue, audios = (make_listening_dialogue if split == "listen" else make_dialogue)(seed)
     latents = [_worker["codec"].encode_raw(a).to(torch.float16) for a in audios]
     return json.dumps(dialogue), latents, (audios if _worker["keep_wav"] else None)
 
 
-def write_dataset(out, n, n_eval=None, seed=0, workers=None, wav=False):
-    """Simulate train (n) / val / test (n_eval each; default n // 10 within 20..200) dialogues into out/ as shards of raw log-mel
+def write_dataset(out, n, n_eval=None, seed=0, workers=None, wav=False, n_listen=0):
+    """Simulate train (n) / val / test (n_eval each; default n // 10 within 20..200) dialogues,
+    and n_listen understanding-only training dialogues (split "listen"), into out/ as shards of raw log-mel
     frames, fit the codec statistics (first 1000 train dialogues) and the BPE (first 2000: the
     language is closed, they show it everything) on train, then write meta.json -- last, so its
     presence marks a complete dataset. Returns the dialogues simulated per second."""
@@ -1496,11 +1525,13 @@ def write_dataset(out, n, n_eval=None, seed=0, workers=None, wav=False):
     counts, seeds, train_text, train_raw = {}, {}, [], []
     t0 = time.time()
     with mp.Pool(workers, initializer=_worker_init, initargs=(wav,)) as pool:
-        for split, count in (("train", n), ("val", n_eval), ("test", n_eval)):
+        for split, count in (("train", n), ("listen", n_listen), ("val", n_eval), ("test", n_eval)):
+            if count == 0:
+                continue
             first = seed * 100_000_000 + SPLIT_SEEDS[split]
             seeds[split] = [first, first + count]
             dialogues, audio = [], []
-            jobs = pool.imap(_simulate, range(first, first + count), chunksize=4)
+            jobs = pool.imap(_simulate, [(split, s) for s in range(first, first + count)], chunksize=4)
             for i, (text, latents, wavs) in enumerate(tqdm(jobs, total=count, desc=split, unit="dialogue")):
                 dialogues.append(text)
                 audio.append(latents)
@@ -1518,7 +1549,7 @@ def write_dataset(out, n, n_eval=None, seed=0, workers=None, wav=False):
                                os.path.join(out, f"{split}_{i // SHARD:04d}.pt"))
                     dialogues, audio = [], []
             counts[split] = count
-    rate = (n + 2 * n_eval) / (time.time() - t0)
+    rate = (n + n_listen + 2 * n_eval) / (time.time() - t0)
     codec = AudioCodec().fit(train_raw)
     tok = BPETokenizer()
     tok.train(train_text, vocab_size=1024)
@@ -1574,6 +1605,7 @@ if __name__ == "__main__":
     class SimConfig:
         out: str = opt("data", "output folder")
         n: int = opt(2000, "training dialogues")
+        n_listen: int = opt(-1, "understanding-only training dialogues, 2-6 clips each (-1: n // 2, train.py's ratio)")
         n_eval: int = opt(-1, "val and test dialogues each (-1: n // 10, within 20..200)")
         seed: int = opt(0, "shifts all seed ranges (a different dataset)")
         workers: int = opt(0, "processes (0: all cores)")
@@ -1587,6 +1619,7 @@ if __name__ == "__main__":
         if a.n < 1:
             sys.exit(f"error: --n must be >= 1, got {a.n}")
         t0 = time.time()
-        rate = write_dataset(a.out, a.n, None if a.n_eval < 0 else a.n_eval, a.seed, a.workers or None, a.wav)
-        print(f"simulated {a.n} train + val + test dialogues at {rate:.1f} dialogues/s "
+        n_listen = a.n // 2 if a.n_listen < 0 else a.n_listen
+        rate = write_dataset(a.out, a.n, None if a.n_eval < 0 else a.n_eval, a.seed, a.workers or None, a.wav, n_listen)
+        print(f"simulated {a.n} train + {n_listen} listen + val + test dialogues at {rate:.1f} dialogues/s "
               f"({time.time() - t0:.1f} s in all, with BPE and codec statistics) -> {a.out}/")

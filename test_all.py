@@ -32,8 +32,8 @@ import warnings
 
 import eval as E
 
-from simulate_data import (AMBIENCES, EDIT_KINDS, MUSIC, SFX, SR, VOCAB, VOICES, WORD_CODES, PlanError, Studio,
-                           caption, dialogue_text, dry_signal, make_dialogue, plan_from_text, plan_to_text, render,
+from simulate_data import (AMBIENCES, EDIT_KINDS, MUSIC, SFX, SPLIT_SEEDS, SR, VOCAB, VOICES, WORD_CODES, PlanError,
+                           Studio, caption, dialogue_text, dry_signal, make_dialogue, plan_from_text, plan_to_text, render,
                            speech_duration, synth_speech, transcript, validate_plan)
 from tokenizer import (BPETokenizer, AudioCodec, encode_dialogue, SPECIAL_TOKENS, HOP, FRAME_RATE,
                        N_MELS, PATCH, LATENT_DIM)
@@ -367,13 +367,43 @@ def test_dialogue_structure():
     assert len(kinds) >= 4, kinds
 
 
+def test_listening_dialogue_structure():
+    """Understanding turns only: 2-6 fresh scenes, each answered by its own transcript or caption."""
+    from simulate_data import LISTENING_TURNS, make_listening_dialogue
+    from tokenizer import BPETokenizer, encode_dialogue
+    import train
+    lengths = set()
+    for seed in range(6):
+        d, audios = make_listening_dialogue(SPLIT_SEEDS["listen"] + seed)
+        turns = d["turns"]
+        assert [t["role"] for t in turns] == ["user", "assistant"] * len(audios)
+        assert LISTENING_TURNS[0] <= len(audios) <= LISTENING_TURNS[1]
+        lengths.add(len(audios))
+        for k, (u, a) in enumerate(zip(turns[::2], turns[1::2])):
+            assert u["intent"]["kind"] == "understand" and u["audio"] == k
+            validate_plan(a["plan"])
+            assert audios[k].shape == (2, round(a["plan"]["duration"] * SR))
+            assert a["text"] == (transcript if u["intent"]["task"] == "transcribe" else caption)(a["plan"])
+        assert len({json.dumps(a["plan"]) for a in turns[1::2]}) == len(audios)   # distinct scenes
+    assert len(lengths) > 1
+    # every answer is learned in the joint stage, none in the text stage (the clips are cut there)
+    tok = BPETokenizer()
+    tok.train(dialogue_text(d), vocab_size=300)
+    seq = encode_dialogue(d, [torch.zeros(a.shape[1] // 400 // 2 * 2, 64) for a in audios], tok)
+    answers = sum(len(tok.encode_ordinary(a["text"])) + 1 for a in turns[1::2])
+    assert int(seq["text_target"].sum()) == answers and not train.text_only(seq)["text_target"].any()
+
+
 def test_dataset_on_disk():
-    from simulate_data import write_dataset
+    from simulate_data import make_listening_dialogue, write_dataset
     with tempfile.TemporaryDirectory() as out:
-        write_dataset(out, n=4, n_eval=2, seed=0, workers=1)
-        assert sorted(os.listdir(out)) == ["meta.json", "test_0000.pt", "tokenizer.json", "train_0000.pt", "val_0000.pt"]
+        write_dataset(out, n=4, n_eval=2, seed=0, workers=1, n_listen=2)
+        assert sorted(os.listdir(out)) == ["listen_0000.pt", "meta.json", "test_0000.pt", "tokenizer.json",
+                                           "train_0000.pt", "val_0000.pt"]
         meta = json.load(open(os.path.join(out, "meta.json")))
-        assert meta["counts"] == {"train": 4, "val": 2, "test": 2} and meta["sr"] == SR
+        assert meta["counts"] == {"train": 4, "listen": 2, "val": 2, "test": 2} and meta["sr"] == SR
+        listen = torch.load(os.path.join(out, "listen_0000.pt"), weights_only=True)
+        assert json.loads(listen["dialogues"][1]) == make_listening_dialogue(SPLIT_SEEDS["listen"] + 1)[0]
         ranges = sorted(meta["seeds"].values())
         assert all(a[1] <= b[0] for a, b in zip(ranges, ranges[1:]))     # disjoint seed ranges
         codec = AudioCodec.from_state_dict(meta["codec"])
@@ -995,7 +1025,7 @@ def tiny_dataset():
     path = os.path.join(TMP, "data")
     if not os.path.exists(os.path.join(path, "meta.json")):
         import simulate_data
-        simulate_data.write_dataset(path, n=12, n_eval=4, workers=2)
+        simulate_data.write_dataset(path, n=12, n_eval=4, workers=2, n_listen=3)
     return path
 
 
@@ -1012,7 +1042,9 @@ def test_train_writes_checkpoint_log_and_plot():
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         rows = run_train(f"--out_dir={out}", "--max_iters=4", "--eval_interval=2")
-    assert "holds 12 training dialogues, fewer than the 3000" in printed.getvalue()   # a smaller dataset is said
+    said = printed.getvalue()   # a smaller dataset is said; the listening dialogues are trained on
+    assert "holds 12 train dialogues, fewer than the 3000" in said and "holds 3 listen dialogues" in said
+    assert "15 train dialogues packed" in said
     for name in ("ckpt.pt", "log.csv", "loss.png"):
         assert os.path.getsize(os.path.join(out, name)) > 0, name
     assert [r["iter"] for r in rows][:4] == [0, 1, 2, 3] and rows[-1]["val_ce"] != ""

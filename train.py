@@ -44,6 +44,7 @@ class TrainConfig:
     out_dir: str = opt("out", "where ckpt.pt, log.csv and loss.png go")
     data_dir: str = opt("data", "dataset written by simulate_data.py (simulated here if missing)")
     n_dialogues: int = opt(3000, "training dialogues to simulate when data_dir holds none")
+    n_listen: int = opt(1500, "understanding-only training dialogues (2-6 clips each) to simulate with them")
     init_from: str = opt("scratch", "scratch | resume (from out_dir/ckpt.pt)")
     preset: str = opt("auto", "auto | cpu | gpu: defaults sized for the machine (flags still win)")
     # model (ModelConfig)
@@ -85,7 +86,8 @@ PRESETS = {  # applied under --preset, before the flags
     "cpu": dict(),
     # one GPU, sized for a short slot: ~4 min on an H100 with simulation and evaluation (README)
     "gpu": dict(n_layer=8, n_gen_layer=4, n_head=8, n_embd=512, batch_size=16, max_iters=2000,
-                learning_rate=1e-3, min_lr=1e-4, warmup_iters=100, eval_interval=250, n_dialogues=10000),
+                learning_rate=1e-3, min_lr=1e-4, warmup_iters=100, eval_interval=250, n_dialogues=10000,
+                n_listen=0),   # as measured on the H100 (README), before listening dialogues existed
 }
 
 
@@ -151,10 +153,10 @@ def pick_device(name):
 # -----------------------------------------------------------------------------
 # data: simulated dialogues -> token sequences -> packed rows
 
-def load_dataset(data_dir, split, tok, codec):
+def load_dataset(data_dir, split, tok, codec, required=True):
     """Every dialogue of one split as an encode_dialogue sequence (dict of tensors, see tokenizer.py)."""
     shards = sorted(glob.glob(os.path.join(data_dir, f"{split}_*.pt")))
-    if not shards:
+    if not shards and required:
         sys.exit(f"error: no {split} shards in {data_dir!r} (python simulate_data.py --out {data_dir})")
     seqs = []
     for path in shards:
@@ -224,18 +226,20 @@ def get_batch(seqs, rows, batch_size, generator, pad_id, device):
 
 def ensure_dataset(config):
     """Simulate a dataset into config.data_dir if it holds none (rank 0 only; the others wait).
-    One that is there is used as it is, with a note if it is smaller than n_dialogues asks."""
+    One that is there is used as it is, with a note if it is smaller than n_dialogues or n_listen asks."""
     meta_path = os.path.join(config.data_dir, "meta.json")
     if os.path.exists(meta_path):
         with open(meta_path) as f:
-            n_train = json.load(f)["counts"]["train"]
-        if n_train < config.n_dialogues:
-            print(f"note: {config.data_dir!r} holds {n_train} training dialogues, fewer than the {config.n_dialogues} "
-                  f"this run asks for; training on them (a new --data_dir simulates {config.n_dialogues})")
+            counts = json.load(f)["counts"]
+        for split, asked in (("train", config.n_dialogues), ("listen", config.n_listen)):
+            if counts.get(split, 0) < asked:
+                print(f"note: {config.data_dir!r} holds {counts.get(split, 0)} {split} dialogues, fewer than the {asked} "
+                      f"this run asks for; training on them (a new --data_dir simulates {asked})")
         return
     import simulate_data
-    print(f"no dataset in {config.data_dir!r}: simulating {config.n_dialogues} dialogues first")
-    simulate_data.write_dataset(config.data_dir, n=config.n_dialogues)
+    print(f"no dataset in {config.data_dir!r}: simulating {config.n_dialogues} dialogues "
+          f"(and {config.n_listen} understanding-only ones) first")
+    simulate_data.write_dataset(config.data_dir, n=config.n_dialogues, n_listen=config.n_listen)
 
 
 # -----------------------------------------------------------------------------
@@ -372,6 +376,7 @@ def train(config):
     tok = BPETokenizer.load(os.path.join(config.data_dir, "tokenizer.json"))
     codec = AudioCodec.from_state_dict(meta["codec"])
     train_seqs = load_dataset(config.data_dir, "train", tok, codec)
+    train_seqs += load_dataset(config.data_dir, "listen", tok, codec, required=False)
     val_seqs = load_dataset(config.data_dir, "val", tok, codec)
     train_rows = pack(train_seqs, config.block_size, config.seed)
     val_rows = pack(val_seqs, config.block_size, config.seed)
@@ -400,7 +405,7 @@ def train(config):
 
     text_seqs, text_rows = [], []
     if iter_num < config.text_iters:  # a run resumed past the text stage never needs its rows
-        text_seqs = [text_only(seq) for seq in train_seqs]
+        text_seqs = [t for t in map(text_only, train_seqs) if t["text_target"].any()]  # listening dialogues: nothing
         text_rows = pack(text_seqs, config.block_size, config.seed)
 
     n_params = sum(p.numel() for p in model.parameters())
