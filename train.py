@@ -59,7 +59,7 @@ class TrainConfig:
     token_shift: bool = opt(True, "mix the previous token's embedding into each input (model.AudioChatModel.embed)")
     # optimisation
     batch_size: int = opt(4, "sequences per step per process")
-    max_iters: int = opt(1200, "training steps")
+    max_iters: int = opt(1000, "training steps")
     text_iters: int = opt(300, "curriculum: the first steps see the dialogues without their audio (train.text_only)")
     learning_rate: float = opt(2e-3, "peak learning rate (AdamW)")
     min_lr: float = opt(2e-4, "learning rate at the end of the cosine decay")
