@@ -13,7 +13,7 @@ text-to-audio tools. This file is that simulator at toy scale, self-contained an
    rule-based designer that answers with tool calls (the seam where real LLM agents would plug in);
 5. the dataset writer (all cores, shards of log-mel frames, BPE + codec statistics) and a demo.
 
-    python simulate_data.py --out data --n 2000          # train / listen / val / test shards in data/
+    python simulate_data.py --out data --n 2000          # train / val / test shards in data/ (--n_listen: + listen)
     python simulate_data.py --demo --out out/demo        # 3 dialogues as markdown + wav + png
 """
 
@@ -1605,7 +1605,7 @@ if __name__ == "__main__":
     class SimConfig:
         out: str = opt("data", "output folder")
         n: int = opt(2000, "training dialogues")
-        n_listen: int = opt(-1, "understanding-only training dialogues, 2-6 clips each (-1: n // 2, train.py's ratio)")
+        n_listen: int = opt(0, "listening dialogues (understanding only, 2-6 clips each) for training, split listen")
         n_eval: int = opt(-1, "val and test dialogues each (-1: n // 10, within 20..200)")
         seed: int = opt(0, "shifts all seed ranges (a different dataset)")
         workers: int = opt(0, "processes (0: all cores)")
@@ -1619,7 +1619,6 @@ if __name__ == "__main__":
         if a.n < 1:
             sys.exit(f"error: --n must be >= 1, got {a.n}")
         t0 = time.time()
-        n_listen = a.n // 2 if a.n_listen < 0 else a.n_listen
-        rate = write_dataset(a.out, a.n, None if a.n_eval < 0 else a.n_eval, a.seed, a.workers or None, a.wav, n_listen)
-        print(f"simulated {a.n} train + {n_listen} listen + val + test dialogues at {rate:.1f} dialogues/s "
+        rate = write_dataset(a.out, a.n, None if a.n_eval < 0 else a.n_eval, a.seed, a.workers or None, a.wav, a.n_listen)
+        print(f"simulated {a.n} train + {a.n_listen} listen + val + test dialogues at {rate:.1f} dialogues/s "
               f"({time.time() - t0:.1f} s in all, with BPE and codec statistics) -> {a.out}/")

@@ -44,7 +44,7 @@ class TrainConfig:
     out_dir: str = opt("out", "where ckpt.pt, log.csv and loss.png go")
     data_dir: str = opt("data", "dataset written by simulate_data.py (simulated here if missing)")
     n_dialogues: int = opt(3000, "training dialogues to simulate when data_dir holds none")
-    n_listen: int = opt(1500, "understanding-only training dialogues (2-6 clips each) to simulate with them")
+    n_listen: int = opt(0, "understanding-only training dialogues (2-6 clips each) to simulate with them (README: The understanding)")
     init_from: str = opt("scratch", "scratch | resume (from out_dir/ckpt.pt)")
     preset: str = opt("auto", "auto | cpu | gpu: defaults sized for the machine (flags still win)")
     # model (ModelConfig)
@@ -59,7 +59,7 @@ class TrainConfig:
     token_shift: bool = opt(True, "mix the previous token's embedding into each input (model.AudioChatModel.embed)")
     # optimisation
     batch_size: int = opt(4, "sequences per step per process")
-    max_iters: int = opt(1000, "training steps")
+    max_iters: int = opt(1200, "training steps")
     text_iters: int = opt(300, "curriculum: the first steps see the dialogues without their audio (train.text_only)")
     learning_rate: float = opt(2e-3, "peak learning rate (AdamW)")
     min_lr: float = opt(2e-4, "learning rate at the end of the cosine decay")
@@ -86,8 +86,7 @@ PRESETS = {  # applied under --preset, before the flags
     "cpu": dict(),
     # one GPU, sized for a short slot: ~4 min on an H100 with simulation and evaluation (README)
     "gpu": dict(n_layer=8, n_gen_layer=4, n_head=8, n_embd=512, batch_size=16, max_iters=2000,
-                learning_rate=1e-3, min_lr=1e-4, warmup_iters=100, eval_interval=250, n_dialogues=10000,
-                n_listen=0),   # as measured on the H100 (README), before listening dialogues existed
+                learning_rate=1e-3, min_lr=1e-4, warmup_iters=100, eval_interval=250, n_dialogues=10000),
 }
 
 
@@ -231,14 +230,14 @@ def ensure_dataset(config):
     if os.path.exists(meta_path):
         with open(meta_path) as f:
             counts = json.load(f)["counts"]
-        for split, asked in (("train", config.n_dialogues), ("listen", config.n_listen)):
+        for split, asked in (("train", config.n_dialogues), ("listen", config.n_listen)):   # more is used as it is
             if counts.get(split, 0) < asked:
                 print(f"note: {config.data_dir!r} holds {counts.get(split, 0)} {split} dialogues, fewer than the {asked} "
                       f"this run asks for; training on them (a new --data_dir simulates {asked})")
         return
     import simulate_data
-    print(f"no dataset in {config.data_dir!r}: simulating {config.n_dialogues} dialogues "
-          f"(and {config.n_listen} understanding-only ones) first")
+    listening = f" and {config.n_listen} listening dialogues" if config.n_listen else ""
+    print(f"no dataset in {config.data_dir!r}: simulating {config.n_dialogues} dialogues{listening} first")
     simulate_data.write_dataset(config.data_dir, n=config.n_dialogues, n_listen=config.n_listen)
 
 
