@@ -1616,8 +1616,8 @@ if __name__ == "__main__":
     if a.demo:
         write_demo(a.out)
     else:
-        if a.n < 1:
-            sys.exit(f"error: --n must be >= 1, got {a.n}")
+        if a.n < 1 or a.n_listen < 0:
+            sys.exit(f"error: --n must be >= 1 and --n_listen >= 0, got {a.n} and {a.n_listen}")
         t0 = time.time()
         rate = write_dataset(a.out, a.n, None if a.n_eval < 0 else a.n_eval, a.seed, a.workers or None, a.wav, a.n_listen)
         print(f"simulated {a.n} train + {a.n_listen} listen + val + test dialogues at {rate:.1f} dialogues/s "

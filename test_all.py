@@ -1088,7 +1088,8 @@ def test_train_rejects_bad_flags():
     import subprocess
     for flags, words in [(["--nonsense=1"], "unknown argument"), (["--max_iters=ten"], "expects int"),
                          (["--init_from=resume", f"--out_dir={os.path.join(TMP, 'nothing')}",
-                           f"--data_dir={tiny_dataset()}"], "no checkpoint")]:
+                           f"--data_dir={tiny_dataset()}"], "no checkpoint"),
+                         (["--n_listen=-1", f"--out_dir={os.path.join(TMP, 'nothing')}"], "--n_listen >= 0")]:
         r = subprocess.run([sys.executable, "train.py", *flags], cwd=HERE, capture_output=True, text=True, timeout=120)
         assert r.returncode != 0 and words in r.stderr, (flags, r.stderr[-300:])
         assert "Traceback" not in r.stderr, r.stderr[-300:]

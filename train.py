@@ -226,6 +226,8 @@ def get_batch(seqs, rows, batch_size, generator, pad_id, device):
 def ensure_dataset(config):
     """Simulate a dataset into config.data_dir if it holds none (rank 0 only; the others wait).
     One that is there is used as it is, with a note if it is smaller than n_dialogues or n_listen asks."""
+    if config.n_dialogues < 1 or config.n_listen < 0:
+        sys.exit(f"error: --n_dialogues must be >= 1 and --n_listen >= 0, got {config.n_dialogues} and {config.n_listen}")
     meta_path = os.path.join(config.data_dir, "meta.json")
     if os.path.exists(meta_path):
         with open(meta_path) as f:
