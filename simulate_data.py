@@ -1428,10 +1428,9 @@ LISTENING_TURNS = (2, 6)   # understanding turns per listening dialogue (inclusi
 def make_listening_dialogue(seed):
     """seed -> (dialogue, audios) like make_dialogue, but only understanding turns: 2-6 fresh
     scenes to transcribe or describe, one after another.
-    Why: a full dialogue holds one clip to understand, and a few thousand clips are too few to
-    learn to hear words and sounds (the model memorises their answers instead); these dialogues
-    add distinct clips at half a full dialogue's simulation cost per clip (write_dataset's
-    n_listen). Why several turns: positions are learned and absolute (model.py), and in a full
+    Why: a full dialogue holds one clip to understand, and hearing words and sounds is learned
+    from clips; these dialogues add distinct clips at half a full dialogue's simulation cost per
+    clip (write_dataset's n_listen). Why several turns: positions are learned and absolute (model.py), and in a full
     dialogue the clip comes after ~450 tokens of story and edits; a clip that only ever sat at
     position ~15 teaches listening there and nowhere else (measured: README, "What it took")."""
     rng = np.random.default_rng(seed)
