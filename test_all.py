@@ -32,9 +32,10 @@ import warnings
 
 import eval as E
 
-from simulate_data import (AMBIENCES, EDIT_KINDS, MUSIC, SFX, SPLIT_SEEDS, SR, VOCAB, VOICES, WORD_CODES, PlanError,
-                           Studio, caption, dialogue_text, dry_signal, make_dialogue, plan_from_text, plan_to_text, render,
-                           speech_duration, synth_speech, transcript, validate_plan)
+from simulate_data import (AMBIENCES, EDIT_KINDS, LISTENING_TURNS, MUSIC, SFX, SPLIT_SEEDS, SR, VOCAB, VOICES,
+                           WORD_CODES, PlanError, Studio, caption, dialogue_text, dry_signal, make_dialogue,
+                           make_listening_dialogue, plan_from_text, plan_to_text, render, speech_duration,
+                           synth_speech, transcript, validate_plan)
 from tokenizer import (BPETokenizer, AudioCodec, encode_dialogue, SPECIAL_TOKENS, HOP, FRAME_RATE,
                        N_MELS, PATCH, LATENT_DIM)
 from model import AudioChatModel, ModelConfig, span_positions, transfusion_mask
@@ -369,8 +370,6 @@ def test_dialogue_structure():
 
 def test_listening_dialogue_structure():
     """Understanding turns only: 2-6 fresh scenes, each answered by its own transcript or caption."""
-    from simulate_data import LISTENING_TURNS, make_listening_dialogue
-    from tokenizer import BPETokenizer, encode_dialogue
     import train
     lengths = set()
     for seed in range(6):
@@ -395,7 +394,7 @@ def test_listening_dialogue_structure():
 
 
 def test_dataset_on_disk():
-    from simulate_data import make_listening_dialogue, write_dataset
+    from simulate_data import write_dataset
     with tempfile.TemporaryDirectory() as out:
         write_dataset(out, n=4, n_eval=2, seed=0, workers=1, n_listen=2)
         assert sorted(os.listdir(out)) == ["listen_0000.pt", "meta.json", "test_0000.pt", "tokenizer.json",
@@ -1053,7 +1052,6 @@ def test_train_writes_checkpoint_log_and_plot():
 
 def test_text_only_stage_cuts_the_audio_and_the_answer_about_it():
     import train
-    from tokenizer import BPETokenizer, encode_dialogue
     d, audios = make_dialogue(5)
     tok = BPETokenizer()
     tok.train(dialogue_text(d), vocab_size=300)
