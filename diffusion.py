@@ -144,7 +144,8 @@ def transfusion_forcing_loss(model, batch, null_id, lambda_audio=5.0, cfg_drop_p
       words would have to be predicted from nulls.
     - ce: next-token cross-entropy at text_target positions (assistant words), mean over them.
     - mse: squared v error averaged over the audio tokens of target spans (and latent channels);
-      user-supplied spans are conditioning only.
+      user-supplied spans are conditioning only. A batch with no target span (the text stage)
+      has mse 0 and runs the model only up to its text head (model.forward's layers="text").
     """
     tokens, x0, span_id = batch["tokens"], batch["audio"], batch["span_id"]
     t = sample_noise_levels(span_id, batch["span_is_target"], per_frame, clean_context_p, noise_shift, generator)
@@ -153,15 +154,19 @@ def transfusion_forcing_loss(model, batch, null_id, lambda_audio=5.0, cfg_drop_p
 
     drop = rand((tokens.size(0),), generator, tokens.device) < cfg_drop_p  # (B,)
     inputs = torch.where(drop[:, None] & batch["is_plain_text"], null_id, tokens)
-    text_logits, v_pred = model(inputs, x_t, t, span_id, batch.get("doc_id"))
+    is_target = batch["span_is_target"].gather(1, span_id.clamp(min=0)) & (span_id >= 0)  # (B, L)
+    has_audio_target = bool(is_target.any())
+    text_logits, v_pred = model(inputs, x_t, t, span_id, batch.get("doc_id"),
+                                layers="all" if has_audio_target else "text")
 
     ce_mask = batch["text_target"][:, :-1] & ~drop[:, None]  # position i predicts tokens[i + 1]
     ce_all = F.cross_entropy(text_logits[:, :-1].transpose(1, 2).float(), tokens[:, 1:], reduction="none")
     ce = (ce_all * ce_mask).sum() / ce_mask.sum().clamp(min=1)
 
-    is_target = batch["span_is_target"].gather(1, span_id.clamp(min=0)) & (span_id >= 0)  # (B, L)
+    if not has_audio_target:
+        return ce, ce, torch.zeros_like(ce)
     mse_all = (v_pred.float() - v_target).pow(2).mean(-1)
-    mse = (mse_all * is_target).sum() / is_target.sum().clamp(min=1)
+    mse = (mse_all * is_target).sum() / is_target.sum()
     return ce + lambda_audio * mse, ce, mse
 
 

@@ -388,15 +388,20 @@ class AudioChatModel(nn.Module):
     def audio_head(self, h, audio, t):
         return self.diffusion_head(h, audio, self.noise_emb(t))
 
-    def forward(self, tokens, audio, t, span_id, doc_id=None):
+    def forward(self, tokens, audio, t, span_id, doc_id=None, layers="all"):
         """The whole sequence at once (training).
 
         tokens: (B, L) long text ids (anything at audio positions), audio: (B, L, latent) noisy
         latents (anything at text positions), t: (B, L) noise level per token (0 for text),
         span_id: (B, L) -1 for text, 0, 1, ... per audio span, doc_id: (B, L) document of each
         token when several dialogues are packed in one row (positions restart at each document).
-        Returns text_logits (B, L, V) from layer U and v_pred (B, L, latent) from layer U + G.
+        Returns text_logits (B, L, V) from layer U and v_pred (B, L, latent) from layer U + G;
+        layers="text" stops at the text head (SCT: U layers, v_pred None), for a batch with no
+        audio to learn: a third less compute in the text stage, where the generation layers
+        would only be run for nothing.
         """
+        if layers not in ("text", "all"):
+            raise ValueError(f"layers must be 'text' or 'all', not {layers!r}")
         B, L = tokens.shape
         if L > self.config.block_size:
             raise ValueError(f"sequence of {L} tokens is longer than block_size {self.config.block_size}")
@@ -414,12 +419,13 @@ class AudioChatModel(nn.Module):
         else:
             mask = transfusion_mask(span_id, doc_id)
         x, _ = self.embed(tokens, audio, t, span_id, pos, starts=starts)
-        for i, block in enumerate(self.blocks):
-            if i == self.text_layer:
-                text_logits = self.text_head(x)
+        for block in self.blocks[:self.text_layer]:
             x, _ = block(x, mask, backend)
-        if self.text_layer == len(self.blocks):
-            text_logits = self.text_head(x)
+        text_logits = self.text_head(x)
+        if layers == "text":
+            return text_logits, None
+        for block in self.blocks[self.text_layer:]:
+            x, _ = block(x, mask, backend)
         return text_logits, self.audio_head(x, audio, t)
 
     # ---- decoding with the key/value cache ----

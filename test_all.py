@@ -774,6 +774,8 @@ def test_model_sct_text_ignores_generation_layers():
         logits2, v2 = model(tokens, audio, t, span_id)
         assert not torch.allclose(v, v2, atol=1e-4)
         assert torch.allclose(logits, logits2, atol=1e-6) == (arch == "sct"), arch
+        text_logits, none = model(tokens, audio, t, span_id, layers="text")  # the text stage's path
+        assert none is None and torch.allclose(text_logits, logits2, atol=1e-6), arch
 
 
 def test_model_audio_embedding_norm_matches_text():
@@ -879,6 +881,13 @@ def test_loss_equals_ce_plus_5_mse_by_hand():
     assert torch.allclose(loss, ce_hand + 5 * mse_hand, atol=1e-5)
     _, ce_dropped, _ = transfusion_forcing_loss(model, batch, null_id=38, cfg_drop_p=1.0)
     assert ce_dropped == 0  # a sample whose text was dropped to <|null|> has no text loss
+    # no target span (the text stage): loss = ce, and the generation layers are not even run
+    text_batch = collate([[fake_dialogue([("text", 6), ("audio", 4), ("text", 9)], [False], seed=1)]], pad_id=39)
+    loss, ce, mse = transfusion_forcing_loss(model, text_batch, null_id=38, cfg_drop_p=0.0)
+    loss.backward()
+    assert mse == 0 and loss == ce > 0
+    assert all(p.grad is None for p in model.blocks[model.config.n_layer:].parameters())
+    assert all(p.grad is not None for p in model.blocks[:model.config.n_layer].parameters())
 
 
 # -----------------------------------------------------------------------------
