@@ -3,8 +3,8 @@ Evaluate AudioChat-mini the way the paper does, at toy scale: StoryGen-Eval-toy 
 written by simulate_data.py), a judge model, the paper's metrics, and the paper's systems side by
 side.
 
-    python eval.py --ckpt out/ckpt.pt                                   # ~2 min on a 2-core CPU (+4 for the judge, once)
-    python eval.py --ckpt out/ckpt.pt --ckpt out/dense/ckpt.pt --n 50   # + the architecture ablation
+    python eval.py --ckpt out/ckpt.pt                                   # ~3 min on a 2-core CPU (+4 for the judge, once)
+    python eval.py --ckpt out/ckpt.pt --ckpt out/dense/ckpt.pt          # + the architecture ablation
     python eval.py --bench [--ckpt out/ckpt.pt]                         # speed tables, OUT_DIR/bench.json
     python eval.py --help                                               # every flag
 
@@ -968,7 +968,7 @@ def listening_profile(model, tok, codec, n=20):
 @dataclass
 class EvalConfig:
     ckpt: list = opt(None, "checkpoint written by train.py (required); repeat --ckpt to add others, e.g. --arch=dense")
-    n: int = opt(20, "test dialogues: the first n of StoryGen-Eval-toy")
+    n: int = opt(60, "test dialogues: the first n of StoryGen-Eval-toy (on 20, plan validity moves by ~10 points with the draw)")
     data_dir: str = opt("data", "dataset written by simulate_data.py (its test split is read)")
     out_dir: str = opt("out", "where eval.json, eval.png and the cached judge.pt go")
     sampler: str = opt("dpmpp", "dpmpp (DPM-Solver++(2M), Karras) | ddim")
@@ -1385,9 +1385,11 @@ def causal_lm_loss(model, tokens):
     backend = model.backend
     no_spans = torch.full_like(tokens, -1)   # with no audio span the Transfusion rule is the causal mask
     mask = flex_block_mask(no_spans) if backend == "flex" else transfusion_mask(no_spans)
-    x = model.wte(tokens) + model.wpe(torch.arange(L, device=tokens.device))
+    pos = torch.arange(L, device=tokens.device)
+    x = model.wte(tokens) + (model.wpe(pos) if model.wpe is not None else 0)
+    rope = model.rope(pos)
     for block in model.blocks:
-        x, _ = block(x, mask, backend)
+        x, _ = block(x, mask, backend, rope=rope)
     logits = model.text_head(x)
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
 

@@ -121,6 +121,28 @@ def attend(q, k, v, mask, backend):
 
 
 # -----------------------------------------------------------------------------
+# Rotary positions (RoPE, Su et al. 2021), the alternative to a learned position table
+
+def rotary(pos, head_dim):
+    """pos: (B, L) or (L,) token positions -> (cos, sin), each (B, 1, L, hd/2) or (L, hd/2), the
+    angles pos * 10000^(-2i/hd) of channel pair i, ready to broadcast over (B, H, L, hd/2)."""
+    freqs = 10000.0 ** (-torch.arange(0, head_dim // 2, device=pos.device, dtype=torch.float32) * 2 / head_dim)
+    angles = pos.float()[..., None] * freqs
+    if angles.dim() == 3:
+        angles = angles[:, None]
+    return angles.cos(), angles.sin()
+
+
+def rotate(x, rope):
+    """x: (B, H, L, hd) queries or keys, each channel pair (i, i + hd/2) turned by its angle. Then
+    q_m . k_n depends on the positions m, n only through m - n: attention sees how far back a
+    token is, not where the dialogue put it."""
+    cos, sin = rope
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+
+
+# -----------------------------------------------------------------------------
 # Transformer blocks (nanoGPT, pre-norm)
 
 class SelfAttention(nn.Module):
@@ -133,12 +155,16 @@ class SelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, mask, backend, past_kv=None):
+    def forward(self, x, mask, backend, past_kv=None, rope=None):
         """x: (B, L, D) -> (B, L, D), and the keys and values it attended to, each (B, H, T + L, hd):
-        past_kv, the cached (k, v) of T earlier tokens (or None), followed by this chunk's."""
+        past_kv, the cached (k, v) of T earlier tokens (or None), followed by this chunk's.
+        rope: the chunk's (cos, sin) from `rotary`, or None (learned positions); cached keys are
+        stored already turned."""
         B, L, D = x.shape
         q, k, v = self.c_attn(x).split(D, dim=2)
         q, k, v = (z.view(B, L, self.n_head, D // self.n_head).transpose(1, 2) for z in (q, k, v))
+        if rope is not None:
+            q, k = rotate(q, rope), rotate(k, rope)
         if past_kv is not None:
             k, v = torch.cat([past_kv[0], k], 2), torch.cat([past_kv[1], v], 2)
         y = attend(q, k, v, mask, backend)
@@ -167,9 +193,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, mask, backend, past_kv=None):
+    def forward(self, x, mask, backend, past_kv=None, rope=None):
         """x: (B, L, D) -> (B, L, D), and the (k, v) of the cache plus the chunk."""
-        a, kv = self.attn(self.ln_1(x), mask, backend, past_kv)
+        a, kv = self.attn(self.ln_1(x), mask, backend, past_kv, rope)
         x = x + a
         x = x + self.mlp(self.ln_2(x))
         return x, kv
@@ -280,7 +306,8 @@ class ModelConfig:
     n_gen_layer: int = 3      # G generation layers on top (the paper: G = U / 2); `dense` shares all U + G
     n_head: int = 4
     n_embd: int = 192
-    block_size: int = 2048    # longest sequence (learned positions)
+    block_size: int = 2048    # longest sequence
+    positions: str = "learned"  # "learned": a position table added to the inputs | "rope": rotary, relative
     dropout: float = 0.0      # on embeddings and residual branches (never on attention weights, so backends agree)
     bias: bool = False        # biases in Linear and LayerNorm
     arch: str = "sct"         # "sct": text head at layer U | "dense": both heads on top of U + G layers
@@ -296,12 +323,14 @@ class AudioChatModel(nn.Module):
             raise ValueError(f"unknown arch {config.arch!r}: use sct or dense")
         if config.attn not in ("auto", "math", "sdpa", "flex"):
             raise ValueError(f"unknown attn {config.attn!r}: use auto, math, sdpa or flex")
+        if config.positions not in ("learned", "rope"):
+            raise ValueError(f"unknown positions {config.positions!r}: use learned or rope")
         self.config = config
         n_blocks = config.n_layer + config.n_gen_layer
         # SCT and dense have the same layers; they differ only in where the text head reads
         self.text_layer = config.n_layer if config.arch == "sct" else n_blocks
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.positions == "learned" else None
         self.audio_in = nn.Linear(config.latent_dim, config.n_embd, bias=config.bias)
         self.noise_emb = ScalarEmbedding(config.n_embd)
         self.span_time_emb = ScalarEmbedding(config.n_embd)
@@ -330,7 +359,7 @@ class AudioChatModel(nn.Module):
 
     def num_params(self):
         """Parameters, without the position table (as nanoGPT counts them)."""
-        return sum(p.numel() for p in self.parameters()) - self.wpe.weight.numel()
+        return sum(p.numel() for p in self.parameters()) - (self.wpe.weight.numel() if self.wpe is not None else 0)
 
     @property
     def backend(self):
@@ -380,7 +409,15 @@ class AudioChatModel(nn.Module):
             if starts is not None:  # a packed document does not see the one before it
                 shifted = shifted.masked_fill(starts[..., None], 0.0)
             x = x + self.shift(shifted)
-        return self.drop(x + self.wpe(pos)), e[:, -1]
+        if self.wpe is not None:
+            x = x + self.wpe(pos)
+        return self.drop(x), e[:, -1]
+
+    def rope(self, pos):
+        """pos: (B, L) or (L,) -> the blocks' rotary (cos, sin), or None with learned positions."""
+        if self.wpe is not None:
+            return None
+        return rotary(pos, self.config.n_embd // self.config.n_head)
 
     def text_head(self, h):
         return self.lm_head(self.ln_text(h))
@@ -419,13 +456,14 @@ class AudioChatModel(nn.Module):
         else:
             mask = transfusion_mask(span_id, doc_id)
         x, _ = self.embed(tokens, audio, t, span_id, pos, starts=starts)
+        rope = self.rope(pos)
         for block in self.blocks[:self.text_layer]:
-            x, _ = block(x, mask, backend)
+            x, _ = block(x, mask, backend, rope=rope)
         text_logits = self.text_head(x)
         if layers == "text":
             return text_logits, None
         for block in self.blocks[self.text_layer:]:
-            x, _ = block(x, mask, backend)
+            x, _ = block(x, mask, backend, rope=rope)
         return text_logits, self.audio_head(x, audio, t)
 
     # ---- decoding with the key/value cache ----
@@ -441,9 +479,9 @@ class AudioChatModel(nn.Module):
         backend = "math" if self.backend == "math" else "sdpa"  # see extend() for why not flex
         for i in blocks:
             past = cache.past(i)
-            seen = past[0].size(2) if past is not None else 0
+            seen = past[0].size(2) if past is not None else 0   # this layer's cache: the chunk's first position
             mask = torch.cat([within.new_ones(B, n, seen), within], dim=2)
-            x, kv = self.blocks[i](x, mask, backend, past)
+            x, kv = self.blocks[i](x, mask, backend, past, self.rope(torch.arange(seen, seen + n, device=x.device)))
             if commit:  # kv already holds the cached keys and values followed by the chunk's
                 cache.k[i], cache.v[i] = kv
         return x

@@ -644,10 +644,10 @@ def test_encode_dialogue_layout():
 # -----------------------------------------------------------------------------
 # the model, the loss and the samplers (model.py, diffusion.py)
 
-def tiny_model(arch="sct", attn="sdpa", seed=0):
+def tiny_model(arch="sct", attn="sdpa", seed=0, positions="learned"):
     torch.manual_seed(seed)
     config = ModelConfig(vocab_size=40, latent_dim=8, n_layer=2, n_gen_layer=1, n_head=2, n_embd=32,
-                         block_size=128, arch=arch, attn=attn)
+                         block_size=128, arch=arch, attn=attn, positions=positions)
     model = AudioChatModel(config)
     # the diffusion head and the token shift start at zero; give them weights so that tests see
     # audio outputs move and caches must carry the previous token across chunks
@@ -776,6 +776,21 @@ def test_model_sct_text_ignores_generation_layers():
         assert torch.allclose(logits, logits2, atol=1e-6) == (arch == "sct"), arch
         text_logits, none = model(tokens, audio, t, span_id, layers="text")  # the text stage's path
         assert none is None and torch.allclose(text_logits, logits2, atol=1e-6), arch
+
+
+def test_rope_attention_sees_relative_positions():
+    """Rotary positions: a query at m and a key at n score the same as at m + c and n + c; and a
+    model with rope gives a packed dialogue the outputs it gives that dialogue alone."""
+    from model import rotary, rotate
+    q, k = torch.randn(2, 3, 1, 16), torch.randn(2, 3, 1, 16)
+    scores = [(rotate(q, rotary(torch.tensor([m]), 16)) * rotate(k, rotary(torch.tensor([n]), 16))).sum(-1)
+              for m, n in ((7, 3), (107, 103), (3, 7))]
+    assert torch.allclose(scores[0], scores[1], atol=1e-4) and not torch.allclose(scores[0], scores[2], atol=1e-3)
+    model = tiny_model(positions="rope")
+    tokens, audio, t, span_id = random_batch()
+    alone = model(tokens[:1, 14:], audio[:1, 14:], t[:1, 14:], span_id[:1, 14:])
+    packed = model(tokens[:1], audio[:1], t[:1], span_id[:1], doc_id=torch.tensor([[1] * 14 + [0] * 10]))
+    assert torch.allclose(alone[0], packed[0][:, 14:], atol=1e-5) and torch.allclose(alone[1], packed[1][:, 14:], atol=1e-5)
 
 
 def test_model_audio_embedding_norm_matches_text():
@@ -936,8 +951,8 @@ def test_kv_cache_matches_full_forward():
     layout = [("text", 5), ("audio", 4), ("text", 3), ("audio", 3), ("text", 3)]
     tokens, audio, span_id = (z[None] for z in random_sequence(layout, seed=4))
     t = torch.where(span_id >= 0, torch.rand(span_id.shape), 0.0)
-    for arch in ("sct", "dense"):
-        model = tiny_model(arch=arch)
+    for arch, positions in (("sct", "learned"), ("dense", "learned"), ("sct", "rope")):
+        model = tiny_model(arch=arch, positions=positions)
         logits, v = model(tokens, audio, t, span_id)
         cache, i = model.new_cache(1), 0
         for kind, n in layout:

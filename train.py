@@ -55,6 +55,7 @@ class TrainConfig:
     n_head: int = opt(4, "attention heads")
     n_embd: int = opt(128, "model width")
     block_size: int = opt(1024, "longest packed sequence, in tokens (a simulated dialogue has ~560 on average)")
+    positions: str = opt("learned", "learned (a position table) | rope (rotary: attention sees relative positions)")
     dropout: float = opt(0.0, "dropout probability")
     token_shift: bool = opt(True, "mix the previous token's embedding into each input (model.AudioChatModel.embed)")
     # optimisation
@@ -385,7 +386,8 @@ def train(config):
     model_config = ModelConfig(vocab_size=tok.vocab_size, latent_dim=train_seqs[0]["audio"].shape[-1],
                                n_layer=config.n_layer, n_gen_layer=config.n_gen_layer, n_head=config.n_head,
                                n_embd=config.n_embd, block_size=config.block_size, dropout=config.dropout,
-                               arch=config.arch, attn=config.attn, token_shift=config.token_shift)
+                               arch=config.arch, attn=config.attn, token_shift=config.token_shift,
+                               positions=config.positions)
     model = AudioChatModel(model_config).to(device)
     optimizer = model.configure_optimizers(config.weight_decay, config.learning_rate, (0.9, 0.95), device.split(":")[0])
     ckpt_path = os.path.join(config.out_dir, "ckpt.pt")
