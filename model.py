@@ -307,7 +307,7 @@ class ModelConfig:
     n_head: int = 4
     n_embd: int = 192
     block_size: int = 2048    # longest sequence
-    positions: str = "learned"  # "learned": a position table added to the inputs | "rope": rotary, relative
+    positions: str = "rope"   # "rope": rotary, attention sees relative positions | "learned": a table added to the inputs
     dropout: float = 0.0      # on embeddings and residual branches (never on attention weights, so backends agree)
     bias: bool = False        # biases in Linear and LayerNorm
     arch: str = "sct"         # "sct": text head at layer U | "dense": both heads on top of U + G layers

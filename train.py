@@ -55,7 +55,7 @@ class TrainConfig:
     n_head: int = opt(4, "attention heads")
     n_embd: int = opt(128, "model width")
     block_size: int = opt(1024, "longest packed sequence, in tokens (a simulated dialogue has ~560 on average)")
-    positions: str = opt("learned", "learned (a position table) | rope (rotary: attention sees relative positions)")
+    positions: str = opt("rope", "rope (rotary: attention sees relative positions) | learned (a position table; README: The understanding)")
     dropout: float = opt(0.0, "dropout probability")
     token_shift: bool = opt(True, "mix the previous token's embedding into each input (model.AudioChatModel.embed)")
     # optimisation
