@@ -797,7 +797,7 @@ def test_model_audio_embedding_norm_matches_text():
     model = tiny_model()
     tokens, audio, t, span_id = random_batch()
     model.shift = None   # the embeddings alone, without the token shift's mix of the previous one
-    x = model.embed(tokens, 10 * audio, t, span_id, torch.arange(tokens.size(1)))[0] - model.wpe.weight[:tokens.size(1)]
+    x = model.embed(tokens, 10 * audio, t, span_id, torch.arange(tokens.size(1)))[0]   # rope: no position added
     x = x - model.noise_emb(t) - model.span_time_emb(span_positions(span_id) / model.config.block_size)   # the conditions
     text_norm = model.wte.weight.norm(dim=1).mean()
     audio_norms = x[span_id >= 0].norm(dim=-1)
