@@ -18,7 +18,9 @@ audio span. The rule is written once (`mask_rule`) and served by three interchan
 `math` (explicit masked softmax, to read), `sdpa` (PyTorch's fused kernel with a dense boolean
 mask; on packed training rows, one document at a time, so the blocks between documents are never
 computed) and `flex` (FlexAttention with a block mask, compiled on CUDA, which skips every fully
-masked block). Decoding uses one key/value cache for both text and audio (`new_cache`, `extend`).
+masked block). Positions are rotary (RoPE): attention sees how far back a token is, wherever
+the turn sits in the dialogue. Decoding uses one key/value cache for both text and audio
+(`new_cache`, `extend`).
 
     model = AudioChatModel(ModelConfig(vocab_size=1024))
     text_logits, v_pred = model(tokens, audio, t, span_id)      # training: the whole sequence
@@ -379,11 +381,14 @@ class AudioChatModel(nn.Module):
         different scale from the token table), plus the embeddings of its noise level and of its
         time in its span.
 
-        The time in the span (not in the paper, whose positions are relative, RoPE-style): with
-        learned absolute positions a patch knows where it is in the dialogue, not where it is in
-        its clip, and placing "applause at 1.1 s" needs the latter. A span starts wherever its turn
-        happens to start, so without this embedding the model has to work out its own offset by
-        attention before it can even read the plan's times.
+        The time in the span (not in the paper): positions tell a patch how far away other tokens
+        are (rope) or where it is in the dialogue (learned), not where it is in its clip, and
+        placing "applause at 1.1 s" needs the latter. A span starts wherever its turn happens to
+        start, so without this embedding the model has to work out its own offset by attention
+        before it can even read the plan's times.
+
+        Positions: rope (the default, `rotary`) turns queries and keys inside attention, so
+        nothing is added here; learned (the ablation) adds a row of a position table.
 
         Token shift (not in the paper; RWKV's token shift, akin to the "smeared keys" of Olsson et
         al. 2022): each input also gets a learned linear map of the previous token's embedding.
