@@ -1191,6 +1191,19 @@ def test_corrupt_or_missing_checkpoint_is_one_clear_error():
         assert r.returncode != 0 and words in r.stderr and "Traceback" not in r.stderr, r.stderr[-500:]
 
 
+def test_checkpoint_from_before_rotary_positions_loads():
+    """A checkpoint whose model_args predate --positions (learned positions) still loads."""
+    from train import load_checkpoint
+    ckpt = torch.load(smoke_checkpoint(), weights_only=True)
+    args = {k: v for k, v in ckpt["model_args"].items() if k != "positions"}
+    ckpt["model"] = AudioChatModel(ModelConfig(**args, positions="learned")).state_dict()
+    ckpt["model_args"] = args
+    old = os.path.join(TMP, "old_ckpt.pt")
+    torch.save(ckpt, old)
+    model = load_checkpoint(old)[0]
+    assert model.config.positions == "learned" and model.wpe is not None
+
+
 def test_chat_reports_an_invalid_plan_and_goes_on():
     from sample import Chat
     chat = Chat.from_checkpoint(smoke_checkpoint(), "cpu", max_new_tokens=6)  # 6 tokens: never a whole plan

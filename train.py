@@ -270,7 +270,8 @@ def load_checkpoint(path, device="cpu"):
         raise SystemExit(f"error: no checkpoint at {path!r} (train one with: python train.py --out_dir={os.path.dirname(path) or '.'})")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
-        model = AudioChatModel(ModelConfig(**ckpt["model_args"]))
+        # a checkpoint written before --positions existed was trained with the position table
+        model = AudioChatModel(ModelConfig(**{"positions": "learned", **ckpt["model_args"]}))
         model.load_state_dict(ckpt["model"])
         tok = BPETokenizer.from_state_dict(ckpt["tokenizer"])
         codec = AudioCodec.from_state_dict(ckpt["codec"])
