@@ -981,11 +981,12 @@ class EvalConfig:
 
 def system_names(paths, archs):
     """The first checkpoint is `audiochat`; each other one `audiochat_<arch>`, or
-    `audiochat_<its out dir>` when that name is taken."""
+    `audiochat_<its out dir>` when that name is taken or the arch is the first one's (a second
+    SCT is another run, not the SCT)."""
     names = ["audiochat"]
     for path, arch in zip(paths[1:], archs[1:]):
         name = f"audiochat_{arch}"
-        if name in names:
+        if name in names or arch == archs[0]:
             name = f"audiochat_{os.path.basename(os.path.dirname(os.path.abspath(path)))}"
         names.append(name)
     return names

@@ -1410,6 +1410,7 @@ def test_eval_flags():
         pass
     assert E.system_names(["out/a/ckpt.pt", "out/dense/ckpt.pt", "out/sct2/ckpt.pt"], ["sct", "dense", "dense"]) == \
         ["audiochat", "audiochat_dense", "audiochat_sct2"]
+    assert E.system_names(["out/ckpt.pt", "out/seed1/ckpt.pt"], ["sct", "sct"]) == ["audiochat", "audiochat_seed1"]
 
 
 # -----------------------------------------------------------------------------
