@@ -420,7 +420,7 @@ class AudioChatModel(nn.Module):
 
     def rope(self, pos):
         """pos: (B, L) or (L,) -> the blocks' rotary (cos, sin), or None with learned positions."""
-        if self.wpe is not None:
+        if self.config.positions == "learned":
             return None
         return rotary(pos, self.config.n_embd // self.config.n_head)
 

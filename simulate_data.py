@@ -1430,9 +1430,10 @@ def make_listening_dialogue(seed):
     scenes to transcribe or describe, one after another.
     Why: a full dialogue holds one clip to understand, and hearing words and sounds is learned
     from clips; these dialogues add distinct clips at half a full dialogue's simulation cost per
-    clip (write_dataset's n_listen). Why several turns: positions are learned and absolute (model.py), and in a full
-    dialogue the clip comes after ~450 tokens of story and edits; a clip that only ever sat at
-    position ~15 teaches listening there and nowhere else (measured: README, "What it took")."""
+    clip (write_dataset's n_listen). Why several turns: in a full dialogue the clip comes after
+    ~450 tokens of story and edits, and with learned absolute positions (`--positions=learned`) a
+    clip that only ever sat at position ~15 taught listening there and nowhere else (measured:
+    README, "What it took"); several turns spread the clips over the positions."""
     rng = np.random.default_rng(seed)
     user, designer = UserAgent(), DesignerAgent()
     turns, audios = [], []

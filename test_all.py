@@ -1066,7 +1066,8 @@ def test_train_writes_checkpoint_log_and_plot():
     with contextlib.redirect_stdout(printed):
         rows = run_train(f"--out_dir={out}", "--max_iters=4", "--eval_interval=2")
     said = printed.getvalue()   # a smaller dataset is said; the listening dialogues are trained on
-    assert "holds 12 train dialogues, fewer than the 3000" in said and "15 train dialogues packed" in said
+    assert "holds 12 train dialogues, fewer than the 3000" in said and "holds 3 listen dialogues" in said
+    assert "15 train dialogues packed" in said
     for name in ("ckpt.pt", "log.csv", "loss.png"):
         assert os.path.getsize(os.path.join(out, name)) > 0, name
     assert [r["iter"] for r in rows][:4] == [0, 1, 2, 3] and rows[-1]["val_ce"] != ""
