@@ -620,15 +620,27 @@ def caption_multiflam(answer_text, true_plan):
     return 100.0 * found / max(1, len(true_plan["sources"]))
 
 
+PLAN_FAILURES = {   # why a written plan fails, by the words of simulate_data's PlanError (first match)
+    "not JSON": "not valid JSON",
+    "a voice talks over itself": "talks over",
+    "past the story's end": "after the story's end",
+    "other": "",
+}
+
+
+def plan_failure(text):
+    """A plan text -> None if it parses and passes simulate_data's validation, else the
+    PLAN_FAILURES kind of its error."""
+    try:
+        plan_from_text(text)
+        return None
+    except PlanError as e:
+        return next(kind for kind, words in PLAN_FAILURES.items() if words in str(e))
+
+
 def plan_validity(texts):
     """Plan validity in %: the share of plan texts that parse and pass simulate_data's validation."""
-    def valid(text):
-        try:
-            plan_from_text(text)
-            return True
-        except PlanError:
-            return False
-    return 100.0 * sum(map(valid, texts)) / max(1, len(texts))
+    return 100.0 * sum(plan_failure(t) is None for t in texts) / max(1, len(texts))
 
 
 def plan_recall(reference_plan, plan):
@@ -778,7 +790,7 @@ def score_episode(judge, ep, run):
     sides, and the table's editFLAM and planValidity show the rest."""
     story = run["story"]
     record = {"story": {"multiFLAM": multiflam(judge, story.wav, laid_out(ep.story["plan"], story.plan)),
-                        "planValidity": plan_validity([story.text]), "planRecall": plan_recall(ep.story["plan"], story.plan),
+                        "planValidity": plan_validity([story.text]), "planFailure": plan_failure(story.text), "planRecall": plan_recall(ep.story["plan"], story.plan),
                         "seconds": story.seconds, "audio_s": 0.0 if story.wav is None else story.wav.shape[1] / SR,
                         "emb": embedding(judge, story, ep.story["plan"]["duration"])},
               "edits": []}
@@ -790,7 +802,7 @@ def score_episode(judge, ep, run):
             "kind": intent["edit"],
             "editFLAM": edit_flam(judge, before.wav, after.wav, before.plan, after.plan, intent, reference_before, ep.seed),
             "deltaMultiFLAM": delta_multiflam(judge, before.wav, after.wav, before.plan, after.plan) if heard else None,
-            "planValidity": plan_validity([after.text]),
+            "planValidity": plan_validity([after.text]), "planFailure": plan_failure(after.text),
             "emb": embedding(judge, after, request["plan"]["duration"])})
         before, reference_before = after, request["plan"]
     answer = run["answer"]
@@ -806,6 +818,11 @@ def mean(values):
     """Mean of the values that exist (None = not applicable), or None if none does."""
     values = [v for v in values if v is not None]
     return float(np.mean(values)) if values else None
+
+
+def failure_counts(turns):
+    """Scored turns -> {PLAN_FAILURES kind: how many turns' plans failed that way}."""
+    return {kind: sum(t["planFailure"] == kind for t in turns) for kind in PLAN_FAILURES}
 
 
 def aggregate(records, reference):
@@ -824,6 +841,7 @@ def aggregate(records, reference):
                     "KAD": kad_against(lambda rs: [r["story"] for r in rs]),
                     "planValidity": mean(s["planValidity"] for s in stories),
                     "planRecall": mean(s["planRecall"] for s in stories),
+                    "planFailures": failure_counts(stories),
                     "latency_s": mean(s["seconds"] for s in stories),
                     "rtf": sum(s["seconds"] for s in stories) / audio_s if audio_s else None}
     editing = {}
@@ -833,6 +851,7 @@ def aggregate(records, reference):
                          "deltaMultiFLAM": mean(e["deltaMultiFLAM"] for e in rows),
                          "planValidity": mean(e["planValidity"] for e in rows), "n": len(rows)}
     editing["overall"]["KAD"] = kad_against(lambda rs: [e for r in rs for e in r["edits"]])
+    editing["overall"]["planFailures"] = failure_counts(edits)
     answers = [r["answer"] for r in records]
     tcp = [a["tcp"] for a in answers if a["tcp"] is not None]
     understanding = {
@@ -1014,7 +1033,18 @@ def result_tables(results):
             ("Editing per sub-task: editFLAM ↑ / deltaMultiFLAM ↓",
              ["system"] + [f"{k} (n={counts[k]['n']})" for k in EDIT_KINDS], per_task),
             ("Understanding (paper Table 3)", ["system", "tcpWER ↓", "captionMultiFLAM ↑"], understand),
-            *denoiser_table(results), *listening_table(results)]
+            *failure_table(results), *denoiser_table(results), *listening_table(results)]
+
+
+def failure_table(results):
+    """Why the models' plans fail: story / edit turns per PLAN_FAILURES kind -> [(title, header, rows)].
+    The ground truth's plans never fail and the cascades render the models' plans, so only models show."""
+    systems = {k: r for k, r in results["systems"].items() if not k.startswith(("ground_truth", "cascade"))}
+    rows = [[name, *[f"{r['storytelling']['planFailures'][k]} / {r['editing']['overall']['planFailures'][k]}"
+                     for k in PLAN_FAILURES]] for name, r in systems.items()]
+    return [(f"Why plans fail: story / edit turns whose plan failed that way (of {results['n']} stories, "
+             f"{next(iter(results['systems'].values()))['editing']['overall']['n']} edits)",
+             ["system", *PLAN_FAILURES], rows)] if rows else []
 
 
 def denoiser_table(results):

@@ -1421,6 +1421,13 @@ def test_caption_multiflam_and_plan_metrics():
         assert E.caption_multiflam(shifted, plan) == 0.0   # the right names at the wrong times
         assert E.caption_multiflam("garbage\n\n-", plan) == 0.0
         assert E.plan_validity([plan_to_text(plan), "{not json", plan_to_text(plan)[:-5]]) == 100 / 3
+        bark = {"id": 1, "type": "sfx", "sound": "dog_bark", "start": 3.9, "gain_db": -3, "pan": 0.0}
+        line = {"id": 2, "type": "speech", "voice": "ava", "text": "come here", "start": 0.5, "gain_db": -3, "pan": 0.0}
+        late, twice = ({"duration": 4.0, "sources": s} for s in ([bark], [line, {**line, "id": 3}]))
+        assert [E.plan_failure(t) for t in (plan_to_text(plan), "{not json", json.dumps(late), json.dumps(twice))] == \
+            [None, "not JSON", "past the story's end", "a voice talks over itself"]
+        assert E.plan_failure(json.dumps({**late, "duration": 99.0})) == "other"   # outside the allowed durations
+        assert E.plan_failure(plan_to_text({**plan, "duration": 99.0})) == "other"
         assert E.plan_recall(plan, plan) == 100.0 and E.plan_recall(plan, None) == 0.0
         fewer = copy.deepcopy(plan)
         fewer["sources"].pop()
@@ -1588,6 +1595,8 @@ def test_evaluate_end_to_end_writes_the_paper_tables():
     assert gt["storytelling"]["planValidity"] == 100 and gt["storytelling"]["KAD"] is None
     assert model_row["storytelling"]["planValidity"] == 0 and model_row["storytelling"]["multiFLAM"] == 0
     assert model_row["editing"]["overall"]["editFLAM"] == 0
+    failed = model_row["storytelling"]["planFailures"]   # an untrained model writes no JSON
+    assert set(failed) == set(E.PLAN_FAILURES) and failed["not JSON"] == results["n"] and sum(failed.values()) == results["n"]
     assert model_row["editing"]["overall"]["deltaMultiFLAM"] is None   # no audio: nothing kept, nothing measured
     assert results["systems"]["cascade"]["understanding"]["tcpWER"] is None
     shutil.rmtree(tmp)
