@@ -13,7 +13,7 @@ text-to-audio tools. This file is that simulator at toy scale, self-contained an
    rule-based designer that answers with tool calls (the seam where real LLM agents would plug in);
 5. the dataset writer (all cores, shards of log-mel frames, BPE + codec statistics) and a demo.
 
-    python simulate_data.py --out data --n 2000          # train / val / test shards in data/ (+ listen, edit: --n_listen, --n_edit)
+    python simulate_data.py --out data --n 2000          # train / val / test shards in data/ (--n_listen: + listen)
     python simulate_data.py --demo --out out/demo        # 3 dialogues as markdown + wav + png
 """
 
@@ -1405,26 +1405,20 @@ def understanding_turns(user, designer, rng, audios):
             {"role": "assistant", "text": answer, "plan": scene.plan}]
 
 
-def story_and_edits(seed, rng, n_edits):
-    """A story turn and n_edits edit turns, all rendered with the same seed (so untouched sources
-    stay sample-identical) -> (turns, audios)."""
+def make_dialogue(seed):
+    """seed -> (dialogue dict (JSON-serialisable), audios: list of (2, N) float32).
+    A story turn, 1-2 edit turns (all rendered with the same seed, so untouched sources stay
+    sample-identical), then an understanding turn about a fresh, independent scene."""
+    rng = np.random.default_rng(seed)
     user, designer = UserAgent(), DesignerAgent()
     studio = Studio(seed)
     turns, audios = [], []
-    for phase in ["story"] + ["edit"] * n_edits:
+    for phase in ["story"] + ["edit"] * int(rng.integers(1, 3)):
         text, intent, calls, audio, studio = _turn(user, designer, studio, phase, rng)
         audios.append(audio)
         turns.append({"role": "user", "text": text, "intent": intent})
         turns.append({"role": "assistant", "tools": calls, "plan": studio.plan, "audio": len(audios) - 1})
-    return turns, audios
-
-
-def make_dialogue(seed):
-    """seed -> (dialogue dict (JSON-serialisable), audios: list of (2, N) float32).
-    A story turn, 1-2 edit turns, then an understanding turn about a fresh, independent scene."""
-    rng = np.random.default_rng(seed)
-    turns, audios = story_and_edits(seed, rng, int(rng.integers(1, 3)))
-    turns += understanding_turns(UserAgent(), DesignerAgent(), rng, audios)
+    turns += understanding_turns(user, designer, rng, audios)
     return {"seed": seed, "turns": turns}, audios
 
 
@@ -1445,22 +1439,6 @@ def make_listening_dialogue(seed):
     turns, audios = [], []
     for _ in range(int(rng.integers(LISTENING_TURNS[0], LISTENING_TURNS[1] + 1))):
         turns += understanding_turns(user, designer, rng, audios)
-    return {"seed": seed, "turns": turns}, audios
-
-
-EDITING_TURNS = (2, 4)   # edit turns per editing dialogue (inclusive; 4 still fits 1,024 tokens)
-
-
-def make_editing_dialogue(seed):
-    """seed -> (dialogue, audios) like make_dialogue, but a story and then 2-4 edits of it, one
-    on top of the other, and no understanding turn.
-    Why: a full dialogue holds 1-2 edits, and an edit plan is the previous plan copied with one
-    change -- learned from edit turns only. With listening dialogues in the mix, a model that has
-    heard a clip also learned to answer it with a transcript, and in edit turns (which follow the
-    story's audio) it began to: '"text":"come outside' + a newline + '0.7-2.4 ava' (measured:
-    README, "The edits"). These dialogues add edit turns at the cost of their audio alone."""
-    rng = np.random.default_rng(seed)
-    turns, audios = story_and_edits(seed, rng, int(rng.integers(EDITING_TURNS[0], EDITING_TURNS[1] + 1)))
     return {"seed": seed, "turns": turns}, audios
 
 
@@ -1512,8 +1490,7 @@ def plot_story(wav, plan, path, title=None):
 # -----------------------------------------------------------------------------
 # Part 7: the dataset writer and the demo
 
-SPLIT_SEEDS = {"train": 0, "val": 10_000_000, "test": 20_000_000, "listen": 30_000_000, "edit": 40_000_000}  # disjoint (+ --seed * 100M)
-MAKERS = {"listen": make_listening_dialogue, "edit": make_editing_dialogue}   # the other splits: make_dialogue
+SPLIT_SEEDS = {"train": 0, "val": 10_000_000, "test": 20_000_000, "listen": 30_000_000}  # disjoint ranges (+ --seed * 100M)
 SHARD = 500   # dialogues per shard file
 
 
@@ -1527,17 +1504,16 @@ def _worker_init(keep_wav):
 
 def _simulate(job):
     """Worker: (split, seed) -> one dialogue as (JSON text, [raw log-mel (T, 64) float16], audios if kept).
-    The "listen" and "edit" splits hold the training-only dialogues of MAKERS."""
+    The "listen" split holds make_listening_dialogue's understanding-only dialogues."""
     split, seed = job
-    dialogue, audios = MAKERS.get(split, make_dialogue)(seed)
+    dialogue, audios = (make_listening_dialogue if split == "listen" else make_dialogue)(seed)
     latents = [_worker["codec"].encode_raw(a).to(torch.float16) for a in audios]
     return json.dumps(dialogue), latents, (audios if _worker["keep_wav"] else None)
 
 
-def write_dataset(out, n, n_eval=None, seed=0, workers=None, wav=False, n_listen=0, n_edit=0):
+def write_dataset(out, n, n_eval=None, seed=0, workers=None, wav=False, n_listen=0):
     """Simulate train (n) / val / test (n_eval each; default n // 10 within 20..200) dialogues,
-    n_listen understanding-only and n_edit story-and-edits-only training dialogues (splits "listen"
-    and "edit"), into out/ as shards of raw log-mel
+    and n_listen understanding-only training dialogues (split "listen"), into out/ as shards of raw log-mel
     frames, fit the codec statistics (first 1000 train dialogues) and the BPE (first 2000: the
     language is closed, they show it everything) on train, then write meta.json -- last, so its
     presence marks a complete dataset. Returns the dialogues simulated per second."""
@@ -1549,7 +1525,7 @@ def write_dataset(out, n, n_eval=None, seed=0, workers=None, wav=False, n_listen
     counts, seeds, train_text, train_raw = {}, {}, [], []
     t0 = time.time()
     with mp.Pool(workers, initializer=_worker_init, initargs=(wav,)) as pool:
-        for split, count in (("train", n), ("listen", n_listen), ("edit", n_edit), ("val", n_eval), ("test", n_eval)):
+        for split, count in (("train", n), ("listen", n_listen), ("val", n_eval), ("test", n_eval)):
             if count == 0:
                 continue
             first = seed * 100_000_000 + SPLIT_SEEDS[split]
@@ -1573,7 +1549,7 @@ def write_dataset(out, n, n_eval=None, seed=0, workers=None, wav=False, n_listen
                                os.path.join(out, f"{split}_{i // SHARD:04d}.pt"))
                     dialogues, audio = [], []
             counts[split] = count
-    rate = (n + n_listen + n_edit + 2 * n_eval) / (time.time() - t0)
+    rate = (n + n_listen + 2 * n_eval) / (time.time() - t0)
     codec = AudioCodec().fit(train_raw)
     tok = BPETokenizer()
     tok.train(train_text, vocab_size=1024)
@@ -1630,7 +1606,6 @@ if __name__ == "__main__":
         out: str = opt("data", "output folder")
         n: int = opt(2000, "training dialogues")
         n_listen: int = opt(0, "listening dialogues (understanding only, 2-6 clips each) for training, split listen")
-        n_edit: int = opt(0, "editing dialogues (a story and 2-4 edits, nothing else) for training, split edit")
         n_eval: int = opt(-1, "val and test dialogues each (-1: n // 10, within 20..200)")
         seed: int = opt(0, "shifts all seed ranges (a different dataset)")
         workers: int = opt(0, "processes (0: all cores)")
@@ -1641,9 +1616,9 @@ if __name__ == "__main__":
     if a.demo:
         write_demo(a.out)
     else:
-        if a.n < 1 or min(a.n_listen, a.n_edit) < 0:
-            sys.exit(f"error: --n must be >= 1, --n_listen and --n_edit >= 0, got {a.n}, {a.n_listen} and {a.n_edit}")
+        if a.n < 1 or a.n_listen < 0:
+            sys.exit(f"error: --n must be >= 1 and --n_listen >= 0, got {a.n} and {a.n_listen}")
         t0 = time.time()
-        rate = write_dataset(a.out, a.n, None if a.n_eval < 0 else a.n_eval, a.seed, a.workers or None, a.wav, a.n_listen, a.n_edit)
-        print(f"simulated {a.n} train + {a.n_listen} listen + {a.n_edit} edit + val + test dialogues at {rate:.1f} dialogues/s "
+        rate = write_dataset(a.out, a.n, None if a.n_eval < 0 else a.n_eval, a.seed, a.workers or None, a.wav, a.n_listen)
+        print(f"simulated {a.n} train + {a.n_listen} listen + val + test dialogues at {rate:.1f} dialogues/s "
               f"({time.time() - t0:.1f} s in all, with BPE and codec statistics) -> {a.out}/")

@@ -32,9 +32,9 @@ import warnings
 
 import eval as E
 
-from simulate_data import (AMBIENCES, EDIT_KINDS, EDITING_TURNS, LISTENING_TURNS, MUSIC, SFX, SPLIT_SEEDS, SR, VOCAB, VOICES,
+from simulate_data import (AMBIENCES, EDIT_KINDS, LISTENING_TURNS, MUSIC, SFX, SPLIT_SEEDS, SR, VOCAB, VOICES,
                            WORD_CODES, PlanError, Studio, caption, dialogue_text, dry_signal, make_dialogue,
-                           make_editing_dialogue, make_listening_dialogue, plan_from_text, plan_to_text, render, speech_duration,
+                           make_listening_dialogue, plan_from_text, plan_to_text, render, speech_duration,
                            synth_speech, transcript, validate_plan)
 from tokenizer import (BPETokenizer, AudioCodec, encode_dialogue, SPECIAL_TOKENS, HOP, FRAME_RATE,
                        N_MELS, PATCH, LATENT_DIM)
@@ -393,43 +393,16 @@ def test_listening_dialogue_structure():
     assert int(seq["text_target"].sum()) == answers and not train.text_only(seq)["text_target"].any()
 
 
-def test_editing_dialogue_structure():
-    """A story and 2-4 edits, each plan the previous one changed as asked, and nothing to
-    understand; its text is learned in both curriculum stages, and it fits the preset's context."""
-    import train
-    lengths = set()
-    for seed in range(6):
-        d, audios = make_editing_dialogue(SPLIT_SEEDS["edit"] + seed)
-        turns = d["turns"]
-        assert [t["role"] for t in turns] == ["user", "assistant"] * len(audios)
-        assert EDITING_TURNS[0] + 1 <= len(audios) <= EDITING_TURNS[1] + 1
-        lengths.add(len(audios))
-        assert [u["intent"]["kind"] for u in turns[::2]] == ["story"] + ["edit"] * (len(audios) - 1)
-        plans = [a["plan"] for a in turns[1::2]]
-        for plan, wav, request in zip(plans, audios, turns[::2]):
-            validate_plan(plan)
-            assert wav.shape == (2, round(plan["duration"] * SR))
-            assert np.allclose(render(plan, d["seed"]), wav)       # every turn: the one seed of the dialogue
-        assert all(a != b for a, b in zip(plans, plans[1:]))       # every edit changes the plan
-    assert len(lengths) > 1
-    tok = BPETokenizer()
-    tok.train(dialogue_text(d), vocab_size=300)
-    seq = encode_dialogue(d, [torch.zeros(a.shape[1] // 400 // 2 * 2, 64) for a in audios], tok)
-    cut = train.text_only(seq)
-    assert cut["text_target"].sum() == seq["text_target"].sum() > 0 and seq["span_is_target"].all()
-
-
 def test_dataset_on_disk():
     from simulate_data import write_dataset
     with tempfile.TemporaryDirectory() as out:
-        write_dataset(out, n=4, n_eval=2, seed=0, workers=1, n_listen=2, n_edit=2)
-        assert sorted(os.listdir(out)) == ["edit_0000.pt", "listen_0000.pt", "meta.json", "test_0000.pt",
-                                           "tokenizer.json", "train_0000.pt", "val_0000.pt"]
+        write_dataset(out, n=4, n_eval=2, seed=0, workers=1, n_listen=2)
+        assert sorted(os.listdir(out)) == ["listen_0000.pt", "meta.json", "test_0000.pt", "tokenizer.json",
+                                           "train_0000.pt", "val_0000.pt"]
         meta = json.load(open(os.path.join(out, "meta.json")))
-        assert meta["counts"] == {"train": 4, "listen": 2, "edit": 2, "val": 2, "test": 2} and meta["sr"] == SR
-        for split, make in (("listen", make_listening_dialogue), ("edit", make_editing_dialogue)):
-            shard = torch.load(os.path.join(out, f"{split}_0000.pt"), weights_only=True)
-            assert json.loads(shard["dialogues"][1]) == make(SPLIT_SEEDS[split] + 1)[0]
+        assert meta["counts"] == {"train": 4, "listen": 2, "val": 2, "test": 2} and meta["sr"] == SR
+        listen = torch.load(os.path.join(out, "listen_0000.pt"), weights_only=True)
+        assert json.loads(listen["dialogues"][1]) == make_listening_dialogue(SPLIT_SEEDS["listen"] + 1)[0]
         ranges = sorted(meta["seeds"].values())
         assert all(a[1] <= b[0] for a, b in zip(ranges, ranges[1:]))     # disjoint seed ranges
         codec = AudioCodec.from_state_dict(meta["codec"])
@@ -1075,7 +1048,7 @@ def tiny_dataset():
     path = os.path.join(TMP, "data")
     if not os.path.exists(os.path.join(path, "meta.json")):
         import simulate_data
-        simulate_data.write_dataset(path, n=12, n_eval=4, workers=2, n_listen=3, n_edit=2)
+        simulate_data.write_dataset(path, n=12, n_eval=4, workers=2, n_listen=3)
     return path
 
 
@@ -1092,9 +1065,9 @@ def test_train_writes_checkpoint_log_and_plot():
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         rows = run_train(f"--out_dir={out}", "--max_iters=4", "--eval_interval=2")
-    said = printed.getvalue()   # a smaller dataset is said; the listening and editing dialogues are trained on
+    said = printed.getvalue()   # a smaller dataset is said; the listening dialogues are trained on
     assert "holds 12 train dialogues, fewer than the 3000" in said and "holds 3 listen dialogues" in said
-    assert "holds 2 edit dialogues" in said and "17 train dialogues packed" in said
+    assert "15 train dialogues packed" in said
     for name in ("ckpt.pt", "log.csv", "loss.png"):
         assert os.path.getsize(os.path.join(out, name)) > 0, name
     assert [r["iter"] for r in rows][:4] == [0, 1, 2, 3] and rows[-1]["val_ce"] != ""
@@ -1139,7 +1112,7 @@ def test_train_rejects_bad_flags():
     for flags, words in [(["--nonsense=1"], "unknown argument"), (["--max_iters=ten"], "expects int"),
                          (["--init_from=resume", f"--out_dir={os.path.join(TMP, 'nothing')}",
                            f"--data_dir={tiny_dataset()}"], "no checkpoint"),
-                         (["--n_edit=-1", f"--out_dir={os.path.join(TMP, 'nothing')}"], "--n_edit >= 0")]:
+                         (["--n_listen=-1", f"--out_dir={os.path.join(TMP, 'nothing')}"], "--n_listen >= 0")]:
         r = subprocess.run([sys.executable, "train.py", *flags], cwd=HERE, capture_output=True, text=True, timeout=120)
         assert r.returncode != 0 and words in r.stderr, (flags, r.stderr[-300:])
         assert "Traceback" not in r.stderr, r.stderr[-300:]

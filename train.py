@@ -45,7 +45,6 @@ class TrainConfig:
     data_dir: str = opt("data", "dataset written by simulate_data.py (simulated here if missing)")
     n_dialogues: int = opt(3000, "training dialogues to simulate when data_dir holds none")
     n_listen: int = opt(1500, "understanding-only training dialogues (2-6 clips each) to simulate with them (README: The understanding)")
-    n_edit: int = opt(1000, "story-and-edits-only training dialogues (2-4 edits each) to simulate with them (README: The edits)")
     init_from: str = opt("scratch", "scratch | resume (from out_dir/ckpt.pt)")
     preset: str = opt("auto", "auto | cpu | gpu: defaults sized for the machine (flags still win)")
     # model (ModelConfig)
@@ -89,7 +88,7 @@ PRESETS = {  # applied under --preset, before the flags
     # one GPU, sized for a short slot: ~4 min on an H100 with simulation and evaluation (README)
     "gpu": dict(n_layer=8, n_gen_layer=4, n_head=8, n_embd=512, batch_size=16, max_iters=2000,
                 learning_rate=1e-3, min_lr=1e-4, warmup_iters=100, eval_interval=250, n_dialogues=10000,
-                n_listen=0, n_edit=0),   # as measured on an H100 (README); listening and editing dialogues are untried on a GPU
+                n_listen=0),   # as measured on an H100 (README); listening dialogues are untried on a GPU
 }
 
 
@@ -228,23 +227,22 @@ def get_batch(seqs, rows, batch_size, generator, pad_id, device):
 
 def ensure_dataset(config):
     """Simulate a dataset into config.data_dir if it holds none (rank 0 only; the others wait).
-    One that is there is used as it is, with a note if it is smaller than n_dialogues, n_listen or n_edit asks."""
-    if config.n_dialogues < 1 or min(config.n_listen, config.n_edit) < 0:
-        sys.exit(f"error: --n_dialogues must be >= 1, --n_listen and --n_edit >= 0, "
-                 f"got {config.n_dialogues}, {config.n_listen} and {config.n_edit}")
+    One that is there is used as it is, with a note if it is smaller than n_dialogues or n_listen asks."""
+    if config.n_dialogues < 1 or config.n_listen < 0:
+        sys.exit(f"error: --n_dialogues must be >= 1 and --n_listen >= 0, got {config.n_dialogues} and {config.n_listen}")
     meta_path = os.path.join(config.data_dir, "meta.json")
     if os.path.exists(meta_path):
         with open(meta_path) as f:
             counts = json.load(f)["counts"]
-        for split, asked in (("train", config.n_dialogues), ("listen", config.n_listen), ("edit", config.n_edit)):   # more is used as it is
+        for split, asked in (("train", config.n_dialogues), ("listen", config.n_listen)):   # more is used as it is
             if counts.get(split, 0) < asked:
                 print(f"note: {config.data_dir!r} holds {counts.get(split, 0)} {split} dialogues, fewer than the {asked} "
                       f"this run asks for; training on them (a new --data_dir simulates {asked})")
         return
     import simulate_data
-    extra = "".join(f", {n} {kind} dialogues" for n, kind in ((config.n_listen, "listening"), (config.n_edit, "editing")) if n)
-    print(f"no dataset in {config.data_dir!r}: simulating {config.n_dialogues} dialogues{extra} first")
-    simulate_data.write_dataset(config.data_dir, n=config.n_dialogues, n_listen=config.n_listen, n_edit=config.n_edit)
+    listening = f" and {config.n_listen} listening dialogues" if config.n_listen else ""
+    print(f"no dataset in {config.data_dir!r}: simulating {config.n_dialogues} dialogues{listening} first")
+    simulate_data.write_dataset(config.data_dir, n=config.n_dialogues, n_listen=config.n_listen)
 
 
 # -----------------------------------------------------------------------------
@@ -382,8 +380,7 @@ def train(config):
     tok = BPETokenizer.load(os.path.join(config.data_dir, "tokenizer.json"))
     codec = AudioCodec.from_state_dict(meta["codec"])
     train_seqs = load_dataset(config.data_dir, "train", tok, codec)
-    for extra in ("listen", "edit"):
-        train_seqs += load_dataset(config.data_dir, extra, tok, codec, required=False)
+    train_seqs += load_dataset(config.data_dir, "listen", tok, codec, required=False)
     val_seqs = load_dataset(config.data_dir, "val", tok, codec)
     train_rows = pack(train_seqs, config.block_size, config.seed)
     val_rows = pack(val_seqs, config.block_size, config.seed)
