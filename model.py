@@ -315,7 +315,6 @@ class ModelConfig:
     arch: str = "sct"         # "sct": text head at layer U | "dense": both heads on top of U + G layers
     attn: str = "auto"        # "auto" (flex on CUDA, sdpa elsewhere) | "math" | "sdpa" | "flex"
     token_shift: bool = True  # add a learned map of the previous token's embedding to each input (see embed)
-    time_tokens: tuple = ()   # per index in a span, the id of the plan's word for that time (tokenizer.time_token_ids; -1: none; empty: off)
 
 
 class AudioChatModel(nn.Module):
@@ -338,8 +337,6 @@ class AudioChatModel(nn.Module):
         self.noise_emb = ScalarEmbedding(config.n_embd)
         self.span_time_emb = ScalarEmbedding(config.n_embd)
         self.shift = nn.Linear(config.n_embd, config.n_embd, bias=False) if config.token_shift else None
-        self.register_buffer("time_tokens", torch.tensor(config.time_tokens, dtype=torch.long) if config.time_tokens else None,
-                             persistent=False)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList([Block(config) for _ in range(n_blocks)])
         self.ln_text = nn.LayerNorm(config.n_embd, bias=config.bias)
@@ -390,13 +387,6 @@ class AudioChatModel(nn.Module):
         start, so without this embedding the model has to work out its own offset by attention
         before it can even read the plan's times.
 
-        Time words (`time_tokens`, not in the paper): an audio token at 1.3 s into its clip also
-        gets the embedding of the plan's word "1.3" (BPE made each time on the 0.1 s grid one
-        token). Drawing a source where the plan puts it means matching each patch's time against
-        the "start" values in the plan; with the same vector on both sides, one attention head
-        can match them from the first layer, and every gradient that teaches the audio where it
-        is also teaches the plan's numbers what they mean. Measured: README, "What it took".
-
         Positions: rope (the default, `rotary`) turns queries and keys inside attention, so
         nothing is added here; learned (the ablation) adds a row of a position table.
 
@@ -414,11 +404,8 @@ class AudioChatModel(nn.Module):
         patch = F.normalize(self.audio_in(audio), dim=-1) * text_norm
         # the conditions are added after the rescaling, at their own learned scale: inside it, a
         # pure-noise patch would drown them, and the model could not tell t = 1 from t = 0.5
-        where = span_positions(span_id)
-        audio = patch + self.noise_emb(t) + self.span_time_emb(where / self.config.block_size)
-        if self.time_tokens is not None:   # the same vector as the plan's "1.3" (see the docstring)
-            words = self.time_tokens[where.clamp(max=len(self.time_tokens) - 1)]
-            audio = audio + torch.where((words >= 0)[..., None], self.wte(words.clamp(min=0)), 0.0)
+        time_in_span = span_positions(span_id) / self.config.block_size
+        audio = patch + self.noise_emb(t) + self.span_time_emb(time_in_span)
         e = torch.where((span_id >= 0)[..., None], audio, text)
         x = e
         if self.shift is not None:

@@ -644,13 +644,10 @@ def test_encode_dialogue_layout():
 # -----------------------------------------------------------------------------
 # the model, the loss and the samplers (model.py, diffusion.py)
 
-TIME_WORDS = tuple(-1 if i % 3 == 2 else 10 + i // 2 for i in range(128))   # some indices without a word
-
-
-def tiny_model(arch="sct", attn="sdpa", seed=0, positions="rope", time_tokens=()):
+def tiny_model(arch="sct", attn="sdpa", seed=0, positions="rope"):
     torch.manual_seed(seed)
     config = ModelConfig(vocab_size=40, latent_dim=8, n_layer=2, n_gen_layer=1, n_head=2, n_embd=32,
-                         block_size=128, arch=arch, attn=attn, positions=positions, time_tokens=time_tokens)
+                         block_size=128, arch=arch, attn=attn, positions=positions)
     model = AudioChatModel(config)
     # the diffusion head and the token shift start at zero; give them weights so that tests see
     # audio outputs move and caches must carry the previous token across chunks
@@ -954,8 +951,8 @@ def test_kv_cache_matches_full_forward():
     layout = [("text", 5), ("audio", 4), ("text", 3), ("audio", 3), ("text", 3)]
     tokens, audio, span_id = (z[None] for z in random_sequence(layout, seed=4))
     t = torch.where(span_id >= 0, torch.rand(span_id.shape), 0.0)
-    for arch, positions, words in (("sct", "rope", ()), ("dense", "rope", ()), ("sct", "learned", ()), ("sct", "rope", TIME_WORDS)):
-        model = tiny_model(arch=arch, positions=positions, time_tokens=words)
+    for arch, positions in (("sct", "rope"), ("dense", "rope"), ("sct", "learned")):
+        model = tiny_model(arch=arch, positions=positions)
         logits, v = model(tokens, audio, t, span_id)
         cache, i = model.new_cache(1), 0
         for kind, n in layout:
@@ -969,28 +966,6 @@ def test_kv_cache_matches_full_forward():
                 assert torch.allclose(lg, logits[:, sl], atol=1e-5) and torch.allclose(vv, v[:, sl], atol=1e-5), arch
             i += n
         assert len(cache) == tokens.size(1)
-
-
-def test_time_words_give_audio_tokens_the_plans_number():
-    """tokenizer.time_token_ids names the plan's word for each audio token's time; the model adds
-    that word's embedding to the token (and nothing where there is no word), whatever the chunk."""
-    from simulate_data import make_dialogue
-    tok = BPETokenizer()
-    tok.train([text for seed in range(30) for text in dialogue_text(make_dialogue(seed)[0])], vocab_size=400)
-    words = tok.time_token_ids(160)
-    for i, w in enumerate(words):   # 20 tokens a second: tokens 26 and 27 both begin in "1.3"
-        assert w == -1 or tok.decode([w]) == f"{i // 20}.{i % 20 // 2}", (i, tok.decode([w]))
-    assert sum(w >= 0 for w in words[:80]) >= 6   # common times are single BPE tokens (the preset's BPE: 0-6 s but "1.0")
-    plain, timed = tiny_model(), tiny_model(time_tokens=TIME_WORDS)
-    for model in (plain, timed):
-        torch.nn.init.zeros_(model.shift.weight)   # each input alone: no neighbour mixed in
-    tokens, audio, span_id = (z[None] for z in random_sequence([("text", 3), ("audio", 9)], seed=6))
-    t = torch.where(span_id >= 0, 0.5, 0.0)
-    with torch.no_grad():
-        gap = timed.embed(tokens, audio, t, span_id, torch.arange(12))[0] - plain.embed(tokens, audio, t, span_id, torch.arange(12))[0]
-        expected = torch.stack([torch.zeros(32) if s < 0 or TIME_WORDS[i] < 0 else timed.wte.weight[TIME_WORDS[i]]
-                                for i, s in zip(range(-3, 9), span_id[0].tolist())])
-    assert torch.allclose(gap[0], expected, atol=1e-6)
 
 
 def test_prefix_cache_sample_audio_matches_recompute():

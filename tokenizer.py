@@ -151,18 +151,6 @@ class BPETokenizer:
             ids.extend(self.cache[chunk])
         return ids
 
-    def time_token_ids(self, n_tokens):
-        """The plan's words for the times of a span's audio tokens -> a list of n_tokens ids:
-        entry i is the single token of the 0.1 s time at which token i begins ("1.3" for
-        i = 26 at 20 tokens a second), as plan_to_text writes times, or -1 where the BPE has no
-        single token for it (it merged the times the stories use, ~0-6 s). See model.embed."""
-        ids = []
-        for i in range(n_tokens):
-            tenths = i * PATCH * 10 // FRAME_RATE
-            word = self.encode_ordinary(f"{tenths // 10}.{tenths % 10}")
-            ids.append(word[0] if len(word) == 1 else -1)
-        return ids
-
     def encode(self, text):
         """Text -> ids; special-token strings inside the text become their special ids."""
         ids = []

@@ -58,7 +58,6 @@ class TrainConfig:
     positions: str = opt("rope", "rope (rotary: attention sees relative positions) | learned (a position table; README: The understanding)")
     dropout: float = opt(0.0, "dropout probability")
     token_shift: bool = opt(True, "mix the previous token's embedding into each input (model.AudioChatModel.embed)")
-    time_words: bool = opt(True, "add to each audio token the embedding of the plan's word for its time in the clip, e.g. \"1.3\" (model.AudioChatModel.embed)")
     # optimisation
     batch_size: int = opt(4, "sequences per step per process")
     max_iters: int = opt(1200, "training steps")
@@ -389,8 +388,7 @@ def train(config):
                                n_layer=config.n_layer, n_gen_layer=config.n_gen_layer, n_head=config.n_head,
                                n_embd=config.n_embd, block_size=config.block_size, dropout=config.dropout,
                                arch=config.arch, attn=config.attn, token_shift=config.token_shift,
-                               positions=config.positions,
-                               time_tokens=tuple(tok.time_token_ids(config.block_size)) if config.time_words else ())
+                               positions=config.positions)
     model = AudioChatModel(model_config).to(device)
     optimizer = model.configure_optimizers(config.weight_decay, config.learning_rate, (0.9, 0.95), device.split(":")[0])
     ckpt_path = os.path.join(config.out_dir, "ckpt.pt")
