@@ -790,7 +790,8 @@ def score_episode(judge, ep, run):
     sides, and the table's editFLAM and planValidity show the rest."""
     story = run["story"]
     record = {"story": {"multiFLAM": multiflam(judge, story.wav, laid_out(ep.story["plan"], story.plan)),
-                        "planValidity": plan_validity([story.text]), "planFailure": plan_failure(story.text), "planRecall": plan_recall(ep.story["plan"], story.plan),
+                        "planValidity": plan_validity([story.text]), "planFailure": plan_failure(story.text),
+                        "planRecall": plan_recall(ep.story["plan"], story.plan),
                         "seconds": story.seconds, "audio_s": 0.0 if story.wav is None else story.wav.shape[1] / SR,
                         "emb": embedding(judge, story, ep.story["plan"]["duration"])},
               "edits": []}

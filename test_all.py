@@ -1400,7 +1400,6 @@ def test_caption_multiflam_and_plan_metrics():
         assert [E.plan_failure(t) for t in (plan_to_text(plan), "{not json", json.dumps(late), json.dumps(twice))] == \
             [None, "not JSON", "past the story's end", "a voice talks over itself"]
         assert E.plan_failure(json.dumps({**late, "duration": 99.0})) == "other"   # outside the allowed durations
-        assert E.plan_failure(plan_to_text({**plan, "duration": 99.0})) == "other"
         assert E.plan_recall(plan, plan) == 100.0 and E.plan_recall(plan, None) == 0.0
         fewer = copy.deepcopy(plan)
         fewer["sources"].pop()
