@@ -689,8 +689,6 @@ SOUNDS = {"sfx": SFX, "ambience": AMBIENCES, "music": MUSIC}
 # sfx as long as its sound, so their `dur` is left out of the text and filled in when the text is
 # read back. (A first version made the model write it; a small model could not learn the phoneme
 # arithmetic and nearly every plan it wrote failed validation on that field alone.)
-# The duration is written last: it must cover every source, and a model writing left to right
-# can only see that once the sources are written (README, "What it took", "The plans").
 
 SOURCE_KEYS = {
     "speech": ("id", "type", "voice", "text", "start", "dur", "gain_db", "pan"),
@@ -787,7 +785,7 @@ def validate_plan(plan):
 
 def plan_to_text(plan):
     """Plan -> one line of compact JSON (no spaces: every character is a token the model must
-    write): fixed key order (the sources, then the duration), start/dur/pan with 1 decimal, gain_db integer, no derived dur."""
+    write): fixed key order, start/dur/pan with 1 decimal, gain_db integer, no derived dur."""
     def value(key, v):
         if key in ("start", "dur", "pan", "duration"):
             return f"{round(v, 1) + 0.0:.1f}"       # + 0.0 turns -0.0 into 0.0
@@ -796,7 +794,7 @@ def plan_to_text(plan):
         return json.dumps(v)
     srcs = ",".join("{" + ",".join(f'"{k}":{value(k, s[k])}' for k in written_keys(s["type"])) + "}"
                     for s in plan["sources"])
-    return f'{{"sources":[{srcs}],"duration":{value("duration", plan["duration"])}}}'
+    return f'{{"duration":{value("duration", plan["duration"])},"sources":[{srcs}]}}'
 
 
 def plan_from_text(text):
