@@ -790,7 +790,7 @@ def score_episode(judge, ep, run):
     sides, and the table's editFLAM and planValidity show the rest."""
     story = run["story"]
     record = {"story": {"multiFLAM": multiflam(judge, story.wav, laid_out(ep.story["plan"], story.plan)),
-                        "planValidity": plan_validity([story.text]), "planFailure": plan_failure(story.text),
+                        "planFailure": plan_failure(story.text),
                         "planRecall": plan_recall(ep.story["plan"], story.plan),
                         "seconds": story.seconds, "audio_s": 0.0 if story.wav is None else story.wav.shape[1] / SR,
                         "emb": embedding(judge, story, ep.story["plan"]["duration"])},
@@ -803,7 +803,7 @@ def score_episode(judge, ep, run):
             "kind": intent["edit"],
             "editFLAM": edit_flam(judge, before.wav, after.wav, before.plan, after.plan, intent, reference_before, ep.seed),
             "deltaMultiFLAM": delta_multiflam(judge, before.wav, after.wav, before.plan, after.plan) if heard else None,
-            "planValidity": plan_validity([after.text]), "planFailure": plan_failure(after.text),
+            "planFailure": plan_failure(after.text),
             "emb": embedding(judge, after, request["plan"]["duration"])})
         before, reference_before = after, request["plan"]
     answer = run["answer"]
@@ -826,6 +826,11 @@ def failure_counts(turns):
     return {kind: sum(t["planFailure"] == kind for t in turns) for kind in PLAN_FAILURES}
 
 
+def valid_share(turns):
+    """Scored turns -> planValidity in % (None without turns), from each turn's planFailure."""
+    return mean(100.0 * (t["planFailure"] is None) for t in turns)
+
+
 def aggregate(records, reference):
     """Per-dialogue records of one system (and of the ground truth, the KAD reference; pass
     reference=None for the ground truth itself) -> its eval.json entry, rates in %."""
@@ -840,7 +845,7 @@ def aggregate(records, reference):
     audio_s = sum(s["audio_s"] for s in stories)
     storytelling = {"multiFLAM": mean(s["multiFLAM"] for s in stories),
                     "KAD": kad_against(lambda rs: [r["story"] for r in rs]),
-                    "planValidity": mean(s["planValidity"] for s in stories),
+                    "planValidity": valid_share(stories),
                     "planRecall": mean(s["planRecall"] for s in stories),
                     "planFailures": failure_counts(stories),
                     "latency_s": mean(s["seconds"] for s in stories),
@@ -850,7 +855,7 @@ def aggregate(records, reference):
         rows = [e for e in edits if kind in ("overall", e["kind"])]
         editing[kind] = {"editFLAM": mean(e["editFLAM"] for e in rows),
                          "deltaMultiFLAM": mean(e["deltaMultiFLAM"] for e in rows),
-                         "planValidity": mean(e["planValidity"] for e in rows), "n": len(rows)}
+                         "planValidity": valid_share(rows), "n": len(rows)}
     editing["overall"]["KAD"] = kad_against(lambda rs: [e for r in rs for e in r["edits"]])
     editing["overall"]["planFailures"] = failure_counts(edits)
     answers = [r["answer"] for r in records]
