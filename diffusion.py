@@ -14,8 +14,10 @@ Diffusion for AudioChat-mini: the noise schedule, the Audio Transfusion Forcing 
 Every sign below follows from this box. v-prediction on the cosine schedule is what the paper
 uses (DDPM-style, v target); its sampler is DPM-Solver++ on a Karras schedule with CFG scale 3.
 
-    loss, ce, mse = transfusion_forcing_loss(model, collate([[seq] for seq in seqs], pad_id), null_id)
-    audio = sample_audio(model, cache, n_tokens=100, steps=50, sampler="dpmpp", cfg_scale=3.0)
+    loss, ce, mse = transfusion_forcing_loss(model, batch, null_id)        # batch: train.collate
+    audio = sample_audio(model, cache, n_tokens=100, steps=25, sampler="dpmpp", cfg_scale=3.0)
+
+Read all of it: it is the paper's method in ~180 lines (minRF's rf.py is the model to follow).
 """
 import math
 
@@ -48,54 +50,6 @@ def add_noise(x0, eps, t):
 
 
 # -----------------------------------------------------------------------------
-# The batch: encode_dialogue sequences packed into rows, padded to one length
-
-def collate(rows, pad_id):
-    """rows: list of B rows, each a list of tokenizer.encode_dialogue dicts packed one after the
-    other into that row (train.py chooses the packing; [[seq] for seq in seqs] gives one dialogue
-    per row). Returns a dict of (B, ...) tensors, padded at the end of each row to the longest:
-
-        tokens (B, L) long          text ids; audio positions and padding hold pad_id
-        audio (B, L, latent)        clean latents at audio positions, 0 elsewhere
-        span_id (B, L) long         -1 for text and padding, 0, 1, ... per audio span of the row
-        span_is_target (B, S) bool  span made by the assistant (diffusion loss) or supplied by the
-                                    user (conditioning); padded with False, S >= 1
-        text_target (B, L) bool     True where tokens[:, i + 1] is a learned assistant token
-        is_plain_text (B, L) bool   words that classifier-free guidance may drop to <|null|>
-        doc_id (B, L) long          which dialogue of the row each token belongs to; -1 for padding
-        is_pad (B, L) bool          padding at the end of a row
-
-    The mask keeps the dialogues of a row apart (doc_id) and positions restart at each one.
-    """
-    L = max(sum(len(d["tokens"]) for d in row) for row in rows)
-    S = max(1, max(sum(len(d["span_is_target"]) for d in row) for row in rows))
-    B, latent = len(rows), rows[0][0]["audio"].size(1)
-    batch = {
-        "tokens": torch.full((B, L), pad_id, dtype=torch.long),
-        "audio": torch.zeros(B, L, latent),
-        "span_id": torch.full((B, L), -1, dtype=torch.long),
-        "span_is_target": torch.zeros(B, S, dtype=torch.bool),
-        "text_target": torch.zeros(B, L, dtype=torch.bool),
-        "is_plain_text": torch.zeros(B, L, dtype=torch.bool),
-        "doc_id": torch.full((B, L), -1, dtype=torch.long),
-        "is_pad": torch.ones(B, L, dtype=torch.bool),
-    }
-    for b, row in enumerate(rows):
-        i = n_spans = 0
-        for doc, d in enumerate(row):
-            n, s = len(d["tokens"]), len(d["span_is_target"])
-            for key in ("tokens", "audio", "text_target", "is_plain_text"):
-                batch[key][b, i:i + n] = d[key]
-            # span ids count across the dialogues of a row, so that they index span_is_target
-            batch["span_id"][b, i:i + n] = torch.where(d["span_id"] >= 0, d["span_id"] + n_spans, -1)
-            batch["span_is_target"][b, n_spans:n_spans + s] = d["span_is_target"]
-            batch["doc_id"][b, i:i + n] = doc
-            batch["is_pad"][b, i:i + n] = False
-            i, n_spans = i + n, n_spans + s
-    return batch
-
-
-# -----------------------------------------------------------------------------
 # Audio Transfusion Forcing: one noise level per audio span
 
 CONTEXT_T_MAX = 0.1  # a user-supplied span that is not kept clean gets a small t ~ U(0, 0.1)
@@ -108,24 +62,20 @@ def rand(shape, generator, device, normal=False):
     return draw(shape, generator=generator, device=gen_device).to(device)
 
 
-def sample_noise_levels(span_id, span_is_target, per_frame=False, clean_context_p=0.9, shift=1.0, generator=None):
-    """Noise level of every token for one training step (AudioChat's Audio Transfusion Forcing).
+def sample_noise_levels(span_id, span_is_target, clean_context_p=0.9, shift=1.0, generator=None):
+    """Noise level of every token for one training step (the paper's Audio Transfusion Forcing).
 
-    span_id: (B, L) long, span_is_target: (B, S) bool. Returns t: (B, L) float.
-    Every audio span gets its OWN t = shift_noise_level(u, shift), u ~ U(0, 1), independent of the
-    other spans of the dialogue
-    (diffusion forcing across turns): the model sees clean history with a noisy target, noisy
-    history, and everything in between, so it can neither copy the previous turn nor rely on it
-    being clean. per_frame=True draws a t for every audio token instead (Diffusion Forcing's
-    granularity). Spans the user supplies for understanding are kept clean (t = 0) with
-    probability clean_context_p, otherwise they get a small t, so that the text answer about
-    them is learnable. Text tokens have t = 0. Random numbers come from `generator` (on its own
-    device, e.g. a CPU generator for a CUDA batch: the same draws on every device).
+    span_id: (B, L) long, span_is_target: (B, S) bool -> t: (B, L) float, 0 at text tokens.
+    Every assistant audio span gets its OWN t = shift_noise_level(u, shift), u ~ U(0, 1)
+    (diffusion forcing across turns), so the model can neither copy the previous turn nor rely
+    on it being clean. A span the user supplies stays clean with probability clean_context_p,
+    else gets a small t, so the answer about it stays learnable. Draws come from `generator`
+    on its own device: the same numbers on every device.
     """
     B, L = span_id.shape
     S = span_is_target.size(1)
     idx = span_id.clamp(min=0)  # text positions read span 0; torch.where below discards them
-    u = rand((B, L), generator, span_id.device) if per_frame else rand((B, S), generator, span_id.device).gather(1, idx)
+    u = rand((B, S), generator, span_id.device).gather(1, idx)
     keep_clean = (rand((B, S), generator, span_id.device) < clean_context_p).gather(1, idx)
     t_context = torch.where(keep_clean, 0.0, CONTEXT_T_MAX * u)
     t = torch.where(span_is_target.gather(1, idx), shift_noise_level(u, shift), t_context)
@@ -133,10 +83,10 @@ def sample_noise_levels(span_id, span_is_target, per_frame=False, clean_context_
 
 
 def transfusion_forcing_loss(model, batch, null_id, lambda_audio=5.0, cfg_drop_p=0.1,
-                             per_frame=False, clean_context_p=0.9, noise_shift=1.0, generator=None):
+                             clean_context_p=0.9, noise_shift=1.0, generator=None, per_token=False):
     """One training loss: loss = CE(text) + lambda_audio * MSE(v), as in Transfusion and AudioChat.
 
-    batch: the dict made by `collate`, on the model's device. Returns (loss, ce, mse), 0-dim.
+    batch: the dict made by train.collate, on the model's device. Returns (loss, ce, mse), 0-dim.
     - Audio is noised at its span's own t (sample_noise_levels, shifted by noise_shift) and the
       model predicts v in place.
     - With probability cfg_drop_p a whole sample's plain text becomes <|null|> (classifier-free
@@ -146,9 +96,11 @@ def transfusion_forcing_loss(model, batch, null_id, lambda_audio=5.0, cfg_drop_p
     - mse: squared v error averaged over the audio tokens of target spans (and latent channels);
       user-supplied spans are conditioning only. A batch with no target span (the text stage)
       has mse 0 and runs the model only up to its text head (model.forward's layers="text").
+    per_token=True also returns {"t", "mse", "x0_power"}, each (B, L), and "is_target" (B, L) bool:
+    what validation needs to bin the error by noise level (minRF's loss bins).
     """
     tokens, x0, span_id = batch["tokens"], batch["audio"], batch["span_id"]
-    t = sample_noise_levels(span_id, batch["span_is_target"], per_frame, clean_context_p, noise_shift, generator)
+    t = sample_noise_levels(span_id, batch["span_is_target"], clean_context_p, noise_shift, generator)
     eps = rand(x0.shape, generator, x0.device, normal=True)
     x_t, v_target = add_noise(x0, eps, t)  # text positions: x0 = 0 and t = 0, so x_t = 0
 
@@ -164,10 +116,14 @@ def transfusion_forcing_loss(model, batch, null_id, lambda_audio=5.0, cfg_drop_p
     ce = (ce_all * ce_mask).sum() / ce_mask.sum().clamp(min=1)
 
     if not has_audio_target:
-        return ce, ce, torch.zeros_like(ce)
-    mse_all = (v_pred.float() - v_target).pow(2).mean(-1)
-    mse = (mse_all * is_target).sum() / is_target.sum()
-    return ce + lambda_audio * mse, ce, mse
+        mse_all, mse = torch.zeros_like(t), torch.zeros_like(ce)
+    else:
+        mse_all = (v_pred.float() - v_target).pow(2).mean(-1)
+        mse = (mse_all * is_target).sum() / is_target.sum()
+    losses = (ce + lambda_audio * mse, ce, mse)
+    if per_token:
+        return *losses, {"t": t, "mse": mse_all, "x0_power": x0.pow(2).mean(-1), "is_target": is_target}
+    return losses
 
 
 # -----------------------------------------------------------------------------
@@ -181,12 +137,19 @@ def cfg(v_cond, v_uncond, scale):
     return v_uncond + scale * (v_cond - v_uncond)
 
 
+def check_steps(steps):
+    """A sampler needs at least one denoiser call: 0 steps would return the noise (or zeros)."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+
+
 def ddim_sample(v_fn, noise, steps):
     """Deterministic DDIM (eta = 0) from t = 1 to t = 0 in `steps` equal steps of t.
 
     noise: (B, N, latent) standard normal, the sample at t = 1. Each step predicts x0 and eps from
-    v (the box), then re-noises x0 with the same eps at the next, lower t.
+    v (the box), then re-noises x0 with the same eps at the next, lower t. ValueError if steps < 1.
     """
+    check_steps(steps)
     x = noise
     ts = torch.linspace(1.0, 0.0, steps + 1, device=noise.device)
     for t, t_next in zip(ts[:-1], ts[1:]):
@@ -218,7 +181,9 @@ def dpmpp_2m_sample(v_fn, noise, steps, sigma_min=0.002, sigma_max=80.0, rho=7.0
     The last step lands on t = 0, where the update is x = x0. noise: (B, N, latent) ~ N(0, I).
     sigma_min/sigma_max are the Karras noise-to-signal ratios (EDM defaults); t starts at
     t_max = (2/pi) atan(sigma_max) just below 1, where x is noise scaled by sigma(t_max).
+    ValueError if steps < 1.
     """
+    check_steps(steps)
     ts = karras_ts(steps, sigma_min, sigma_max, rho, noise.device)
     x = alpha_sigma(ts[0])[1] * noise
     x0_prev = h_prev = None
@@ -253,8 +218,11 @@ def sample_audio(model, cache, n_tokens, steps=50, sampler="dpmpp", cfg_scale=3.
     once; each of the `steps` denoiser calls runs only the n_tokens new audio tokens against them
     (the prefix cache: nothing before the span attends to it, so its K/V never change).
     Returns x0: (B, n_tokens, latent) and leaves the clean span (t = 0) committed in every row,
-    ready for the next text turn.
+    ready for the next text turn. ValueError for steps < 1, an unknown sampler, or odd rows with CFG.
     """
+    check_steps(steps)
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}: use {' or '.join(SAMPLERS)}")
     guided = cfg_scale != 1.0
     rows = cache.batch_size
     if guided and rows % 2:
@@ -274,8 +242,6 @@ def sample_audio(model, cache, n_tokens, steps=50, sampler="dpmpp", cfg_scale=3.
         return cfg(v[:B], v[B:], cfg_scale) if guided else v
 
     noise = rand((B, n_tokens, latent), generator, dev, normal=True)
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}: use {' or '.join(SAMPLERS)}")
     x0 = SAMPLERS[sampler](v_fn, noise, steps)
     clean = torch.cat([x0, x0]) if guided else x0
     model.extend(cache, tokens, clean, torch.zeros(rows, n_tokens, device=dev), span_id, layers="all", commit=True)

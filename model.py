@@ -123,7 +123,7 @@ def attend(q, k, v, mask, backend):
 
 
 # -----------------------------------------------------------------------------
-# Rotary positions (RoPE, Su et al. 2021), the alternative to a learned position table
+# Rotary positions (RoPE, Su et al. 2021)
 
 def rotary(pos, head_dim):
     """pos: (B, L) or (L,) token positions -> (cos, sin), each (B, 1, L, hd/2) or (L, hd/2), the
@@ -151,22 +151,19 @@ class SelfAttention(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        assert config.n_embd % config.n_head == 0
         self.n_head = config.n_head
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v at once
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)  # q, k, v at once
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, mask, backend, past_kv=None, rope=None):
+    def forward(self, x, mask, backend, rope, past_kv=None):
         """x: (B, L, D) -> (B, L, D), and the keys and values it attended to, each (B, H, T + L, hd):
         past_kv, the cached (k, v) of T earlier tokens (or None), followed by this chunk's.
-        rope: the chunk's (cos, sin) from `rotary`, or None (learned positions); cached keys are
-        stored already turned."""
+        rope: the chunk's (cos, sin) from `rotary`; cached keys are stored already turned."""
         B, L, D = x.shape
         q, k, v = self.c_attn(x).split(D, dim=2)
         q, k, v = (z.view(B, L, self.n_head, D // self.n_head).transpose(1, 2) for z in (q, k, v))
-        if rope is not None:
-            q, k = rotate(q, rope), rotate(k, rope)
+        q, k = rotate(q, rope), rotate(k, rope)
         if past_kv is not None:
             k, v = torch.cat([past_kv[0], k], 2), torch.cat([past_kv[1], v], 2)
         y = attend(q, k, v, mask, backend)
@@ -178,8 +175,8 @@ class MLP(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
@@ -190,14 +187,14 @@ class Block(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=False)
         self.attn = SelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=False)
         self.mlp = MLP(config)
 
-    def forward(self, x, mask, backend, past_kv=None, rope=None):
+    def forward(self, x, mask, backend, rope, past_kv=None):
         """x: (B, L, D) -> (B, L, D), and the (k, v) of the cache plus the chunk."""
-        a, kv = self.attn(self.ln_1(x), mask, backend, past_kv, rope)
+        a, kv = self.attn(self.ln_1(x), mask, backend, rope, past_kv)
         x = x + a
         x = x + self.mlp(self.ln_2(x))
         return x, kv
@@ -245,12 +242,12 @@ class DiffusionHead(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.ln_h = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.patch_in = nn.Linear(config.latent_dim, config.n_embd, bias=config.bias)
-        self.ln_mlp = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_h = nn.LayerNorm(config.n_embd, bias=False)
+        self.patch_in = nn.Linear(config.latent_dim, config.n_embd, bias=False)
+        self.ln_mlp = nn.LayerNorm(config.n_embd, bias=False)
         self.mlp = MLP(config)
-        self.ln_out = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.out = nn.Linear(config.n_embd, config.latent_dim, bias=config.bias)
+        self.ln_out = nn.LayerNorm(config.n_embd, bias=False)
+        self.out = nn.Linear(config.n_embd, config.latent_dim, bias=False)
 
     def forward(self, h, x_t, c):
         y = self.ln_h(h) + self.patch_in(x_t) + c
@@ -309,37 +306,42 @@ class ModelConfig:
     n_head: int = 4
     n_embd: int = 192
     block_size: int = 2048    # longest sequence
-    positions: str = "rope"   # "rope": rotary, attention sees relative positions | "learned": a table added to the inputs
     dropout: float = 0.0      # on embeddings and residual branches (never on attention weights, so backends agree)
-    bias: bool = False        # biases in Linear and LayerNorm
     arch: str = "sct"         # "sct": text head at layer U | "dense": both heads on top of U + G layers
     attn: str = "auto"        # "auto" (flex on CUDA, sdpa elsewhere) | "math" | "sdpa" | "flex"
     token_shift: bool = True  # add a learned map of the previous token's embedding to each input (see embed)
+
+    def __post_init__(self):
+        """Refuse a shape that cannot work, naming the flags (ValueError), before anything is built."""
+        if self.arch not in ("sct", "dense"):
+            raise ValueError(f"unknown arch {self.arch!r}: use sct or dense")
+        if self.attn not in ("auto", "math", "sdpa", "flex"):
+            raise ValueError(f"unknown attn {self.attn!r}: use auto, math, sdpa or flex")
+        if min(self.n_layer, self.n_head, self.n_embd, self.block_size, self.vocab_size, self.latent_dim) < 1 or self.n_gen_layer < 0:
+            raise ValueError("n_layer, n_head, n_embd, block_size must be >= 1 and n_gen_layer >= 0")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}: every head needs the same width")
+        if (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"n_embd={self.n_embd} / n_head={self.n_head} gives heads of odd width "
+                             f"{self.n_embd // self.n_head}: rotary positions turn channel pairs, so it must be even")
 
 
 class AudioChatModel(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        if config.arch not in ("sct", "dense"):
-            raise ValueError(f"unknown arch {config.arch!r}: use sct or dense")
-        if config.attn not in ("auto", "math", "sdpa", "flex"):
-            raise ValueError(f"unknown attn {config.attn!r}: use auto, math, sdpa or flex")
-        if config.positions not in ("learned", "rope"):
-            raise ValueError(f"unknown positions {config.positions!r}: use learned or rope")
         self.config = config
         n_blocks = config.n_layer + config.n_gen_layer
         # SCT and dense have the same layers; they differ only in where the text head reads
         self.text_layer = config.n_layer if config.arch == "sct" else n_blocks
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.positions == "learned" else None
-        self.audio_in = nn.Linear(config.latent_dim, config.n_embd, bias=config.bias)
+        self.audio_in = nn.Linear(config.latent_dim, config.n_embd, bias=False)
         self.noise_emb = ScalarEmbedding(config.n_embd)
         self.span_time_emb = ScalarEmbedding(config.n_embd)
         self.shift = nn.Linear(config.n_embd, config.n_embd, bias=False) if config.token_shift else None
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList([Block(config) for _ in range(n_blocks)])
-        self.ln_text = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_text = nn.LayerNorm(config.n_embd, bias=False)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # weight tying, as in GPT-2
         self.diffusion_head = DiffusionHead(config)
@@ -359,45 +361,25 @@ class AudioChatModel(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def num_params(self):
-        """Parameters, without the position table (as nanoGPT counts them)."""
-        return sum(p.numel() for p in self.parameters()) - (self.wpe.weight.numel() if self.wpe is not None else 0)
-
     @property
     def backend(self):
         if self.config.attn != "auto":
             return self.config.attn
         return "flex" if self.wte.weight.is_cuda else "sdpa"
 
-    def embed(self, tokens, audio, t, span_id, pos, prev=None, starts=None):
+    def embed(self, tokens, audio, t, span_id, prev=None, starts=None):
         """tokens: (B, L) long, audio: (B, L, latent) noisy patches, t: (B, L) noise levels,
-        span_id: (B, L), pos: (B, L) or (L,) positions, prev: (B, D) the embedding of the token
-        before this chunk (None: nothing before it), starts: (B, L) bool, True where a packed
-        document begins -> (the inputs (B, L, D), the last token's embedding (B, D)).
+        span_id: (B, L), prev: (B, D) the embedding of the token before this chunk (None: nothing),
+        starts: (B, L) bool, True where a packed document begins -> (inputs (B, L, D), the last
+        token's embedding (B, D)).
 
-        Text positions take their token embedding. Audio positions take a linear projection of the
-        noisy patch, rescaled so its norm matches the text embeddings' mean norm (AudioChat's
-        stabiliser, without which the model learns to ignore audio: a fresh projection has a very
-        different scale from the token table), plus the embeddings of its noise level and of its
-        time in its span.
-
-        The time in the span (not in the paper): positions tell a patch how far away other tokens
-        are (rope) or where it is in the dialogue (learned), not where it is in its clip, and
-        placing "applause at 1.1 s" needs the latter. A span starts wherever its turn happens to
-        start, so without this embedding the model has to work out its own offset by attention
-        before it can even read the plan's times.
-
-        Positions: rope (the default, `rotary`) turns queries and keys inside attention, so
-        nothing is added here; learned (the ablation) adds a row of a position table.
-
-        Token shift (not in the paper; RWKV's token shift, akin to the "smeared keys" of Olsson et
-        al. 2022): each input also gets a learned linear map of the previous token's embedding.
-        Writing a plan means copying the user's words ("ava says 'the dog runs home'"), and a
-        plain transformer copies with an induction circuit -- a head that finds where the current
-        token occurred before and reads the one after it -- which needs two layers to compose and
-        forms late. With the previous token in every input, one layer can match "the token after
-        the one I just wrote" directly. Measured on the CPU preset at step 400: its plans name 31%
-        of the requested sources with the shift, 3% without (README, "What it took").
+        A text token is its embedding. An audio token is its projected patch rescaled to the text
+        embeddings' mean norm (the paper: otherwise the model learns to ignore audio), plus the
+        embeddings of its noise level and of its time in its span (not in the paper: where the
+        patch sits in its clip, which "applause at 1.1 s" needs and rotary positions do not say).
+        Token shift (not in the paper; RWKV's): each input also gets a learned map of the previous
+        token's embedding, so one layer can copy "the token after the one just written" -- what
+        writing a plan from a request needs -- without a two-layer induction circuit.
         """
         text = self.wte(tokens)
         text_norm = self.wte.weight.norm(dim=1).mean().detach()  # a target scale, not a gradient path
@@ -414,14 +396,10 @@ class AudioChatModel(nn.Module):
             if starts is not None:  # a packed document does not see the one before it
                 shifted = shifted.masked_fill(starts[..., None], 0.0)
             x = x + self.shift(shifted)
-        if self.wpe is not None:
-            x = x + self.wpe(pos)
         return self.drop(x), e[:, -1]
 
     def rope(self, pos):
-        """pos: (B, L) or (L,) -> the blocks' rotary (cos, sin), or None with learned positions."""
-        if self.config.positions == "learned":
-            return None
+        """pos: (B, L) or (L,) -> the blocks' rotary (cos, sin)."""
         return rotary(pos, self.config.n_embd // self.config.n_head)
 
     def text_head(self, h):
@@ -439,8 +417,7 @@ class AudioChatModel(nn.Module):
         token when several dialogues are packed in one row (positions restart at each document).
         Returns text_logits (B, L, V) from layer U and v_pred (B, L, latent) from layer U + G;
         layers="text" stops at the text head (SCT: U layers, v_pred None), for a batch with no
-        audio to learn: a third less compute in the text stage, where the generation layers
-        would only be run for nothing.
+        audio to learn. ValueError for a sequence longer than block_size.
         """
         if layers not in ("text", "all"):
             raise ValueError(f"layers must be 'text' or 'all', not {layers!r}")
@@ -460,15 +437,15 @@ class AudioChatModel(nn.Module):
             mask = document_split(span_id, doc_id)
         else:
             mask = transfusion_mask(span_id, doc_id)
-        x, _ = self.embed(tokens, audio, t, span_id, pos, starts=starts)
+        x, _ = self.embed(tokens, audio, t, span_id, starts=starts)
         rope = self.rope(pos)
         for block in self.blocks[:self.text_layer]:
-            x, _ = block(x, mask, backend, rope=rope)
+            x, _ = block(x, mask, backend, rope)
         text_logits = self.text_head(x)
         if layers == "text":
             return text_logits, None
         for block in self.blocks[self.text_layer:]:
-            x, _ = block(x, mask, backend, rope=rope)
+            x, _ = block(x, mask, backend, rope)
         return text_logits, self.audio_head(x, audio, t)
 
     # ---- decoding with the key/value cache ----
@@ -486,7 +463,7 @@ class AudioChatModel(nn.Module):
             past = cache.past(i)
             seen = past[0].size(2) if past is not None else 0   # this layer's cache: the chunk's first position
             mask = torch.cat([within.new_ones(B, n, seen), within], dim=2)
-            x, kv = self.blocks[i](x, mask, backend, past, self.rope(torch.arange(seen, seen + n, device=x.device)))
+            x, kv = self.blocks[i](x, mask, backend, self.rope(torch.arange(seen, seen + n, device=x.device)), past)
             if commit:  # kv already holds the cached keys and values followed by the chunk's
                 cache.k[i], cache.v[i] = kv
         return x
@@ -500,12 +477,10 @@ class AudioChatModel(nn.Module):
         layers; the cheap text path), returns (text_logits (B, n, V), None). layers="all": every
         layer, returns (text_logits, v_pred (B, n, latent)). commit=False leaves the cache as it
         was (a diffusion step on the span being sampled); commit=True appends the chunk.
-
-        Text decoding: chunks of one token, layers="text". Audio sampling: the prefix's K/V are
-        already cached, so each diffusion step costs only the span's n tokens (prefix cache);
-        the clean span (t = 0) is committed at the end. The chunks use `sdpa` (or `math`) even
-        when training uses `flex`: their mask is almost dense, and a compiled flex kernel would
-        recompile for every new cache length. Cached outputs equal a full forward.
+        Text decoding feeds chunks of one token through layers="text"; audio sampling runs only the
+        span's n tokens per diffusion step against the cached prefix (the prefix cache). Chunks use
+        `sdpa` (or `math`), never flex: their mask is almost dense, and compiled flex would
+        recompile for every cache length. Cached outputs equal a full forward.
         """
         B, n = tokens.shape
         if B != cache.batch_size:
@@ -520,8 +495,7 @@ class AudioChatModel(nn.Module):
             # the generation layers catch up on the tokens decoded through layer U only
             self._run_chunk(cache, cache.pending, cache.pending_span, range(U, n_blocks), commit=True)
             cache.pending = cache.pending_span = None
-        pos = torch.arange(T, T + n, device=tokens.device)
-        x, last = self.embed(tokens, audio, t, span_id, pos, prev=cache.last)
+        x, last = self.embed(tokens, audio, t, span_id, prev=cache.last)
         if commit:
             cache.last = last
         x = self._run_chunk(cache, x, span_id, range(U), commit)

@@ -22,6 +22,7 @@ How a turn runs (the same sequence layout as training, tokenizer.encode_dialogue
 import json
 import os
 import sys
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,24 +30,35 @@ import torch
 
 from tokenizer import SR, HOP, PATCH, AudioCodec
 from simulate_data import MAX_DURATION, PlanError, plan_from_text, plot_story
-from diffusion import sample_audio
+from diffusion import SAMPLERS, check_steps, sample_audio
 from train import load_checkpoint, opt, parse_config, pick_device
 
 
 # -----------------------------------------------------------------------------
 # reading any audio the user hands us
 
-def resample(wav, sr_in, sr_out=SR):
-    """(C, N) at sr_in -> (C, N') at sr_out by band-limited (windowed-sinc) interpolation, done as
-    one FFT-domain operation: drop (or zero-pad) the spectrum above the lower Nyquist."""
+def resample(wav, sr_in, sr_out=SR, zero_crossings=16):
+    """(C, N) at sr_in Hz -> (C, round(N * sr_out / sr_in)) at sr_out Hz, by windowed-sinc
+    interpolation: each output sample is a Hann-windowed sinc-weighted sum of the input samples
+    within `zero_crossings` lobes of it, low-passed at the lower of the two Nyquist rates. Samples
+    beyond either end count as silence, so the end of a clip never leaks into its start (as a
+    periodic, FFT-based resampler's would)."""
     if sr_in == sr_out:
         return wav
-    n_out = int(round(wav.shape[-1] * sr_out / sr_in))
-    spec = np.fft.rfft(wav, axis=-1)
-    keep = min(spec.shape[-1], n_out // 2 + 1)
-    out_spec = np.zeros(wav.shape[:-1] + (n_out // 2 + 1,), dtype=spec.dtype)
-    out_spec[..., :keep] = spec[..., :keep]
-    return (np.fft.irfft(out_spec, n=n_out, axis=-1) * (n_out / wav.shape[-1])).astype(np.float32)
+    ratio = sr_out / sr_in
+    cutoff = min(1.0, ratio)                 # of the input's Nyquist: no aliasing when downsampling
+    reach = zero_crossings / cutoff          # kernel half-width, in input samples
+    taps = np.arange(-int(reach), int(reach) + 2)
+    N, n_out = wav.shape[-1], int(round(wav.shape[-1] * ratio))
+    out = np.zeros(wav.shape[:-1] + (n_out,), dtype=np.float32)
+    for start in range(0, n_out, 4096):      # in chunks: the (outputs, taps) weights stay small
+        t = np.arange(start, min(start + 4096, n_out)) / ratio       # output times, in input samples
+        idx = np.floor(t)[:, None].astype(np.int64) + taps            # (n, taps) input samples used
+        x = t[:, None] - idx
+        h = cutoff * np.sinc(cutoff * x) * np.where(np.abs(x) < reach, 0.5 + 0.5 * np.cos(np.pi * x / reach), 0.0)
+        h = h * ((idx >= 0) & (idx < N))
+        out[..., start:start + len(t)] = (wav[..., idx.clip(0, N - 1)] * h).sum(-1)
+    return out
 
 
 def load_audio(audio):
@@ -81,14 +93,22 @@ def load_audio(audio):
 # -----------------------------------------------------------------------------
 # the chat
 
+def check_request(text):
+    """The user's words, checked before anything enters the dialogue: ValueError if empty."""
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"the request is empty: say what you want (got {text!r})")
+
+
 @dataclass
 class Turn:
     """What one assistant turn produced: its text (plan or answer), the parsed plan (or None), the
-    stereo audio (2, N) (or None), and an error message when the plan failed validation."""
+    stereo audio (2, N) at SR (or None), an error message when the plan failed validation, and
+    the wall-clock seconds the turn took."""
     text: str
     plan: dict = None
     wav: np.ndarray = None
     error: str = None
+    seconds: float = 0.0
 
 
 class Chat:
@@ -103,6 +123,9 @@ class Chat:
     """
 
     def __init__(self, model, tok, codec, sampler="dpmpp", steps=25, cfg_scale=3.0, seed=0, max_new_tokens=400):
+        check_steps(steps)
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}: use {' or '.join(SAMPLERS)}")
         self.model, self.tok, self.codec = model.eval(), tok, codec
         self.sampler, self.steps, self.cfg_scale, self.max_new_tokens = sampler, steps, cfg_scale, max_new_tokens
         self.device = next(model.parameters()).device
@@ -112,7 +135,6 @@ class Chat:
         self.cache = model.new_cache(2 if self.guided else 1)
         self.ids = {name: tok.special(name) for name in ("<|user|>", "<|assistant|>", "<|end|>", "<|audio|>",
                                                            "<|/audio|>", "<|null|>", "<|pad|>")}
-        self.turns = []  # what was said, in the dialogue format of simulate_data (plans, answers)
 
     @classmethod
     def from_checkpoint(cls, path, device="auto", **kwargs):
@@ -167,44 +189,47 @@ class Chat:
     # ---- the three turns ----
 
     @torch.no_grad()
-    def _audio_turn(self, instruction, kind):
+    def _audio_turn(self, instruction):
+        """A story or an edit turn (the same template: the dialogue so far says which). -> Turn;
+        ValueError for an empty instruction or a full dialogue."""
+        start = time.time()
+        check_request(instruction)
         self._feed([self.ids["<|user|>"]], [False])
         self._feed_words(instruction)
         logits = self._feed([self.ids["<|end|>"], self.ids["<|assistant|>"]], [False, False])
         text, stop = self._decode(logits)
-        self.turns.append({"role": "user", "text": instruction, "intent": {"kind": kind}})
         try:
             plan = plan_from_text(text)
         except PlanError as e:
             if stop == self.ids["<|audio|>"]:  # close the span the model opened, with no audio in it
                 self._feed([self.ids["<|/audio|>"], self.ids["<|end|>"]], [False, False])
-            self.turns.append({"role": "assistant", "text": text})
-            return Turn(text=text, error=f"the model wrote an invalid plan: {e}")
+            return Turn(text=text, error=f"the model wrote an invalid plan: {e}", seconds=time.time() - start)
         if stop != self.ids["<|audio|>"]:
-            self.turns.append({"role": "assistant", "text": text})
-            return Turn(text=text, plan=plan, error="the model wrote a plan but opened no audio span")
+            return Turn(text=text, plan=plan, error="the model wrote a plan but opened no audio span",
+                        seconds=time.time() - start)
         n_tokens = round(plan["duration"] * SR / HOP) // PATCH
         z = sample_audio(self.model, self.cache, n_tokens, steps=self.steps, sampler=self.sampler,
                          cfg_scale=self.cfg_scale, generator=self.generator)[0]
         self._feed([self.ids["<|/audio|>"], self.ids["<|end|>"]], [False, False])
         wav = self.codec.decode(AudioCodec.unpatchify(z.float().cpu())).numpy()
-        self.turns.append({"role": "assistant", "plan": plan, "audio": len(self.turns)})
-        return Turn(text=text, plan=plan, wav=wav)
+        return Turn(text=text, plan=plan, wav=wav, seconds=time.time() - start)
 
     def generate(self, instruction):
         """A story from an instruction: plan, then audio. -> Turn."""
-        return self._audio_turn(instruction, "story")
+        return self._audio_turn(instruction)
 
     def edit(self, instruction):
         """Change the last story as asked: updated plan, then audio that hears the previous audio. -> Turn."""
-        return self._audio_turn(instruction, "edit")
+        return self._audio_turn(instruction)
 
     @torch.no_grad()
     def understand(self, audio, request="Who says what, and when?"):
-        """Audio (a wav path or an array) + a request -> Turn whose text is the answer (a timed
-        transcript, or every sound with its time span)."""
-        wav = load_audio(audio)
-        z = AudioCodec.patchify(self.codec.encode(wav))
+        """Audio (a wav path or an array, see load_audio) + a request -> Turn whose text is the
+        answer (a timed transcript, or every sound with its time span). ValueError for unreadable
+        audio or an empty request, before anything enters the dialogue."""
+        start = time.time()
+        check_request(request)
+        z = AudioCodec.patchify(self.codec.encode(load_audio(audio)))
         self._feed([self.ids["<|user|>"]], [False])
         self._feed_words(request)
         self._feed([self.ids["<|audio|>"]], [False])
@@ -213,9 +238,7 @@ class Chat:
         text, stop = self._decode(logits)
         if stop == self.ids["<|audio|>"]:  # an answer is text only: close the span the model opened
             self._feed([self.ids["<|/audio|>"], self.ids["<|end|>"]], [False, False])
-        self.turns.append({"role": "user", "text": request, "intent": {"kind": "understand"}})
-        self.turns.append({"role": "assistant", "text": text})
-        return Turn(text=text)
+        return Turn(text=text, seconds=time.time() - start)
 
 
 # -----------------------------------------------------------------------------
@@ -258,11 +281,11 @@ class SampleConfig:
     understand: str = opt("", "a wav file to understand (any sample rate, mono or stereo)")
     request: str = opt("Who says what, and when?", "what to ask about the --understand audio")
     out_dir: str = opt("out/chat", "where turn_K.wav/.json/.png go")
-    sampler: str = opt("dpmpp", "dpmpp (DPM-Solver++(2M), Karras) | ddim")
-    steps: int = opt(25, "diffusion steps per audio span")
-    cfg: float = opt(3.0, "classifier-free guidance scale (1 = none)")
-    seed: int = opt(0, "seed of the audio noise")
-    device: str = opt("auto", "auto | cpu | cuda | mps")
+    sampler: str = opt("dpmpp", "DPM-Solver++(2M) on a Karras schedule, or DDIM", choices=tuple(SAMPLERS))
+    steps: int = opt(25, "diffusion steps per audio span", lo=1, hi=1000)
+    cfg: float = opt(3.0, "classifier-free guidance scale (1 = none)", lo=0.0, hi=20.0)
+    seed: int = opt(0, "seed of the audio noise", lo=0)
+    device: str = opt("auto", "auto | cpu | cuda | cuda:N | mps")
 
 
 def main(argv):

@@ -1,20 +1,19 @@
 """
 The toy audio world of AudioChat-mini, and the agents that turn it into training dialogues.
 
-AudioChat trains on millions of dialogues simulated by "AudioCopilot": LLM agents that play a user
-asking for audio stories and edits, and a sound designer who answers by calling text-to-speech and
+AudioChat trains on dialogues simulated by "AudioCopilot": LLM agents that play a user asking for
+audio stories and edits, and a sound designer who answers by calling text-to-speech and
 text-to-audio tools. This file is that simulator at toy scale, self-contained and deterministic:
+6 voices speaking a closed 111-word language, 14 sound effects, 3 ambiences and 2 music beds, all
+16 kHz stereo, rendered from a plan (the assistant's chain of thought) by a pure-function mixer.
 
-1. the world: 6 voices speaking a closed 111-word language through a small formant synthesizer,
-   14 procedural sound effects, 3 ambiences and 2 music beds, all 16 kHz stereo;
-2. the plan (the assistant's chain of thought): JSON text, validation with clear errors;
-3. the mixer: `render(plan, seed)`, a pure function, so an edit leaves untouched stems identical;
-4. the agents: a rule-based user (story / edit / understanding requests in varied words) and a
-   rule-based designer that answers with tool calls (the seam where real LLM agents would plug in);
-5. the dataset writer (all cores, shards of log-mel frames, BPE + codec statistics) and a demo.
+    python simulate_data.py data              # the dataset `python train.py` simulates (train / listen / val / test)
+    python simulate_data.py --demo out/demo   # 3 dialogues as markdown + wav + png
 
-    python simulate_data.py --out data --n 2000          # train / val / test shards in data/ (--n_listen: + listen)
-    python simulate_data.py --demo --out out/demo        # 3 dialogues as markdown + wav + png
+Read line by line: Part 1 the plan, 2 the mixer, 3 the tools, 4 the agents, 5 the dialogues.
+Skim: 6 the picture, 7 the dataset writer, and everything under the "synthesizers" banner at the
+end (DSP helpers, the formant speech synthesizer, the sound effects and the beds): the parts above
+use only their names and the speech timing, never how they sound.
 """
 
 import copy
@@ -23,6 +22,8 @@ import json
 import math
 import multiprocessing as mp
 import os
+import reprlib
+import sys
 import time
 import zlib
 from dataclasses import dataclass
@@ -30,153 +31,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-# tokenizer.py owns the codec constants and also SR (it cannot import this file without a cycle,
-# since we import it to encode audio); simulate_data re-exports SR for everyone else.
-from tokenizer import SR, AudioCodec, BPETokenizer
+from tokenizer import SR, AudioCodec, BPETokenizer   # SR is re-exported for the other files
 
 MIN_DURATION, MAX_DURATION = 1.0, 8.0   # seconds; stories are multiples of 0.1 s
 STORY_DURATION = (4.0, 6.0)             # the range of the stories the agents make
 GAIN_RANGE = (-30, 6)                   # dB, integers
 TYPES = ("speech", "sfx", "ambience", "music")
-CTRL = 80                               # control-rate hop in samples (200 Hz): envelopes, formants, pitch
-
-# -----------------------------------------------------------------------------
-# Part 1: the world
-#
-# Small DSP helpers first. Everything works on whole arrays (numpy), never sample by sample.
-
-
-def ceil_tenth(x):
-    """Round a time up to the 0.1 s grid of the plan (the 1e-6 absorbs float noise: 0.30000001 -> 0.3)."""
-    return math.ceil(round(x * 10, 6)) / 10
-
-
-def rms(x):
-    return float(np.sqrt(np.mean(np.square(x)) + 1e-12))
-
-
-def band_shape(f, lo, hi):
-    """Magnitude response of a smooth band-pass (4th-order Butterworth-like edges) at f Hz."""
-    return 1 / np.sqrt(1 + (lo / np.maximum(f, 1.0)) ** 8) / np.sqrt(1 + (f / hi) ** 8)
-
-
-@functools.lru_cache(maxsize=256)
-def _band_mask(nf, lo, hi, tilt):
-    f = np.fft.rfftfreq(nf, 1 / SR)
-    return band_shape(f, lo, hi) * (np.maximum(f, 20.0) / 1000.0) ** tilt
-
-
-def band_noise(rng, n, lo, hi, tilt=0.0):
-    """White noise band-limited to about [lo, hi] Hz, unit RMS -> (n,). The noise is drawn
-    directly as its spectrum (white noise has i.i.d. Gaussian Fourier coefficients), shaped by
-    band_shape (tilt > 0 brightens, < 0 darkens), and brought back by one inverse FFT, whose
-    length is rounded up to a fast size."""
-    nf = n if n % 1600 == 0 else 1 << (n - 1).bit_length()   # plan lengths (0.1 s grid) are fast already
-    mask = _band_mask(nf, lo, hi, tilt)
-    spec = (rng.standard_normal(len(mask)) + 1j * rng.standard_normal(len(mask))) * mask
-    x = np.fft.irfft(spec, nf)[:n]
-    return (x / rms(x)).astype(np.float32)
-
-
-@functools.lru_cache(maxsize=None)
-def noise_bank(lo, hi):
-    """A fixed 8 s band noise (unit RMS) per band. Speech cuts its many short consonant noises
-    out of it at random offsets: as random as a fresh noise each time, at the cost of a slice."""
-    return band_noise(np.random.default_rng([lo, hi]), int(MAX_DURATION * SR), lo, hi)
-
-
-def bank_noise(rng, n, lo, hi):
-    """n samples of band noise from the bank, starting at a random offset. -> (n,)"""
-    bank = noise_bank(lo, hi)
-    i0 = int(rng.integers(len(bank) - n + 1))
-    return bank[i0:i0 + n]
-
-
-def decay_env(n, attack, tau):
-    """Linear attack over `attack` s, then exponential decay with time constant tau s. -> (n,)"""
-    t = np.arange(n) / SR
-    return (np.minimum(t / attack, 1.0) * np.exp(-np.maximum(t - attack, 0.0) / tau)).astype(np.float32)
-
-
-@functools.lru_cache(maxsize=None)
-def _ramp(n):
-    return (np.sin(np.linspace(0, np.pi / 2, n)) ** 2).astype(np.float32)
-
-
-def fade(x, t_in=0.005, t_out=0.01):
-    """Short raised-cosine fades at both ends, so no source starts or stops with a click."""
-    n_in, n_out = max(1, int(t_in * SR)), max(1, int(t_out * SR))
-    x = x.copy()
-    x[:n_in] *= _ramp(n_in)
-    x[-n_out:] *= _ramp(n_out)[::-1]
-    return x
-
-
-def smooth(x, width):
-    """Moving Hann-window average along the last axis (edges padded), width in control frames."""
-    if width < 2:
-        return x
-    w = np.hanning(width + 2)[1:-1]
-    w /= w.sum()
-    pad = [(0, 0)] * (x.ndim - 1) + [(width, width)]
-    xp = np.pad(x, pad, mode="edge")
-    return np.apply_along_axis(lambda r: np.convolve(r, w, mode="same"), -1, xp)[..., width:-width]
-
-
-def random_curve(rng, n, rate, step=1):
-    """A smooth random curve in [0, 1] with about `rate` wiggles per second (gusts, murmurs),
-    sampled every `step` samples over n samples. -> (ceil(n / step),)"""
-    pts = rng.random(int(n / SR * rate) + 3)
-    return np.interp(np.arange(0, n, step), np.linspace(0, n, len(pts)), pts).astype(np.float32)
-
-
-def upsample(x, n):
-    """Control-rate values (..., C) -> per-sample (..., n) by linear interpolation (hop CTRL)."""
-    pos = np.arange(n) / CTRL
-    i = np.minimum(pos.astype(np.int64), x.shape[-1] - 2)
-    w = (pos - i).astype(np.float32)
-    return x[..., i] * (1 - w) + x[..., i + 1] * w
-
-
-def harmonic_stack(f0, amps, n):
-    """Additive synthesis: sum_k A_k(t) sin(k phase(t)), phase(t) = 2 pi cumsum(f0) / SR.
-    f0 (C,) Hz and amps (K, C) at control rate -> (n,). The workhorse of voices, barks, horns.
-
-    Two tricks keep it fast without a per-sample loop: sin(k phase) comes from the Chebyshev
-    recurrence sin((k+1)x) = 2 cos(x) sin(kx) - sin((k-1)x) (no K x n table of sines), and the
-    amplitudes are interpolated inside each control block as (1 - w) A[c] + w A[c+1], so the two
-    per-block sums are accumulated and blended once at the end."""
-    phase = 2 * np.pi * np.cumsum(upsample(f0, n).astype(np.float64)) / SR
-    blocks = -(-n // CTRL)
-    ph = np.zeros(blocks * CTRL)
-    ph[:n] = np.mod(phase, 2 * np.pi)
-    ph = ph.reshape(blocks, CTRL).astype(np.float32)   # (blocks, CTRL): sample j of control block c
-    amps = amps.astype(np.float32)
-    two_cos, s_prev, s, tmp = 2 * np.cos(ph), np.zeros_like(ph), np.sin(ph), np.empty_like(ph)
-    acc0, acc1 = np.zeros_like(ph), np.zeros_like(ph)
-    for k in range(amps.shape[0]):                     # K vector steps, one per harmonic (in place)
-        acc0 += np.multiply(amps[k, :blocks, None], s, out=tmp)
-        acc1 += np.multiply(amps[k, 1:blocks + 1, None], s, out=tmp)
-        np.multiply(two_cos, s, out=tmp)
-        tmp -= s_prev
-        s_prev, s, tmp = s, tmp, s_prev
-    w = np.arange(CTRL, dtype=np.float32) / CTRL
-    return (acc0 * (1 - w) + acc1 * w).reshape(-1)[:n]
-
-
-def formant_gain(fk, formants, bandwidths):
-    """Magnitude of a cascade of resonators (the vocal tract as a source-filter model) at the
-    harmonic frequencies fk (K, C); formants (F, C) Hz, bandwidths (F,) Hz. 1 at DC, peaks of
-    about F/B at each formant."""
-    g = np.ones_like(fk)
-    for F, B in zip(formants, bandwidths):
-        F = F[None, :]
-        g = g * F ** 2 / np.sqrt((F ** 2 - fk ** 2) ** 2 + (B * fk) ** 2)
-    return g
-
-
-# --- voices -------------------------------------------------------------------
-
+N_TRAIN, N_LISTEN = 3000, 1500          # the dataset train.py simulates: dialogues, listening dialogues
 
 @dataclass(frozen=True)
 class Voice:
@@ -185,7 +46,6 @@ class Voice:
     rate: float      # speaking rate: divides every phoneme duration
     tilt: float      # spectral tilt of the glottal source (larger = darker, softer voice)
     breath: float    # aspiration noise mixed into voiced sounds
-
 
 VOICES = {
     "ava":  Voice(f0=210, formant=1.17, rate=1.05, tilt=1.0, breath=0.10),
@@ -196,42 +56,8 @@ VOICES = {
     "finn": Voice(f0=145, formant=1.06, rate=1.10, tilt=0.9, breath=0.04),
 }
 
-# --- the phoneme inventory ----------------------------------------------------
-# Vowels are voiced with three formants (F1, F2, F3 in Hz for the reference tract, scaled per
-# voice); "ai" is a diphthong gliding to its second target. Consonants: fricatives are noise
-# bands, plosives a silent closure then a burst, nasals and "l" are weak voiced sounds.
-# dur in seconds at rate 1; amp relative to a vowel.
-
-PHONEMES = {
-    "i":  dict(kind="vowel", dur=0.13, F=(280, 2250, 2900), amp=1.0),
-    "e":  dict(kind="vowel", dur=0.13, F=(530, 1850, 2500), amp=1.0),
-    "ae": dict(kind="vowel", dur=0.14, F=(720, 1650, 2450), amp=1.0),
-    "a":  dict(kind="vowel", dur=0.14, F=(760, 1100, 2450), amp=1.0),
-    "o":  dict(kind="vowel", dur=0.14, F=(480, 800, 2500), amp=1.0),
-    "u":  dict(kind="vowel", dur=0.13, F=(300, 850, 2250), amp=0.9),
-    "er": dict(kind="vowel", dur=0.14, F=(480, 1350, 1650), amp=0.9),
-    "ai": dict(kind="vowel", dur=0.18, F=(740, 1200, 2500), F_end=(320, 2150, 2900), amp=1.0),
-    "m":  dict(kind="voiced", dur=0.07, F=(250, 1100, 2300), amp=0.3),
-    "n":  dict(kind="voiced", dur=0.07, F=(250, 1700, 2600), amp=0.3),
-    "l":  dict(kind="voiced", dur=0.06, F=(360, 1100, 2800), amp=0.55),
-    "s":  dict(kind="fricative", dur=0.10, band=(4000, 7500), amp=0.6),
-    "sh": dict(kind="fricative", dur=0.10, band=(1900, 3800), amp=0.6),
-    "f":  dict(kind="fricative", dur=0.09, band=(900, 7000), amp=0.25),
-    "h":  dict(kind="fricative", dur=0.07, band=(500, 3000), amp=0.25),
-    "p":  dict(kind="plosive", dur=0.08, band=(300, 1500), amp=0.9),
-    "t":  dict(kind="plosive", dur=0.08, band=(3000, 6500), amp=0.9),
-    "k":  dict(kind="plosive", dur=0.08, band=(1400, 3000), amp=0.9),
-}
-VOWELS = [p for p, d in PHONEMES.items() if d["kind"] == "vowel"]
-CONSONANTS = [p for p, d in PHONEMES.items() if d["kind"] != "vowel"]
-WORD_GAP = 0.07      # s of silence between words (at rate 1)
-SPEECH_TAIL = 0.03   # s of release after the last phoneme
-
-# --- the language ---------------------------------------------------------------
-# Lines are drawn from little templates whose slots take words of one class, so that stories
-# read like stories ("the old dog runs home", "hello my friend"). The vocabulary is exactly the
-# words these templates can produce.
-
+# The language: lines come from little templates whose slots take words of one class ("the old
+# dog runs home", "hello my friend"); the vocabulary is exactly the words they can produce.
 WORD_CLASSES = {
     "DET": ["the", "a", "my", "your", "our"],
     "ADJ": ["old", "young", "big", "little", "dark", "cold", "warm", "quiet", "happy", "lost", "brave", "tired"],
@@ -255,65 +81,58 @@ LINE_TEMPLATES = [
 VOCAB = sorted(set(w for ws in WORD_CLASSES.values() for w in ws) |
                set(w for t in LINE_TEMPLATES for w in t.split() if w not in WORD_CLASSES))
 
-
 def pick(rng, items):
     return items[int(rng.integers(len(items)))]
 
-
-def _one_slip(code):
-    """Every phoneme sequence at edit distance <= 1 from code (one substitution, insertion or
-    deletion away), code included."""
-    alphabet = list(PHONEMES)
-    out = {code}
-    for i in range(len(code) + 1):
-        out.update(code[:i] + (p,) + code[i:] for p in alphabet)           # insertions
-        if i < len(code):
-            out.add(code[:i] + code[i + 1:])                                # deletions
-            out.update(code[:i] + (p,) + code[i + 1:] for p in alphabet)   # substitutions
-    return out
+def ceil_tenth(x):
+    """Round a time up to the 0.1 s grid of the plan (the 1e-6 absorbs float noise: 0.30000001 -> 0.3)."""
+    return math.ceil(round(x * 10, 6)) / 10
 
 
-def _assign_word_codes():
-    """Give every word a fixed phoneme code: a syllable (CVC) for one-syllable spellings, two
-    (CVCV or CVCVC) for two or more. Codes are drawn from a fixed generator and accepted only if
-    they differ from every earlier code in >= 2 phonemes (edit distance), so that no two words
-    are one slip apart; when the short codes run out, a word gets a longer shape."""
-    rng = np.random.default_rng(1234)
-    shapes = ["CVC", "CVCV", "CVCVC"]
-    codes, taken = {}, set()
-    for word in VOCAB:
-        groups = sum(1 for i, c in enumerate(word) if c in "aeiouy" and (i == 0 or word[i - 1] not in "aeiouy"))
-        groups -= word.endswith("e") and groups > 1          # silent final e: "home" is one syllable
-        level = 0 if groups <= 1 else 1 + int(rng.integers(2))
-        for attempt in range(10_000):
-            shape = shapes[min(level + attempt // 300, 2)]
-            code = tuple(pick(rng, VOWELS) if s == "V" else pick(rng, CONSONANTS) for s in shape)
-            if code not in taken:
-                codes[word] = code
-                taken |= _one_slip(code)
-                break
-    return codes
+# -----------------------------------------------------------------------------
+# Part 1: the plan -- the assistant's chain of thought
+#
+# A plan is {"duration": d, "sources": [...]}; every source has a persistent id. Its text is one
+# line of JSON with a fixed key order and number format, so one plan is always one text. What the
+# tools compute is not written: a line lasts as long as its voice takes to say it and an sfx as
+# long as its sound, so their `dur` is left out of the text and derived when it is read back.
 
-
-WORD_CODES = _assign_word_codes()
-
+PLAN_ERROR_KINDS = ("not_json", "malformed", "self_overlap", "past_end", "other")
+SOURCE_KEYS = {"speech": ("id", "type", "voice", "text", "start", "dur", "gain_db", "pan"),   # in the plan text's order
+               **{t: ("id", "type", "sound", "start", "dur", "gain_db", "pan") for t in ("sfx", "ambience", "music")}}
+DERIVED_DUR = ("speech", "sfx")   # the types whose dur the tools compute (derived_dur)
 
 class PlanError(ValueError):
-    """An inconsistent plan or tool call; the message names the source and the problem."""
+    """An invalid plan or tool call: the message names the source and the problem, `kind` (one
+    of PLAN_ERROR_KINDS) says which way it fails. not_json: the text is not one JSON object;
+    malformed: a wrong JSON type (ids and gain_db are integers), a missing or unknown field, an
+    unknown voice, word or sound, a non-finite number, a duplicate id; self_overlap: a voice talks
+    over itself; past_end: a source starts before 0 s or ends after the story; other: the rest."""
 
+    def __init__(self, message, kind="other"):
+        assert kind in PLAN_ERROR_KINDS, kind
+        super().__init__(message)
+        self.kind = kind
+
+_show = reprlib.repr   # a value in an error message, cut short (a plan may hold any JSON)
+
+def written_keys(kind):
+    """The keys of a `kind` source that the plan text holds, in order."""
+    return tuple(k for k in SOURCE_KEYS[kind] if not (k == "dur" and kind in DERIVED_DUR))
 
 def phoneme_timeline(voice, text):
-    """The phonemes of a line with their times: -> ([(phoneme, start_s, dur_s, word_index)], end_s).
-    Timing depends only on the voice's rate and the words, never on a seed: this is what makes
-    a speech source's duration derivable from the plan."""
-    if voice not in VOICES:
-        raise PlanError(f"unknown voice {voice!r}; the voices are {', '.join(VOICES)}")
+    """The phonemes of a line with their times -> ([(phoneme, start_s, dur_s, word_index)], end_s).
+    Timing depends only on the voice's rate and the words, never on a seed: this is what makes a
+    speech source's duration derivable from the plan. PlanError for an unknown voice or word."""
+    if not isinstance(voice, str) or voice not in VOICES:
+        raise PlanError(f"unknown voice {_show(voice)}; the voices are {', '.join(VOICES)}", "malformed")
     words = text.split() if isinstance(text, str) else []
     if not words:
-        raise PlanError(f"speech text must be a non-empty string of words, got {text!r}")
+        raise PlanError(f"speech text must be a non-empty string of words, got {_show(text)}", "malformed")
     unknown = [w for w in words if w not in WORD_CODES]
     if unknown:
-        raise PlanError(f"unknown word {unknown[0]!r} in {text!r}: lines use the {len(VOCAB)}-word vocabulary (VOCAB)")
+        raise PlanError(f"unknown word {_show(unknown[0])} in {_show(text)}: lines use the {len(VOCAB)}-word "
+                        "vocabulary (VOCAB)", "malformed")
     rate = VOICES[voice].rate
     segs, t = [], 0.0
     for wi, word in enumerate(words):
@@ -325,453 +144,84 @@ def phoneme_timeline(voice, text):
             t += d
     return segs, t
 
-
 def speech_duration(voice, text):
     """The derived `dur` of a speech source: the line's length rounded up to 0.1 s."""
     return ceil_tenth(phoneme_timeline(voice, text)[1] + SPEECH_TAIL)
 
-
-def synth_speech(voice, text, rng):
-    """The formant synthesizer: one line of speech -> mono (round(speech_duration * SR),).
-
-    Source-filter model, vectorised: per control frame (200 Hz) we set the formant targets and
-    the voicing amplitude of the current phoneme, smooth them (coarticulation: transitions
-    between phonemes take ~30 ms), then the glottal source is a harmonic stack at the voice's
-    pitch whose k-th harmonic is weighted by k^-tilt times the vocal-tract gain at k * f0.
-    Consonant noise (fricative bands, plosive bursts) is added on top. The seed only moves the
-    pitch contour (declination, word accents, jitter), never the timing."""
-    v = VOICES[voice]
-    segs, end = phoneme_timeline(voice, text)
-    n = round(speech_duration(voice, text) * SR)
-    C = n // CTRL + 2
-    F = np.full((3, C), np.nan)
-    av = np.zeros(C)
-    accent = np.zeros(C)
-    word_accent = rng.uniform(-0.04, 0.09, size=len(text.split()))
-    for ph, t0, d, wi in segs:
-        p = PHONEMES[ph]
-        i0 = int(t0 * SR / CTRL)
-        i1 = max(i0 + 1, int((t0 + d) * SR / CTRL))
-        accent[i0:i1] = word_accent[wi]
-        if p["kind"] in ("vowel", "voiced"):
-            F[:, i0:i1] = np.linspace(p["F"], p.get("F_end", p["F"]), i1 - i0).T
-            av[i0:i1] = p["amp"]
-    idx = np.arange(C)
-    known = ~np.isnan(F[0])   # during noise and silence the tract already moves to the next sound
-    F = np.stack([np.interp(idx, idx[known], row[known]) for row in F]) * v.formant
-    F, av = smooth(F, 7), smooth(av, 5)
-    t = idx * CTRL / SR
-    f0 = v.f0 * (1 + 0.06 - 0.12 * t / max(end, 1e-3)) * (1 + smooth(accent, 15)) \
-        * (1 + 0.02 * (random_curve(rng, C * CTRL, 4, CTRL) - 0.5))
-    K = int(4000 / f0.min())
-    k = np.arange(1, K + 1)[:, None]
-    fk = k * f0[None, :]
-    A = formant_gain(fk, F, np.array([90, 110, 170]) * v.formant) * k ** -v.tilt * av[None, :] * (fk < 4000)
-    x = harmonic_stack(f0, A, n)
-    voiced = upsample(av, n)
-    x /= rms(x[voiced > 0.5]) if np.any(voiced > 0.5) else rms(x)
-    x += v.breath * bank_noise(rng, n, 1000, 5000) * voiced
-    for ph, t0, d, _ in segs:
-        p = PHONEMES[ph]
-        if p["kind"] == "fricative":
-            m = int(d * SR)
-            seg = bank_noise(rng, m, *p["band"]) * p["amp"] * fade(np.ones(m, np.float32), 0.015, 0.015)
-        elif p["kind"] == "plosive":   # closure (silence), then a 15 ms burst and 20 ms aspiration
-            m = int(0.035 * SR)
-            seg = bank_noise(rng, m, *p["band"]) * p["amp"] * decay_env(m, 0.001, 0.012)
-            t0 = t0 + d - 0.035
-        else:
-            continue
-        i0 = int(t0 * SR)
-        x[i0:i0 + len(seg)] += seg[:n - i0]
-    return fade(0.1 * x / rms(x[: int(end * SR)])).astype(np.float32)
-
-
-# --- sound effects ------------------------------------------------------------
-# Each effect: fn(rng, n) -> mono (n,), n = its fixed length. The rng varies pitch, timing and
-# texture from source to source; the length never varies (sfx dur is derived from the name).
-
-
-def _events(out, onsets, make):
-    """Add make(i) at each onset (s) into out, clipped at the end."""
-    for i, t0 in enumerate(onsets):
-        e = make(i)
-        i0 = int(t0 * SR)
-        out[i0:i0 + len(e)] += e[:len(out) - i0]
-    return out
-
-
-def dog_bark(rng, n):
-    """Two 'woofs': a falling harmonic tone through an open-vowel tract, plus rough noise."""
-    def woof(i):
-        m = int(0.17 * SR)
-        C = m // CTRL + 2
-        f0 = np.linspace(1, 0.7, C) * rng.uniform(430, 620)
-        k = np.arange(1, 13)[:, None]
-        F = np.array([[700.0], [1500.0], [2600.0]]) * rng.uniform(0.9, 1.1) * np.ones(C)
-        tone = harmonic_stack(f0, formant_gain(k * f0, F, [250, 300, 400]) * k ** -0.7, m)
-        return (tone / rms(tone) + 0.6 * band_noise(rng, m, 400, 3500)) * decay_env(m, 0.006, 0.05)
-    return _events(np.zeros(n, np.float32), [0.0, rng.uniform(0.24, 0.30)], woof)
-
-
-def knock(rng, n):
-    """Three knocks on wood: two damped low modes and a short click."""
-    f1, f2 = rng.uniform(150, 220), rng.uniform(380, 520)
-    t = np.arange(int(0.12 * SR)) / SR
-    def hit(i):
-        body = np.sin(2 * np.pi * f1 * t) * np.exp(-t / 0.02) + 0.6 * np.sin(2 * np.pi * f2 * t) * np.exp(-t / 0.012)
-        return rng.uniform(0.8, 1.0) * (body + 0.5 * band_noise(rng, len(t), 1000, 4000) * np.exp(-t / 0.004))
-    gap = rng.uniform(0.13, 0.17)
-    return _events(np.zeros(n, np.float32), [0.0, gap, 2 * gap], hit)
-
-
-def bell(rng, n):
-    """A struck bell: inharmonic partials (hum, prime, minor third, fifth, nominal...) that ring
-    for a long time, the low ones longest, and a bright strike transient."""
-    f = rng.uniform(450, 800)
-    t = np.arange(n) / SR
-    ratios = np.array([0.5, 1.0, 1.19, 1.5, 2.0, 2.52, 2.67, 3.01])[:, None]
-    amps = np.array([0.4, 1.0, 0.6, 0.35, 0.5, 0.25, 0.2, 0.15])[:, None]
-    x = (amps * np.sin(2 * np.pi * f * ratios * t) * np.exp(-t / (0.8 / ratios ** 0.6))).sum(0)
-    return x + 0.3 * band_noise(rng, n, 2000, 6000) * decay_env(n, 0.001, 0.005)
-
-
-def footsteps(rng, n):
-    """Four steps: a low thud and a scuff of grit, at a walking pace."""
-    pace = rng.uniform(0.26, 0.3)
-    def step(i):
-        m = int(0.15 * SR)
-        return rng.uniform(0.7, 1.0) * (band_noise(rng, m, 60, 350) * decay_env(m, 0.002, 0.03)
-                                        + 0.4 * band_noise(rng, m, 1500, 4000) * decay_env(m, 0.001, 0.012))
-    return _events(np.zeros(n, np.float32), pace * np.arange(4) + rng.uniform(0, 0.02, 4), step)
-
-
-def glass_break(rng, n):
-    """A bright crash, then shards tinkling: many short high sine pings at random times."""
-    x = band_noise(rng, n, 2500, 7800) * decay_env(n, 0.001, 0.06)
-    t = np.arange(int(0.2 * SR)) / SR
-    def ping(i):
-        return rng.uniform(0.15, 0.5) * np.sin(2 * np.pi * rng.uniform(2500, 7000) * t) * np.exp(-t / rng.uniform(0.01, 0.05))
-    return _events(x, np.minimum(rng.exponential(0.15, 30), 0.6), ping)
-
-
-def car_horn(rng, n):
-    """Two brassy harmonic tones a major third apart, held steady (the beating is the 'honk')."""
-    C = n // CTRL + 2
-    f1 = rng.uniform(360, 440)
-    k = np.arange(1, 16)[:, None]
-    x = 0
-    for f in (f1, f1 * 1.26):
-        f0 = np.full(C, f)
-        F = np.array([[1000.0], [2000.0], [3000.0]]) * np.ones(C)
-        x = x + harmonic_stack(f0, formant_gain(k * f0, F, [400, 500, 600]) * k ** -0.6, n)
-    return fade(x, 0.015, 0.03)
-
-
-def bird_chirp(rng, n):
-    """Three quick upward whistled sweeps, high up (2-5 kHz)."""
-    def chirp(i):
-        m = int(0.09 * SR)
-        f = np.linspace(rng.uniform(2000, 3000), rng.uniform(3800, 5000), m)
-        return np.sin(2 * np.pi * np.cumsum(f) / SR) * np.sin(np.linspace(0, np.pi, m)) ** 2
-    gap = rng.uniform(0.15, 0.2)
-    return _events(np.zeros(n, np.float32), [0.0, gap, 2 * gap], chirp)
-
-
-def thunder(rng, n):
-    """A crack, then a long low rumble whose loudness rolls at random."""
-    crack = band_noise(rng, n, 300, 5000) * decay_env(n, 0.002, 0.08)
-    rumble = band_noise(rng, n, 25, 200) * (0.3 + random_curve(rng, n, 6)) * decay_env(n, 0.15, 0.7)
-    return crack + 2.0 * rumble
-
-
-def clock_tick(rng, n):
-    """Tick ... tock: four short clicks, exactly 0.25 s apart, alternating in pitch."""
-    f = rng.uniform(2500, 3500)
-    def click(i):
-        m = int(0.03 * SR)
-        t = np.arange(m) / SR
-        lo, hi = (2500, 6000) if i % 2 == 0 else (1500, 4000)
-        ring = np.sin(2 * np.pi * f * (1 - 0.25 * (i % 2)) * t) * np.exp(-t / 0.006)
-        return band_noise(rng, m, lo, hi) * np.exp(-t / 0.003) + 0.5 * ring
-    return _events(np.zeros(n, np.float32), 0.25 * np.arange(4), click)
-
-
-def applause(rng, n):
-    """Many hands: a dense random train of short noisy claps (FFT convolution), swelling in and
-    dying away."""
-    count = int(rng.uniform(150, 220))
-    imp = np.zeros(n)
-    np.add.at(imp, rng.integers(0, n - int(0.05 * SR), count), rng.uniform(0.3, 1.0, count))
-    m = int(0.02 * SR)
-    kernel = band_noise(rng, m, 800, 3500) * decay_env(m, 0.0005, 0.005)
-    x = np.fft.irfft(np.fft.rfft(imp, n + m) * np.fft.rfft(kernel, n + m), n + m)[:n]
-    return x * np.minimum(1, np.arange(n) / (0.1 * SR)) * np.minimum(1, (n - np.arange(n)) / (0.4 * SR))
-
-
-def whistle(rng, n):
-    """A person whistling: a nearly pure tone that rises then falls, with vibrato and breath."""
-    C = n // CTRL + 2
-    t = np.arange(C) * CTRL / SR
-    f = rng.uniform(1500, 2300) * (1 + 0.15 * np.sin(np.pi * t / (n / SR)) + 0.015 * np.sin(2 * np.pi * 6 * t))
-    x = harmonic_stack(f, np.array([[1.0], [0.05]]) * np.ones(C), n)
-    return fade(x + 0.05 * band_noise(rng, n, 1000, 4000), 0.03, 0.06)
-
-
-def door_creak(rng, n):
-    """Stick-slip friction: a buzzy, low, wandering pitch (a harmonic-rich pulse train) through
-    wooden resonances, its loudness stuttering."""
-    C = n // CTRL + 2
-    f0 = 60 + 90 * random_curve(rng, C * CTRL, 4, CTRL)
-    k = np.arange(1, int(4000 / 60) + 1)[:, None]
-    F = np.array([[900.0], [1700.0], [2800.0]]) * rng.uniform(0.85, 1.15) * np.ones(C)
-    x = harmonic_stack(f0, formant_gain(k * f0, F, [150, 200, 250]) * k ** -0.3 * (k * f0 < 7000), n)
-    return fade(x * (0.2 + random_curve(rng, n, 8)) ** 2, 0.05, 0.1)
-
-
-def phone_ring(rng, n):
-    """An old telephone: two bursts of a dual tone, trilled at 20 Hz."""
-    t = np.arange(int(0.4 * SR)) / SR
-    f = rng.uniform(900, 1100)
-    def ring(i):
-        trill = 0.5 + 0.5 * np.sign(np.sin(2 * np.pi * 20 * t))
-        return fade((np.sin(2 * np.pi * f * t) + np.sin(2 * np.pi * 1.25 * f * t)) * trill)
-    return _events(np.zeros(n, np.float32), [0.0, 0.55], ring)
-
-
-def cat_meow(rng, n):
-    """Mee-ow: a high pitch rising then falling while the 'mouth' glides from i through a to u."""
-    C = n // CTRL + 2
-    s = np.linspace(0, 1, C)
-    f0 = rng.uniform(420, 520) * (1 + 0.5 * np.sin(np.pi * s ** 0.7))
-    F = np.stack([np.interp(s, [0, 0.4, 1], [300, 900, 400]), np.interp(s, [0, 0.4, 1], [2300, 1500, 1000]),
-                  np.full(C, 3000.0)]) * 1.3
-    k = np.arange(1, int(7000 / f0.min()) + 1)[:, None]
-    x = harmonic_stack(f0, formant_gain(k * f0, F, [150, 200, 300]) * k ** -0.8 * (k * f0 < 7000), n)
-    return fade(x, 0.05, 0.15)
-
-
-# name -> (fixed length in s, synthesizer)
-SFX = {
-    "dog_bark": (0.5, dog_bark), "knock": (0.5, knock), "bell": (1.5, bell), "footsteps": (1.2, footsteps),
-    "glass_break": (0.8, glass_break), "car_horn": (0.8, car_horn), "bird_chirp": (0.6, bird_chirp),
-    "thunder": (2.0, thunder), "clock_tick": (1.0, clock_tick), "applause": (1.5, applause),
-    "whistle": (0.8, whistle), "door_creak": (1.0, door_creak), "phone_ring": (1.0, phone_ring),
-    "cat_meow": (0.8, cat_meow),
-}
-
-# --- ambiences and music: beds of any length ----------------------------------
-
-
-# Beds are long, so they are made the cheap way: as noise whose short-time spectrum follows a
-# designed spectrogram (frames x bins), drawn frame by frame in the frequency domain and
-# overlap-added. One batched inverse FFT of 512-point frames, whatever the texture.
-TEX_N, TEX_HOP = 512, 256
-
-
-def texture_grid(n):
-    """Frame times (frames,) s and bin frequencies (TEX_N // 2 + 1,) Hz of a texture of n samples."""
-    return np.arange(n // TEX_HOP + 2) * TEX_HOP / SR, np.fft.rfftfreq(TEX_N, 1 / SR)
-
-
-def noise_texture(rng, shape, n):
-    """shape (frames, bins): magnitude per frame and frequency -> noise (n,). Gaussian Fourier
-    coefficients times the shape, inverse FFT per frame, sine window, 50 % overlap-add (the sine
-    window's squares sum to 1 at this overlap, so the noise power follows the shape smoothly)."""
-    frames = shape.shape[0]
-    spec = shape.astype(np.float32) * (rng.standard_normal(shape.shape, dtype=np.float32)
-                                       + 1j * rng.standard_normal(shape.shape, dtype=np.float32))
-    x = np.fft.irfft(spec, TEX_N, axis=-1) * np.sin(np.pi * (np.arange(TEX_N) + 0.5) / TEX_N)
-    out = np.zeros((frames + 1, TEX_HOP))
-    out[:frames] += x[:, :TEX_HOP]
-    out[1:] += x[:, TEX_HOP:]
-    return out.reshape(-1)[TEX_HOP:TEX_HOP + n].astype(np.float32)
-
-
-def rain(rng, n):
-    """Hiss of many drops (bright noise over a soft low wash), plus close drops as sharp clicks."""
-    t, f = texture_grid(n)
-    shape = (band_shape(f, 800, 7500) * (np.maximum(f, 20) / 1000) ** -0.3 + 0.3 * band_shape(f, 60, 300))
-    x = noise_texture(rng, shape[None, :] * (0.9 + 0.2 * random_curve(rng, n + 2 * TEX_HOP, 3, TEX_HOP))[:, None], n)
-    x /= rms(x)
-    m = int(0.01 * SR)
-    drop = band_noise(rng, m, 2000, 7000) * decay_env(m, 0.0005, 0.002)
-    count = int(n / SR * 40)
-    return _events(x, rng.uniform(0, n / SR, count), lambda i: rng.uniform(0.3, 1.2) * drop)
-
-
-def wind(rng, n):
-    """Low roaring noise in slow random gusts, with a faint whistling resonance at the peaks."""
-    t, f = texture_grid(n)
-    g1, g2 = (random_curve(rng, n + 2 * TEX_HOP, rate, TEX_HOP)[:, None] for rate in (0.8, 1.2))
-    fw = rng.uniform(600, 900)
-    shape = (band_shape(f, 80, 500) * (0.3 + g1) + 0.6 * band_shape(f, 300, 1200) * g2
-             + 3.0 * band_shape(f, fw - 40, fw + 40) * g2 ** 2)
-    return noise_texture(rng, shape, n)
-
-
-def crowd(rng, n):
-    """Babble: six talkers, each noise with two vowel-like formant peaks, switched on and off at
-    syllable rate (6-10 wiggles per second), all summed in one spectrogram."""
-    t, f = texture_grid(n)
-    talkers = 6
-    F1 = rng.uniform(300, 800, talkers)[:, None]
-    F2 = rng.uniform(900, 2500, talkers)[:, None]
-    masks = 1 / (1 + ((f - F1) / 150) ** 2) + 0.7 / (1 + ((f - F2) / 250) ** 2)      # (talkers, bins)
-    syll = np.stack([random_curve(rng, n + 2 * TEX_HOP, rng.uniform(6, 10), TEX_HOP) for _ in range(talkers)]) ** 2
-    return noise_texture(rng, syll.T @ masks, n)
-
-
-def _melody(rng, n, step_beats):
-    """A random walk on a pentatonic scale: -> list of (onset s, length s, frequency Hz)."""
-    root = 220 * 2 ** (rng.integers(0, 12) / 12)
-    scale = np.array([0, 2, 4, 7, 9, 12, 14, 16, 19, 21])
-    beat = 60 / rng.uniform(90, 130)
-    notes, t, i = [], 0.0, int(rng.integers(2, 7))
-    while t < n / SR:
-        length = beat * step_beats[rng.integers(len(step_beats))]
-        notes.append((t, length, root * 2 ** (scale[i] / 12)))
-        i = int(np.clip(i + rng.choice([-2, -1, 1, 2]), 0, len(scale) - 1))
-        t += length
-    return notes
-
-
-_t = np.arange(SR, dtype=np.float32) / SR                      # a note rings for 1 s
-_k = np.arange(1, 9, dtype=np.float32)[:, None]                  # 8 partials
-PIANO_PARTIALS = 2 * np.pi * _k * np.sqrt(1 + 4e-4 * _k ** 2) * _t    # phase / f0: slightly stretched partials
-PIANO_ENV = _k ** -1.3 * np.exp(-_t * _k ** 0.5 / 0.5) * np.minimum(1, _t / 0.003)   # upper partials die first
-
-
-def piano(rng, n):
-    """Piano: struck notes with 8 slightly stretched (inharmonic) partials, upper partials dying
-    first. Each distinct pitch is synthesized once and copied to its onsets."""
-    notes = _melody(rng, n, [0.5, 1, 1, 2])
-    @functools.lru_cache(maxsize=None)
-    def note(f):
-        return fade((np.sin(PIANO_PARTIALS * np.float32(f)) * PIANO_ENV).sum(0), 0.001, 0.05)   # float32 throughout
-    out = np.zeros(n, np.float32)
-    for t0, _, f in notes:
-        _events(out, [t0], lambda i: note(f))
-        if rng.random() < 0.3:   # now and then a bass note an octave below
-            _events(out, [t0], lambda i: 0.5 * note(f / 2))
-    return out
-
-
-def flute(rng, n):
-    """Flute: legato notes, almost a pure tone with weak overtones, vibrato, and breath noise."""
-    notes = _melody(rng, n, [1, 1, 2, 3])
-    C = n // CTRL + 2
-    tc = np.arange(C) * CTRL / SR
-    f0 = np.zeros(C)
-    gate = np.zeros(C)
-    for t0, length, f in notes:
-        sel = (tc >= t0) & (tc < t0 + length)
-        f0[sel] = 2 * f
-        gate[sel & (tc < t0 + length - 0.05)] = 1   # a short breath between notes
-    f0 = smooth(f0, 6) * (1 + 0.01 * np.sin(2 * np.pi * 5 * tc))
-    gate = smooth(gate, 8)
-    x = harmonic_stack(f0, np.array([1.0, 0.3, 0.1, 0.04])[:, None] * gate[None, :], n)
-    return x + 0.08 * band_noise(rng, n, 1000, 4000) * upsample(gate, n)
-
-
-AMBIENCES = {"rain": rain, "wind": wind, "crowd": crowd}
-MUSIC = {"piano": piano, "flute": flute}
-SOUNDS = {"sfx": SFX, "ambience": AMBIENCES, "music": MUSIC}
-
-# -----------------------------------------------------------------------------
-# Part 2: the plan -- the assistant's chain of thought
-#
-# A plan is {"duration": d, "sources": [...]}; every source has a persistent id. It is written
-# as one line of JSON with a fixed key order and fixed number formats, so that the same plan is
-# always the same text (the model learns to write exactly this).
-#
-# What the tools compute is not written: a line lasts as long as its voice takes to say it and an
-# sfx as long as its sound, so their `dur` is left out of the text and filled in when the text is
-# read back. (A first version made the model write it; a small model could not learn the phoneme
-# arithmetic and nearly every plan it wrote failed validation on that field alone.)
-
-SOURCE_KEYS = {
-    "speech": ("id", "type", "voice", "text", "start", "dur", "gain_db", "pan"),
-    "sfx": ("id", "type", "sound", "start", "dur", "gain_db", "pan"),
-    "ambience": ("id", "type", "sound", "start", "dur", "gain_db", "pan"),
-    "music": ("id", "type", "sound", "start", "dur", "gain_db", "pan"),
-}
-DERIVED_DUR = ("speech", "sfx")   # the types whose dur the tools compute (derived_dur)
-
-
-def written_keys(kind):
-    """The keys of a `kind` source that the plan text holds, in order."""
-    return tuple(k for k in SOURCE_KEYS[kind] if not (k == "dur" and kind in DERIVED_DUR))
-
-
-def _on_grid(x):
-    return abs(x * 10 - round(x * 10)) < 1e-6
-
-
-def _is_number(x):
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
 def derived_dur(src):
-    """The duration a speech or sfx source must have (None for beds, whose dur is chosen)."""
+    """The dur in s a speech or sfx source must have (None for beds, whose dur is chosen)."""
     if src["type"] == "speech":
         return speech_duration(src["voice"], src["text"])
     if src["type"] == "sfx":
         return SFX[src["sound"]][0]
     return None
 
+def _is_number(x):   # a finite int or float, not a bool
+    try:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    except OverflowError:   # an int too large for a float
+        return False
+
+def _on_grid(x):
+    y = float(x) * 10
+    return math.isfinite(y) and abs(y - round(y)) < 1e-6
 
 def validate_plan(plan):
-    """Raise PlanError naming the source and the problem if the plan is inconsistent; else None."""
+    """Raise PlanError naming the source, the problem and its kind if `plan` (any value) is not
+    a consistent plan; else return None."""
     if not isinstance(plan, dict) or set(plan) != {"duration", "sources"}:
-        raise PlanError('a plan is a JSON object with exactly the keys "duration" and "sources"')
+        raise PlanError('a plan is a JSON object with exactly the keys "duration" and "sources"', "malformed")
     d = plan["duration"]
     if not _is_number(d) or not _on_grid(d):
-        raise PlanError(f"duration must be a number of seconds on the 0.1 s grid, got {d!r}")
+        raise PlanError(f"duration must be a number of seconds on the 0.1 s grid, got {_show(d)}",
+                        "other" if _is_number(d) else "malformed")
     if not MIN_DURATION <= d <= MAX_DURATION:
         raise PlanError(f"duration {d} s is outside the allowed {MIN_DURATION}-{MAX_DURATION} s")
     if not isinstance(plan["sources"], list):
-        raise PlanError('"sources" must be a list')
+        raise PlanError('"sources" must be a list', "malformed")
     seen = set()
     for i, s in enumerate(plan["sources"]):
         if not isinstance(s, dict):
-            raise PlanError(f"source #{i + 1} is not a JSON object")
+            raise PlanError(f"source #{i + 1} is not a JSON object", "malformed")
         sid = s.get("id")
         if not isinstance(sid, int) or isinstance(sid, bool) or sid < 1:
-            raise PlanError(f"source #{i + 1}: id must be a positive integer, got {sid!r}")
+            raise PlanError(f"source #{i + 1}: id must be a positive integer, got {_show(sid)}", "malformed")
         name = f"source {sid}"
         if sid in seen:
-            raise PlanError(f"{name}: duplicate id (ids must be unique)")
+            raise PlanError(f"{name}: duplicate id (ids must be unique)", "malformed")
         seen.add(sid)
         if s.get("type") not in TYPES:
-            raise PlanError(f"{name}: unknown type {s.get('type')!r}; the types are {', '.join(TYPES)}")
-        keys = SOURCE_KEYS[s["type"]]
+            raise PlanError(f"{name}: unknown type {_show(s.get('type'))}; the types are {', '.join(TYPES)}",
+                            "malformed")
+        kind, keys = s["type"], SOURCE_KEYS[s["type"]]
         if set(s) != set(keys):
-            raise PlanError(f"{name}: a {s['type']} source has exactly the keys {', '.join(keys)}; "
-                            f"got {', '.join(s)}")
-        if s["type"] == "speech":
+            raise PlanError(f"{name}: a {kind} source has exactly the keys {', '.join(keys)}; "
+                            f"got {', '.join(map(_show, s))}", "malformed")
+        if kind == "speech":
             try:
                 phoneme_timeline(s["voice"], s["text"])
             except PlanError as e:
-                raise PlanError(f"{name}: {e}") from None
-        elif s["sound"] not in SOUNDS[s["type"]]:
-            raise PlanError(f"{name}: unknown {s['type']} sound {s['sound']!r}; "
-                            f"the {s['type']} sounds are {', '.join(SOUNDS[s['type']])}")
+                raise PlanError(f"{name}: {e}", e.kind) from None
+        elif not isinstance(s["sound"], str) or s["sound"] not in SOUNDS[kind]:
+            raise PlanError(f"{name}: unknown {kind} sound {_show(s['sound'])}; "
+                            f"the {kind} sounds are {', '.join(SOUNDS[kind])}", "malformed")
         for key in ("start", "dur", "pan"):
             if not _is_number(s[key]) or not _on_grid(s[key]):
-                raise PlanError(f"{name}: {key} must be a number on the 0.1 grid, got {s[key]!r}")
+                raise PlanError(f"{name}: {key} must be a number on the 0.1 grid, got {_show(s[key])}",
+                                "other" if _is_number(s[key]) else "malformed")
         if not _is_number(s["gain_db"]) or s["gain_db"] != int(s["gain_db"]):
-            raise PlanError(f"{name}: gain_db must be an integer, got {s['gain_db']!r}")
+            raise PlanError(f"{name}: gain_db must be an integer, got {_show(s['gain_db'])}", "malformed")
         want = derived_dur(s)
         if want is not None and abs(s["dur"] - want) > 1e-6:
-            what = f"{s['voice']} saying {s['text']!r}" if s["type"] == "speech" else s["sound"]
+            what = f"{s['voice']} saying {s['text']!r}" if kind == "speech" else s["sound"]
             raise PlanError(f"{name}: dur {s['dur']} s is wrong, {what} lasts {want} s")
         if s["dur"] <= 0:
             raise PlanError(f"{name}: dur must be positive, got {s['dur']}")
         if s["start"] < 0:
-            raise PlanError(f"{name}: start {s['start']} s is before the story begins (0 s)")
+            raise PlanError(f"{name}: start {s['start']} s is before the story begins (0 s)", "past_end")
         if s["start"] + s["dur"] > d + 1e-6:
-            raise PlanError(f"{name}: it ends at {s['start'] + s['dur']:.1f} s, after the story's end ({d} s)")
+            raise PlanError(f"{name}: it ends at {s['start'] + s['dur']:.1f} s, after the story's end ({d} s)",
+                            "past_end")
         if not GAIN_RANGE[0] <= s["gain_db"] <= GAIN_RANGE[1]:
             raise PlanError(f"{name}: gain_db {s['gain_db']} is outside {GAIN_RANGE[0]}..{GAIN_RANGE[1]} dB")
         if not -1 <= s["pan"] <= 1:
@@ -779,9 +229,9 @@ def validate_plan(plan):
     lines = sorted((s for s in plan["sources"] if s["type"] == "speech"), key=lambda s: (s["voice"], s["start"]))
     for a, b in zip(lines, lines[1:]):
         if a["voice"] == b["voice"] and b["start"] < a["start"] + a["dur"] - 1e-6:
-            raise PlanError(f"source {b['id']}: {b['voice']} talks over herself/himself: source {a['id']} "
-                            f"lasts until {a['start'] + a['dur']:.1f} s but source {b['id']} starts at {b['start']} s")
-
+            raise PlanError(f"source {b['id']}: {b['voice']} talks over herself/himself: source {a['id']} lasts "
+                            f"until {a['start'] + a['dur']:.1f} s but source {b['id']} starts at {b['start']} s",
+                            "self_overlap")
 
 def plan_to_text(plan):
     """Plan -> one line of compact JSON (no spaces: every character is a token the model must
@@ -796,18 +246,20 @@ def plan_to_text(plan):
                     for s in plan["sources"])
     return f'{{"duration":{value("duration", plan["duration"])},"sources":[{srcs}]}}'
 
-
 def plan_from_text(text):
-    """Text -> validated plan, derived durs filled in (PlanError on bad JSON or an inconsistent plan)."""
+    """Text -> validated plan with the derived durs filled in. Raises only PlanError, whatever the text."""
     try:
         plan = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise PlanError(f"the plan is not valid JSON: {e}") from None
-    sources = plan.get("sources") if isinstance(plan, dict) else None
+    except (ValueError, TypeError, RecursionError) as e:
+        raise PlanError(f"the plan is not valid JSON: {e}", "not_json") from None
+    if not isinstance(plan, dict):
+        raise PlanError(f"the plan is not valid JSON: a plan is one JSON object, not {type(plan).__name__}", "not_json")
+    sources = plan.get("sources")
     for s in sources if isinstance(sources, list) else []:   # a malformed plan: validate_plan says how
         if isinstance(s, dict) and s.get("type") in DERIVED_DUR:
             if "dur" in s:
-                raise PlanError(f"source {s.get('id')}: the dur of a {s['type']} source is derived; leave it out")
+                raise PlanError(f"source {_show(s.get('id'))}: the dur of a {s['type']} source is derived; "
+                                "leave it out", "malformed")
             try:
                 s["dur"] = derived_dur(s)
             except (PlanError, KeyError, TypeError):
@@ -822,24 +274,22 @@ def plan_from_text(text):
 
 
 # -----------------------------------------------------------------------------
-# Part 3: rendering -- the mixer
+# Part 2: the mixer
 #
 # A source's dry (mono, unit-level) signal depends only on (seed, its id, its content). Gain and
-# pan are applied afterwards, so a volume or pan edit re-uses the dry signal, and an edit never
-# touches another source's stem. Dry signals are cached: re-rendering an edited plan only
-# synthesizes what changed.
-
+# pan come after, so a volume or pan edit re-uses the dry signal and an edit never touches
+# another source's stem. Dry signals are cached: re-rendering an edited plan only synthesizes
+# what changed.
 
 def content_key(src):
     """What a source's sound is made of (not where or how loud it is)."""
     name = src["voice"] if src["type"] == "speech" else src["sound"]
     return (src["type"], name, src.get("text", ""), round(src["dur"], 1))
 
-
 @functools.lru_cache(maxsize=128)
 def dry_signal(seed, sid, kind, name, text, dur):
-    """Mono dry signal (round(dur * SR),) of one source, read-only. Its own generator is seeded
-    by (seed, id, content) only."""
+    """Mono dry signal (round(dur * SR),) float32 of one source, read-only, from its own
+    generator seeded by (seed, id, content) only."""
     rng = np.random.default_rng([seed, sid, zlib.crc32(f"{kind}|{name}|{text}|{dur}".encode())])
     n = round(dur * SR)
     if kind == "speech":
@@ -854,27 +304,24 @@ def dry_signal(seed, sid, kind, name, text, dur):
     x.flags.writeable = False
     return x
 
-
 def pan_gains(pan):
     """Constant-power pan law: pan in [-1, 1] -> (left, right) gains with L^2 + R^2 = 1."""
     theta = (pan + 1) * np.pi / 4
     return np.cos(theta), np.sin(theta)
 
-
 def limiter(x, threshold=0.75, ceiling=0.99):
     """Memoryless soft limiter: identity below `threshold`, a tanh knee above that never exceeds
-    `ceiling`. Memoryless on purpose: a compressor with release time would let a loud new source
-    change the level of its neighbours, breaking 'an edit changes only what was asked'."""
+    `ceiling`. Memoryless, because a compressor's release would let a loud new source change
+    its neighbours' level, breaking 'an edit changes only what was asked'."""
     y = x.copy()
     loud = np.abs(x) > threshold
     a = np.abs(x[loud])
     y[loud] = np.sign(x[loud]) * (threshold + (ceiling - threshold) * np.tanh((a - threshold) / (ceiling - threshold)))
     return y
 
-
 def render(plan, seed, stems=False):
-    """Plan -> stereo mix (2, N) float32, N = duration * SR. With stems=True returns
-    (mix, {id: (2, N) stem}); stems are before the limiter, which acts only on the rare peaks."""
+    """Plan -> stereo mix (2, N) float32, N = duration * SR (PlanError if the plan is invalid).
+    With stems=True -> (mix, {id: (2, N) stem}), stems taken before the limiter."""
     validate_plan(plan)
     n = round(plan["duration"] * SR)
     mix = np.zeros((2, n), np.float32)
@@ -895,26 +342,22 @@ def render(plan, seed, stems=False):
 
 
 # -----------------------------------------------------------------------------
-# Part 4: the tools and the agents (AudioCopilot at toy scale)
+# Part 3: the tools
 #
 # The designer never edits a plan directly: it calls tools on a Studio, and the trace of calls
 # (with their results) is what produced the plan. Each call is validated at once, so a bad call
-# fails with a clear message and leaves the plan as it was.
-
+# fails with a clear PlanError and leaves the plan as it was.
 
 class Studio:
-    """The sound designer's toolbox. Holds the current plan, the render seed and every id ever
-    used (ids are never reused, even after a remove). Tools:
+    """The sound designer's toolbox: the current plan, the render seed and the last id used (ids
+    are never reused, even after a remove). The tools, as call(name, args):
       new_story(duration)                          start an empty story
-      speak(voice, text, start, gain_db, pan)      -> new id
-      sfx(sound, start, gain_db, pan)              -> new id
-      ambience(sound, start, dur, gain_db, pan)    -> new id
-      music(sound, start, dur, gain_db, pan)       -> new id
+      speak(voice, text, start, gain_db, pan)      -> new id (dur derived)
+      sfx(sound, start, gain_db, pan)              -> new id (dur derived)
+      ambience / music(sound, start, dur, gain_db, pan)  -> new id
       remove(id); set_gain(id, gain_db); set_pan(id, pan)
-      replace(id, sound=, voice=, text=, start=)   same id, new content (dur re-derived)
-      render()                                     -> the stereo mix of the current plan"""
-
-    TOOLS = ("new_story", "speak", "sfx", "ambience", "music", "remove", "set_gain", "set_pan", "replace", "render")
+      replace(id, sound= | voice= | text=, start=)  same id, new content (dur re-derived)
+      render()                                     -> the (2, N) mix of the current plan"""
 
     def __init__(self, seed, plan=None):
         self.seed = seed
@@ -922,12 +365,10 @@ class Studio:
         self.last_id = max((s["id"] for s in plan["sources"]), default=0) if plan else 0
 
     def copy(self):
-        other = Studio(self.seed, self.plan)
-        other.last_id = self.last_id
-        return other
+        return copy.deepcopy(self)
 
     def call(self, name, args):
-        """Run one tool call. Returns the new id for creating tools, the audio for render."""
+        """Run one tool call -> the new id (creating tools), the mix (render) or None."""
         if name not in self.TOOLS:
             raise PlanError(f"unknown tool {name!r}; the tools are {', '.join(self.TOOLS)}")
         if name == "render":
@@ -940,70 +381,75 @@ class Studio:
         if self.plan is None:
             raise PlanError(f"{name}: there is no story yet (call new_story first)")
         plan = copy.deepcopy(self.plan)
-        result = None
-        if name in ("speak", "sfx", "ambience", "music"):
-            kind = "speech" if name == "speak" else name
-            src = {"id": self.last_id + 1, "type": kind, **{k: args[k] for k in ("voice", "text", "sound") if k in args},
-                   "start": round(args["start"], 1), "dur": 0.0,
-                   "gain_db": int(args.get("gain_db", 0)), "pan": round(args.get("pan", 0.0), 1) + 0.0}
-            try:
-                src["dur"] = derived_dur(src) if kind in ("speech", "sfx") else round(args["dur"], 1)
-            except (PlanError, KeyError) as e:
-                raise PlanError(f"{name}: {e}") from None
-            plan["sources"].append({k: src[k] for k in SOURCE_KEYS[kind]})
-            result = src["id"]
-        else:
-            src = self._find(plan, name, args.get("id"))
-            if name == "remove":
-                plan["sources"].remove(src)
-            elif name == "set_gain":
-                src["gain_db"] = int(args["gain_db"])
-            elif name == "set_pan":
-                src["pan"] = round(args["pan"], 1) + 0.0
-            elif name == "replace":
-                for k in ("voice", "text", "sound"):
-                    if k in args:
-                        if k not in src:
-                            raise PlanError(f"replace: source {src['id']} is {src['type']}, it has no {k}")
-                        src[k] = args[k]
-                if "start" in args:
-                    src["start"] = round(args["start"], 1)
-                try:
-                    src["dur"] = derived_dur(src) or src["dur"]
-                except (PlanError, KeyError) as e:
-                    raise PlanError(f"replace: source {src['id']}: {e}") from None
+        result = self.TOOLS[name](self, plan, args)
         validate_plan(plan)
-        self.plan = plan
-        if result is not None:
-            self.last_id = result
+        self.plan, self.last_id = plan, result or self.last_id
         return result
 
-    @staticmethod
-    def _find(plan, tool, sid):
+    def add(self, plan, args, tool, kind):
+        src = {"id": self.last_id + 1, "type": kind, **{k: args[k] for k in ("voice", "text", "sound") if k in args},
+               "start": round(args["start"], 1), "dur": 0.0,
+               "gain_db": int(args.get("gain_db", 0)), "pan": round(args.get("pan", 0.0), 1) + 0.0}
+        try:
+            src["dur"] = derived_dur(src) if kind in DERIVED_DUR else round(args["dur"], 1)
+        except (PlanError, KeyError) as e:
+            raise PlanError(f"{tool}: {e}", getattr(e, "kind", "malformed")) from None
+        plan["sources"].append({k: src[k] for k in SOURCE_KEYS[kind]})
+        return src["id"]
+
+    def find(self, plan, tool, sid):
         for s in plan["sources"]:
             if s["id"] == sid:
                 return s
         ids = ", ".join(str(s["id"]) for s in plan["sources"])
         raise PlanError(f"{tool}: no source with id {sid!r} (the plan has ids {ids})")
 
+    def replace(self, plan, args):
+        src = self.find(plan, "replace", args.get("id"))
+        for k in ("voice", "text", "sound"):
+            if k in args:
+                if k not in src:
+                    raise PlanError(f"replace: source {src['id']} is {src['type']}, it has no {k}", "malformed")
+                src[k] = args[k]
+        if "start" in args:
+            src["start"] = round(args["start"], 1)
+        try:
+            src["dur"] = derived_dur(src) or src["dur"]
+        except (PlanError, KeyError) as e:
+            raise PlanError(f"replace: source {src['id']}: {e}", getattr(e, "kind", "malformed")) from None
+
+    TOOLS = {   # name -> what it does to a copy of the plan (new_story and render are handled in call)
+        "new_story": None, "render": None,
+        "speak": lambda self, plan, a: self.add(plan, a, "speak", "speech"),
+        "sfx": lambda self, plan, a: self.add(plan, a, "sfx", "sfx"),
+        "ambience": lambda self, plan, a: self.add(plan, a, "ambience", "ambience"),
+        "music": lambda self, plan, a: self.add(plan, a, "music", "music"),
+        "remove": lambda self, plan, a: plan["sources"].remove(self.find(plan, "remove", a.get("id"))),
+        "set_gain": lambda self, plan, a: self.find(plan, "set_gain", a.get("id")).update(gain_db=int(a["gain_db"])),
+        "set_pan": lambda self, plan, a: self.find(plan, "set_pan", a.get("id")).update(pan=round(a["pan"], 1) + 0.0),
+        "replace": replace,
+    }
+
     def run(self, calls):
-        """Run a list of tool calls {"name", "args"}; returns (calls with "result" filled in, audio
-        of the last render call or None)."""
+        """Run a list of tool calls {"name", "args"} -> (the calls with their "result" where there is
+        one, the audio of the last render call or None)."""
         done, audio = [], None
         for c in calls:
             r = self.call(c["name"], c["args"])
-            if c["name"] == "render":
-                audio = r
-                done.append({"name": "render", "args": dict(c["args"])})
-            else:
-                done.append({"name": c["name"], "args": dict(c["args"]), **({"result": r} if r is not None else {})})
+            audio = r if c["name"] == "render" else audio
+            result = {"result": r} if c["name"] != "render" and r is not None else {}
+            done.append({"name": c["name"], "args": dict(c["args"]), **result})
         return done, audio
 
 
-# --- how people talk about sounds -------------------------------------------------
-# (event clause for stories, "the ..." to refer to it, "a ..." to ask for one)
+# -----------------------------------------------------------------------------
+# Part 4: the agents (AudioCopilot at toy scale)
+#
+# The user agent samples an intent (structured: what it wants, which source ids it means) and
+# words it from the phrase tables below; the designer agent answers the intent with tool calls.
+# Both are rule-based; a real AudioCopilot puts LLMs at these two seams.
 
-SOUND_WORDS = {
+SOUND_WORDS = {   # name -> (event clause for stories, "the ..." to refer to it, "a ..." to ask for one)
     "dog_bark": ("a dog barks", "the dog bark", "a dog barking"),
     "knock": ("someone knocks on the door", "the knock", "a knock"),
     "bell": ("a bell rings", "the bell", "a bell"),
@@ -1029,6 +475,8 @@ WHERE_WORDS = {"left": [" on the left", " from the left"], "right": [" on the ri
 STORY_OPENINGS = ["Tell a story: ", "Make a scene where ", "Create an audio story: ", "I want a short clip where ",
                   "Please produce a scene in which ", "Voice a little story: "]
 STORY_JOINERS = [", then ", ". Then ", ", and then ", ", after that "]
+SAY_WORDS = ['{voice} says "{text}"{where}', '{voice}{where} says "{text}"', '"{text}," says {voice}{where}',
+             '{voice} tells us "{text}"{where}']
 UNDERSTAND_WORDS = {
     "transcribe": ["Who says what, and when?", "Transcribe this clip with speakers and times.",
                    "Please write down what is said in this audio, with times.",
@@ -1037,8 +485,32 @@ UNDERSTAND_WORDS = {
                  "List all the sources in this recording with start and end times.",
                  "Caption this clip: what happens when?"],
 }
+REFER_WORDS = {"voice": ["{voice}", "{voice}'s line", "{voice}'s voice"],   # the only line of its voice
+               "line": ['the line "{text}"', '{voice}\'s line "{text}"']}
+ORDINALS = ["first", "second", "third", "fourth"]
 EDIT_KINDS = ("add", "remove", "change", "volume", "move", "multi")
-
+EDIT_WORDS = {   # one edit in words: {ref} names the target, {new} a new sound, {voice} / {text} new speech
+    "add_speech": ['let {voice} say "{text}"', 'add {voice} saying "{text}"', '{voice} should also say "{text}"'],
+    "add_sfx": ["add {new}", "put in {new}", "I want {new} too", "insert {new}"],
+    "add_bed": ["add {new} in the background", "put {new} under the whole scene", "we need {new} too"],
+    "remove": ["remove {ref}", "get rid of {ref}", "take out {ref}", "I don't want {ref} anymore", "drop {ref}"],
+    "change_sound": ["replace {ref} with {new}", "change {ref} into {new}", "use {new} instead of {ref}",
+                     "swap {ref} for {new}"],
+    "change_voice": ["let {voice} say {ref} instead", "give {ref} to {voice}",
+                     "{voice} should say {ref} instead of {old_voice}"],
+    "change_text": ['make {old_voice} say "{text}" instead of "{old_text}"', 'change {ref} to "{text}"',
+                    '{old_voice} should say "{text}" instead of "{old_text}"'],
+    "up": ["make {ref} {how}louder", "turn {ref} up{how_}", "{ref} should be {how}louder"],
+    "down": ["make {ref} {how}quieter", "turn {ref} down{how_}", "{ref} should be {how}softer"],
+    "move": ["move {ref} {to}", "pan {ref} {to}", "put {ref} {on}"],
+}
+WHEN_WORDS = {"start": " at the start", "end": " at the end", "middle": " halfway through", None: ""}
+HOW_WORDS = {3: "a bit ", 6: "", 10: "much "}   # volume steps in dB
+SIDE_WORDS = {"left": ("to the left", "on the left"), "right": ("to the right", "on the right"),
+              "center": ("to the center", "in the center")}
+MULTI_WORDS = ["{a} and {b}", "{a}, then {b}", "{a}. Also {b}", "{a}, and also {b}"]
+PAN_RANGES = {"left": (-0.9, -0.5), "right": (0.5, 0.9), None: (-0.3, 0.3)}   # "center" is 0.0
+GAIN_RANGES = {"speech": (-3, 0), "sfx": (-8, -2), "ambience": (-24, -14), "music": (-22, -14)}   # dB
 
 def random_line(rng, max_words=6):
     """A line of speech from LINE_TEMPLATES, e.g. 'the old dog runs home'."""
@@ -1047,15 +519,11 @@ def random_line(rng, max_words=6):
         if len(words) <= max_words:
             return " ".join(words)
 
-
 def side_of(pan):
     return "left" if pan <= -0.5 else "right" if pan >= 0.5 else "center" if abs(pan) < 0.05 else None
 
-
 class UserAgent:
-    """The simulated user: samples an intent (structured: what it wants, which source ids it
-    means) and words it from varied templates. A real AudioCopilot uses an LLM here; anything
-    that returns (text, intent) for a phase fits the seam."""
+    """The simulated user: request(phase, plan, rng) -> (its words, its intent)."""
 
     def request(self, phase, plan, rng):
         """phase: "story" | "edit" | "understand" -> (text, intent)."""
@@ -1068,10 +536,8 @@ class UserAgent:
         task = pick(rng, ["transcribe", "describe"])
         return pick(rng, UNDERSTAND_WORDS[task]), {"kind": "understand", "task": task}
 
-    # --- stories ---
-
     def story_intent(self, rng):
-        """1-3 lines by 1-2 voices, 0-2 sound effects, 0-2 beds; 2-5 sources whose foreground
+        """1-3 lines by 1-2 voices, 0-2 sound effects, 0-2 beds: 2-5 sources whose foreground
         fits a 4-6 s story."""
         while True:
             voices = list(rng.choice(list(VOICES), size=int(rng.integers(1, 3)), replace=False))
@@ -1100,8 +566,7 @@ class UserAgent:
         for e in intent["events"]:
             where = pick(rng, WHERE_WORDS[e["where"]])
             if e["type"] == "speech":
-                clause = pick(rng, [f'{e["voice"]} says "{e["text"]}"{where}', f'{e["voice"]}{where} says "{e["text"]}"',
-                                    f'"{e["text"]}," says {e["voice"]}{where}', f'{e["voice"]} tells us "{e["text"]}"{where}'])
+                clause = pick(rng, SAY_WORDS).format(voice=e["voice"], text=e["text"], where=where)
             else:
                 clause = SOUND_WORDS[e["sound"]][0] + where
             if e.get("during"):
@@ -1116,19 +581,16 @@ class UserAgent:
             text += pick(rng, [", ", ", all "]) + SOUND_WORDS[b["sound"]][0]
         return text + "."
 
-    # --- edits ---
-
     def edit_intent(self, plan, rng, kind=None):
-        """One edit of a random kind on a random source of the plan (ids in the intent)."""
+        """One edit of a random kind (or of `kind`) on a random source of the plan (ids in the intent)."""
         srcs = plan["sources"]
         kind = kind or pick(rng, EDIT_KINDS)
         if not srcs:          # everything was removed: the only possible edit is an add
             kind = "add"
         if kind == "multi":   # two ops on different sources, at most one of them an add
             while True:       # redraw both: a fixed first op could admit no valid second one
-                first = self.edit_intent(plan, rng, pick(rng, EDIT_KINDS[:-1]))
-                second = self.edit_intent(plan, rng, "add" if len(srcs) < 2 else pick(rng, EDIT_KINDS[:-1]))
-                ops = [first, second]
+                ops = [self.edit_intent(plan, rng, pick(rng, EDIT_KINDS[:-1])),
+                       self.edit_intent(plan, rng, "add" if len(srcs) < 2 else pick(rng, EDIT_KINDS[:-1]))]
                 adds = [op for op in ops if op["edit"] == "add"]
                 targets = [op["target"] for op in ops if "target" in op]
                 removes = [op for op in ops if op["edit"] == "remove"]
@@ -1179,88 +641,58 @@ class UserAgent:
         return op
 
     def refer(self, plan, sid, rng):
-        """A phrase that picks out source sid unambiguously ("the bell", "the second bell",
-        "ava", 'the line "hello my friend"')."""
+        """A phrase that picks out source sid unambiguously ("the bell", "the second bell", "ava",
+        'the line "hello my friend"')."""
         s = next(x for x in plan["sources"] if x["id"] == sid)
         if s["type"] == "speech":
             same = [x for x in plan["sources"] if x["type"] == "speech" and x["voice"] == s["voice"]]
-            if len(same) == 1:
-                return pick(rng, [s["voice"], f"{s['voice']}'s line", f"{s['voice']}'s voice"])
-            return pick(rng, [f'the line "{s["text"]}"', f'{s["voice"]}\'s line "{s["text"]}"'])
+            return pick(rng, REFER_WORDS["voice" if len(same) == 1 else "line"]).format(**s)
         same = sorted((x for x in plan["sources"] if x.get("sound") == s["sound"]), key=lambda x: (x["start"], x["id"]))
         noun = SOUND_WORDS[s["sound"]][1]
-        if len(same) == 1:
-            return noun
-        return noun.replace("the ", f"the {['first', 'second', 'third', 'fourth'][same.index(s)]} ", 1)
+        return noun if len(same) == 1 else noun.replace("the ", f"the {ORDINALS[same.index(s)]} ", 1)
 
     def word_op(self, op, plan, rng):
-        """One edit in words, lowercase, no final period."""
-        e = op["edit"]
-        if e == "add":
+        """One edit in words (EDIT_WORDS), lowercase, no final period."""
+        if op["edit"] == "add":
             new = op["source"]
-            if new["type"] == "speech":
-                what = pick(rng, [f'let {new["voice"]} say "{new["text"]}"', f'add {new["voice"]} saying "{new["text"]}"',
-                                  f'{new["voice"]} should also say "{new["text"]}"'])
-            elif new["type"] in ("ambience", "music"):
-                return pick(rng, ["add {} in the background", "put {} under the whole scene", "we need {} too"]).format(
-                    SOUND_WORDS[new["sound"]][2])
-            else:
-                what = pick(rng, ["add {}", "put in {}", "I want {} too", "insert {}"]).format(SOUND_WORDS[new["sound"]][2])
-            when = {"start": " at the start", "end": " at the end", "middle": " halfway through", None: ""}.get(op["when"])
-            if op["when"] == "after":
-                when = " after " + self.refer(plan, op["after"], rng)
+            kind = new["type"] if new["type"] in ("speech", "sfx") else "bed"
+            words = {**new, "new": SOUND_WORDS[new["sound"]][2]} if "sound" in new else new
+            what = pick(rng, EDIT_WORDS["add_" + kind]).format(**words)
+            if kind == "bed":
+                return what
+            when = " after " + self.refer(plan, op["after"], rng) if op["when"] == "after" else WHEN_WORDS[op["when"]]
             where = pick(rng, WHERE_WORDS[op["where"]])
             return what + (when + where if rng.random() < 0.5 else where + when)
-        ref = self.refer(plan, op["target"], rng)
         s = next(x for x in plan["sources"] if x["id"] == op["target"])
-        if e == "remove":
-            return pick(rng, ["remove {}", "get rid of {}", "take out {}", "I don't want {} anymore", "drop {}"]).format(ref)
-        if e == "change":
-            to = op["to"]
-            if "sound" in to:
-                new = SOUND_WORDS[to["sound"]][2]
-                return pick(rng, [f"replace {ref} with {new}", f"change {ref} into {new}", f"use {new} instead of {ref}",
-                                  f"swap {ref} for {new}"])
-            if "voice" in to:
-                return pick(rng, [f"let {to['voice']} say {ref} instead", f"give {ref} to {to['voice']}",
-                                  f"{to['voice']} should say {ref} instead of {s['voice']}"])
-            return pick(rng, [f'make {s["voice"]} say "{to["text"]}" instead of "{s["text"]}"',
-                              f'change {ref} to "{to["text"]}"',
-                              f'{s["voice"]} should say "{to["text"]}" instead of "{s["text"]}"'])
-        if e == "volume":
-            how = {3: "a bit ", 6: "", 10: "much "}[op["amount"]]
-            if op["direction"] == "up":
-                return pick(rng, [f"make {ref} {how}louder", f"turn {ref} up" + (f" {how.strip()}" if how else ""),
-                                  f"{ref} should be {how}louder"])
-            return pick(rng, [f"make {ref} {how}quieter", f"turn {ref} down" + (f" {how.strip()}" if how else ""),
-                              f"{ref} should be {how}softer"])
-        where = {"left": "to the left", "right": "to the right", "center": "to the center"}[op["where"]]
-        return pick(rng, [f"move {ref} {where}", f"pan {ref} {where}",
-                          f"put {ref} " + where.replace("to the", "on the" if op["where"] != "center" else "in the")])
+        key, to = op["edit"], op.get("to", {})
+        if key == "change":
+            key = "change_" + ("sound" if "sound" in to else "voice" if "voice" in to else "text")
+        elif key == "volume":
+            key = op["direction"]
+        how, side = HOW_WORDS.get(op.get("amount"), ""), SIDE_WORDS.get(op.get("where"), ("", ""))
+        words = dict(ref=self.refer(plan, s["id"], rng), voice=to.get("voice"), text=to.get("text"),
+                     new=SOUND_WORDS[to["sound"]][2] if "sound" in to else "", old_voice=s.get("voice"),
+                     old_text=s.get("text"), how=how, how_=" " + how.strip() if how else "", to=side[0], on=side[1])
+        return pick(rng, EDIT_WORDS[key]).format(**words)
 
     def word_edit(self, intent, plan, rng):
         if intent["edit"] == "multi":
             a, b = (self.word_op(op, plan, rng) for op in intent["ops"])
-            text = pick(rng, [f"{a} and {b}", f"{a}, then {b}", f"{a}. Also {b}", f"{a}, and also {b}"])
+            text = pick(rng, MULTI_WORDS).format(a=a, b=b)
         else:
             text = self.word_op(intent, plan, rng)
         return text[0].upper() + text[1:] + "."
 
-
 class DesignerAgent:
-    """The simulated sound designer: reads the request (here its structured intent; an LLM agent
-    would read the user's words and the current plan text) and answers with tool calls. It
-    decides what the user left open: times, loudness, stereo positions."""
+    """The simulated sound designer: respond(plan, intent, rng) -> tool calls. It reads the
+    structured intent (an LLM agent would read the user's words and the plan text) and decides
+    what the user left open: times, loudness, stereo positions."""
 
     def pan_for(self, where, rng):
-        if where == "left":
-            return round(float(rng.uniform(-0.9, -0.5)), 1)
-        if where == "right":
-            return round(float(rng.uniform(0.5, 0.9)), 1)
-        return 0.0 if where == "center" else round(float(rng.uniform(-0.3, 0.3)), 1)
+        return 0.0 if where == "center" else round(float(rng.uniform(*PAN_RANGES[where])), 1)
 
     def gain_for(self, kind, rng):
-        lo, hi = {"speech": (-3, 0), "sfx": (-8, -2), "ambience": (-24, -14), "music": (-22, -14)}[kind]
+        lo, hi = GAIN_RANGES[kind]
         return int(rng.integers(lo, hi + 1))
 
     def create(self, src, start, rng, where=None, dur=None):
@@ -1320,10 +752,10 @@ class DesignerAgent:
         return calls
 
     def edit_calls(self, plan, op, rng):
+        """One edit op -> its tool calls."""
         e = op["edit"]
         if e == "add":
-            new = op["source"]
-            D = plan["duration"]
+            new, D = op["source"], plan["duration"]
             if new["type"] in ("ambience", "music"):
                 return [self.create(new, 0.0, rng, dur=D)]
             d = derived_dur(new)
@@ -1362,25 +794,25 @@ class DesignerAgent:
 
 # -----------------------------------------------------------------------------
 # Part 5: dialogues
-
+#
+# A turn is {"role", "text", ...}: user turns carry the intent (and "audio" when the user supplies
+# a clip); assistant audio turns carry the tool calls, the plan, its text and the index of the audio.
 
 def transcript(plan):
     """Understanding answer, task transcribe: one line per utterance, by start time."""
     lines = sorted((s for s in plan["sources"] if s["type"] == "speech"), key=lambda s: (s["start"], s["voice"]))
     return "\n".join(f"{s['start']:.1f}-{s['start'] + s['dur']:.1f} {s['voice']}: {s['text']}" for s in lines)
 
-
 def caption(plan):
-    """Understanding answer, task describe: one line per source (sound name, or the voice for
+    """Understanding answer, task describe: one line per source (its sound, or the voice for
     speech), by start time (ties by name)."""
     rows = sorted((s["start"], s["start"] + s["dur"], s.get("voice") or s["sound"]) for s in plan["sources"])
     return "\n".join(f"{a:.1f}-{b:.1f} {name}" for a, b, name in rows)
 
-
 def _turn(user, designer, studio, phase, rng):
-    """One user request + the designer's answer, executed on a copy of the studio. Agents can
-    propose something impossible (a line that no longer fits, a voice that would talk over
-    itself): the studio rejects it with a PlanError and the user asks for something else."""
+    """One user request + the designer's answer, run on a copy of the studio -> (text, intent,
+    calls, audio, studio). The agents may propose the impossible (a line that no longer fits, a
+    voice over itself): the studio refuses with a PlanError and the user asks for something else."""
     for _ in range(200):
         text, intent = user.request(phase, studio.plan, rng)
         calls = designer.respond(studio.plan, intent, rng)
@@ -1391,7 +823,6 @@ def _turn(user, designer, studio, phase, rng):
             continue
         return text, intent, done, audio, trial
     raise RuntimeError(f"no feasible {phase} request found in 200 tries")
-
 
 def understanding_turns(user, designer, rng, audios):
     """The user supplies a fresh, independent scene and asks for its transcript or its caption
@@ -1404,11 +835,10 @@ def understanding_turns(user, designer, rng, audios):
     return [{"role": "user", "text": text, "audio": len(audios) - 1, "intent": {**intent, "scene_seed": scene_seed}},
             {"role": "assistant", "text": answer, "plan": scene.plan}]
 
-
 def make_dialogue(seed):
-    """seed -> (dialogue dict (JSON-serialisable), audios: list of (2, N) float32).
-    A story turn, 1-2 edit turns (all rendered with the same seed, so untouched sources stay
-    sample-identical), then an understanding turn about a fresh, independent scene."""
+    """seed -> (dialogue dict (JSON-serialisable), audios: list of (2, N) float32). A story turn,
+    1-2 edit turns (all rendered with the same seed, so untouched sources stay sample-identical),
+    then an understanding turn about a fresh, independent scene."""
     rng = np.random.default_rng(seed)
     user, designer = UserAgent(), DesignerAgent()
     studio = Studio(seed)
@@ -1417,23 +847,17 @@ def make_dialogue(seed):
         text, intent, calls, audio, studio = _turn(user, designer, studio, phase, rng)
         audios.append(audio)
         turns.append({"role": "user", "text": text, "intent": intent})
-        turns.append({"role": "assistant", "tools": calls, "plan": studio.plan, "audio": len(audios) - 1})
+        turns.append({"role": "assistant", "text": plan_to_text(studio.plan), "tools": calls, "plan": studio.plan,
+                      "audio": len(audios) - 1})
     turns += understanding_turns(user, designer, rng, audios)
     return {"seed": seed, "turns": turns}, audios
 
-
 LISTENING_TURNS = (2, 6)   # understanding turns per listening dialogue (inclusive range)
-
 
 def make_listening_dialogue(seed):
     """seed -> (dialogue, audios) like make_dialogue, but only understanding turns: 2-6 fresh
-    scenes to transcribe or describe, one after another.
-    Why: a full dialogue holds one clip to understand, and hearing words and sounds is learned
-    from clips; these dialogues add distinct clips at half a full dialogue's simulation cost per
-    clip (write_dataset's n_listen). Why several turns: in a full dialogue the clip comes after
-    ~450 tokens of story and edits, and with learned absolute positions (`--positions=learned`) a
-    clip that only ever sat at position ~15 taught listening there and nowhere else (measured:
-    README, "What it took"); several turns spread the clips over the positions."""
+    scenes to transcribe or describe. Hearing is learned from clips, and these give more clips
+    per simulated second than full dialogues, spread over the positions of a sequence."""
     rng = np.random.default_rng(seed)
     user, designer = UserAgent(), DesignerAgent()
     turns, audios = [], []
@@ -1442,23 +866,14 @@ def make_listening_dialogue(seed):
     return {"seed": seed, "turns": turns}, audios
 
 
-def dialogue_text(dialogue):
-    """Every text string of a dialogue the model reads or writes (what the BPE is trained on)."""
-    out = []
-    for t in dialogue["turns"]:
-        out.append(plan_to_text(t["plan"]) if t["role"] == "assistant" and "audio" in t else t["text"])
-    return out
-
-
 # -----------------------------------------------------------------------------
 # Part 6: pictures -- spectrograms of both channels over the plan's timeline
 
 TYPE_COLORS = {"speech": "tab:blue", "sfx": "tab:orange", "ambience": "tab:green", "music": "tab:purple"}
 
-
 def plot_story(wav, plan, path, title=None):
-    """Save a PNG: the log-mel spectrogram of the left and right channels (the codec's view of
-    the audio), and beneath them the plan as a timeline, one row per source, coloured by type."""
+    """Save a PNG: the log-mel spectrogram (the codec's view) of the left and right channels of
+    wav (2, N), and beneath them the plan (or None) as a timeline, one row per source."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -1490,65 +905,50 @@ def plot_story(wav, plan, path, title=None):
 # -----------------------------------------------------------------------------
 # Part 7: the dataset writer and the demo
 
-SPLIT_SEEDS = {"train": 0, "val": 10_000_000, "test": 20_000_000, "listen": 30_000_000}  # disjoint ranges (+ --seed * 100M)
+SPLIT_SEEDS = {"train": 0, "val": 10_000_000, "test": 20_000_000, "listen": 30_000_000}  # disjoint (+ seed * 100M)
 SHARD = 500   # dialogues per shard file
+_codec = None   # a dataset worker's codec
 
-
-_worker = {}   # per-process state of a dataset worker
-
-
-def _worker_init(keep_wav):
+def _worker_init():
+    global _codec
     torch.set_num_threads(1)   # one process per core: torch must not oversubscribe them
-    _worker.update(codec=AudioCodec(), keep_wav=keep_wav)
-
+    _codec = AudioCodec()
 
 def _simulate(job):
-    """Worker: (split, seed) -> one dialogue as (JSON text, [raw log-mel (T, 64) float16], audios if kept).
-    The "listen" split holds make_listening_dialogue's understanding-only dialogues."""
+    """Worker: (split, seed) -> (dialogue as JSON text, [raw log-mel (T, 64) float16 per audio])."""
     split, seed = job
     dialogue, audios = (make_listening_dialogue if split == "listen" else make_dialogue)(seed)
-    latents = [_worker["codec"].encode_raw(a).to(torch.float16) for a in audios]
-    return json.dumps(dialogue), latents, (audios if _worker["keep_wav"] else None)
+    return json.dumps(dialogue), [_codec.encode_raw(a).to(torch.float16) for a in audios]
 
-
-def write_dataset(out, n, n_eval=None, seed=0, workers=None, wav=False, n_listen=0):
-    """Simulate train (n) / val / test (n_eval each; default n // 10 within 20..200) dialogues,
-    and n_listen understanding-only training dialogues (split "listen"), into out/ as shards of raw log-mel
-    frames, fit the codec statistics (first 1000 train dialogues) and the BPE (first 2000: the
-    language is closed, they show it everything) on train, then write meta.json -- last, so its
-    presence marks a complete dataset. Returns the dialogues simulated per second."""
-    n_eval = min(200, max(20, n // 10)) if n_eval is None else n_eval
-    import soundfile as sf
+def write_dataset(out, n, n_eval=None, seed=0, workers=None, n_listen=0):
+    """Simulate n train dialogues, n_listen listening dialogues (split "listen") and n_eval val and
+    test dialogues each (default n // 10 within 20..200) into out/ as shards of raw log-mel frames;
+    fit the codec statistics (first 1000 train dialogues) and the BPE (first 2000) on train; write
+    meta.json last, so its presence marks a complete dataset. -> dialogues simulated per second."""
     from tqdm import tqdm
+    n_eval = min(200, max(20, n // 10)) if n_eval is None else n_eval
     os.makedirs(out, exist_ok=True)
-    workers = workers or os.cpu_count()
     counts, seeds, train_text, train_raw = {}, {}, [], []
     t0 = time.time()
-    with mp.Pool(workers, initializer=_worker_init, initargs=(wav,)) as pool:
+    with mp.Pool(workers or os.cpu_count(), initializer=_worker_init) as pool:
         for split, count in (("train", n), ("listen", n_listen), ("val", n_eval), ("test", n_eval)):
             if count == 0:
                 continue
             first = seed * 100_000_000 + SPLIT_SEEDS[split]
-            seeds[split] = [first, first + count]
+            seeds[split], counts[split] = [first, first + count], count
             dialogues, audio = [], []
             jobs = pool.imap(_simulate, [(split, s) for s in range(first, first + count)], chunksize=4)
-            for i, (text, latents, wavs) in enumerate(tqdm(jobs, total=count, desc=split, unit="dialogue")):
+            for i, (text, latents) in enumerate(tqdm(jobs, total=count, desc=split, unit="dialogue")):
                 dialogues.append(text)
                 audio.append(latents)
-                if split == "train":
-                    if i < 2000:
-                        train_text += dialogue_text(json.loads(text))
-                    if i < 1000:
-                        train_raw += [x.float() for x in latents]
-                if wavs is not None:
-                    os.makedirs(os.path.join(out, "wav"), exist_ok=True)
-                    for k, w in enumerate(wavs):
-                        sf.write(os.path.join(out, "wav", f"{split}_{i:06d}_{k}.wav"), w.T, SR)
+                if split == "train" and i < 2000:
+                    train_text += [t["text"] for t in json.loads(text)["turns"]]
+                if split == "train" and i < 1000:
+                    train_raw += [x.float() for x in latents]
                 if len(dialogues) == SHARD or i == count - 1:
-                    torch.save({"dialogues": dialogues, "audio": audio},
-                               os.path.join(out, f"{split}_{i // SHARD:04d}.pt"))
+                    path = os.path.join(out, f"{split}_{i // SHARD:04d}.pt")
+                    torch.save({"dialogues": dialogues, "audio": audio}, path)
                     dialogues, audio = [], []
-            counts[split] = count
     rate = (n + n_listen + 2 * n_eval) / (time.time() - t0)
     codec = AudioCodec().fit(train_raw)
     tok = BPETokenizer()
@@ -1559,66 +959,512 @@ def write_dataset(out, n, n_eval=None, seed=0, workers=None, wav=False, n_listen
         json.dump(meta, f)
     return rate
 
-
 def tool_call_text(c):
     args = ", ".join(f"{k}={json.dumps(v)}" for k, v in c["args"].items())
     return f"{c['name']}({args})" + (f" -> {c['result']}" if "result" in c else "")
 
-
 def write_demo(out, seeds=(1, 2, 3)):
-    """A few complete dialogues a person can inspect: markdown, a wav and a png per audio."""
+    """A few complete dialogues a person can inspect: markdown, and a wav and a png per audio."""
     import soundfile as sf
     os.makedirs(out, exist_ok=True)
     for k, seed in enumerate(seeds):
         dialogue, audios = make_dialogue(seed)
-        md = [f"# Dialogue {k} (seed {seed})", ""]
-        for t in dialogue["turns"]:
-            if "audio" in t:
-                name = f"dialogue_{k}_audio_{t['audio']}"
+        turns, md = dialogue["turns"], [f"# Dialogue {k} (seed {seed})", ""]
+        for i, t in enumerate(turns):
+            if "audio" in t:   # a user's clip is described by the plan of the assistant turn after it
+                name, plan = f"dialogue_{k}_audio_{t['audio']}", t.get("plan") or turns[i + 1]["plan"]
                 sf.write(os.path.join(out, name + ".wav"), audios[t["audio"]].T, SR)
-                turns = dialogue["turns"]   # a user's audio is described by the next (assistant) turn's plan
-                plan = t["plan"] if t["role"] == "assistant" else turns[turns.index(t) + 1]["plan"]
                 plot_story(audios[t["audio"]], plan, os.path.join(out, name + ".png"),
                            title=f"dialogue {k}, audio {t['audio']} ({t['role']})")
             if t["role"] == "user":
                 md += [f"**user:** {t['text']}", "", f"intent: `{json.dumps(t['intent'])}`", ""]
-                if "audio" in t:
-                    md += [f"(the user supplies audio `{name}.wav`)", "", f"![]({name}.png)", ""]
+                md += [f"(the user supplies audio `{name}.wav`)", "", f"![]({name}.png)", ""] if "audio" in t else []
+            elif "tools" in t:
+                md += ["**assistant:**", "", "tool calls:", "```", *map(tool_call_text, t["tools"]), "```", "",
+                       "plan (chain of thought):", "```json", t["text"], "```", "", f"audio: `{name}.wav`", "",
+                       f"![]({name}.png)", ""]
             else:
-                md += ["**assistant:**", ""]
-                if "tools" in t:
-                    md += ["tool calls:", "```"] + [tool_call_text(c) for c in t["tools"]] + ["```", "",
-                           "plan (chain of thought):", "```json", plan_to_text(t["plan"]), "```", "",
-                           f"audio: `{name}.wav`", "", f"![]({name}.png)", ""]
-                else:
-                    md += ["```", t["text"], "```", ""]
+                md += ["**assistant:**", "", "```", t["text"], "```", ""]
         with open(os.path.join(out, f"dialogue_{k}.md"), "w") as f:
             f.write("\n".join(md))
     print(f"wrote {len(seeds)} dialogues (markdown, wav, png) to {out}/")
 
+def main(argv):
+    """python simulate_data.py DATA_DIR | python simulate_data.py --demo OUT_DIR"""
+    if len(argv) == 1 and not argv[0].startswith("-"):
+        t0 = time.time()
+        rate = write_dataset(argv[0], n=N_TRAIN, n_listen=N_LISTEN)   # exactly train.py's dataset
+        print(f"simulated {N_TRAIN} train + {N_LISTEN} listen + val + test dialogues at {rate:.1f} dialogues/s "
+              f"({time.time() - t0:.1f} s in all, with BPE and codec statistics) -> {argv[0]}/")
+    elif len(argv) == 2 and argv[0] == "--demo" and not argv[1].startswith("-"):
+        write_demo(argv[1])
+    else:
+        sys.exit(f"error: usage: python simulate_data.py DATA_DIR | python simulate_data.py --demo OUT_DIR "
+                 f"(got {' '.join(argv) or 'no arguments'})")
+
+
+# =============================================================================
+# The synthesizers (skim). The parts above use only their names (VOICES, SFX, AMBIENCES, MUSIC)
+# and the speech timing (phoneme_timeline). All of it works on whole numpy arrays, never sample
+# by sample, and draws its variation from the rng it is given (dry_signal seeds one per source).
+# =============================================================================
+
+CTRL = 80   # control-rate hop in samples (200 Hz): envelopes, formants, pitch
+
+def rms(x):
+    return float(np.sqrt(np.mean(np.square(x)) + 1e-12))
+
+def band_shape(f, lo, hi):
+    """Magnitude response of a smooth band-pass (4th-order Butterworth-like edges) at f Hz."""
+    return 1 / np.sqrt(1 + (lo / np.maximum(f, 1.0)) ** 8) / np.sqrt(1 + (f / hi) ** 8)
+
+@functools.lru_cache(maxsize=256)
+def _band_mask(nf, lo, hi, tilt):
+    f = np.fft.rfftfreq(nf, 1 / SR)
+    return band_shape(f, lo, hi) * (np.maximum(f, 20.0) / 1000.0) ** tilt
+
+def band_noise(rng, n, lo, hi, tilt=0.0):
+    """Noise band-limited to about [lo, hi] Hz, unit RMS -> (n,): Gaussian Fourier coefficients
+    shaped by band_shape (tilt > 0 brightens), one inverse FFT of a fast length."""
+    nf = n if n % 1600 == 0 else 1 << (n - 1).bit_length()   # plan lengths (0.1 s grid) are fast already
+    mask = _band_mask(nf, lo, hi, tilt)
+    spec = (rng.standard_normal(len(mask)) + 1j * rng.standard_normal(len(mask))) * mask
+    x = np.fft.irfft(spec, nf)[:n]
+    return (x / rms(x)).astype(np.float32)
+
+@functools.lru_cache(maxsize=None)
+def noise_bank(lo, hi):
+    """A fixed 8 s band noise per band: speech cuts its many short consonant noises out of it."""
+    return band_noise(np.random.default_rng([lo, hi]), int(MAX_DURATION * SR), lo, hi)
+
+def bank_noise(rng, n, lo, hi):
+    """n samples of band noise from the bank, at a random offset -> (n,)."""
+    i0 = int(rng.integers(len(noise_bank(lo, hi)) - n + 1))
+    return noise_bank(lo, hi)[i0:i0 + n]
+
+def decay_env(n, attack, tau):
+    """Linear attack over `attack` s, then exponential decay with time constant tau s -> (n,)."""
+    t = np.arange(n) / SR
+    return (np.minimum(t / attack, 1.0) * np.exp(-np.maximum(t - attack, 0.0) / tau)).astype(np.float32)
+
+@functools.lru_cache(maxsize=None)
+def _ramp(n):
+    return (np.sin(np.linspace(0, np.pi / 2, n)) ** 2).astype(np.float32)
+
+def fade(x, t_in=0.005, t_out=0.01):
+    """Short raised-cosine fades at both ends, so no source starts or stops with a click."""
+    n_in, n_out = max(1, int(t_in * SR)), max(1, int(t_out * SR))
+    x = x.copy()
+    x[:n_in] *= _ramp(n_in)
+    x[-n_out:] *= _ramp(n_out)[::-1]
+    return x
+
+def smooth(x, width):
+    """Moving Hann-window average along the last axis (edges padded), width in control frames."""
+    if width < 2:
+        return x
+    w = np.hanning(width + 2)[1:-1]
+    w /= w.sum()
+    xp = np.pad(x, [(0, 0)] * (x.ndim - 1) + [(width, width)], mode="edge")
+    return np.apply_along_axis(lambda r: np.convolve(r, w, mode="same"), -1, xp)[..., width:-width]
+
+def random_curve(rng, n, rate, step=1):
+    """A smooth random curve in [0, 1], about `rate` wiggles per s, every `step` of n samples."""
+    pts = rng.random(int(n / SR * rate) + 3)
+    return np.interp(np.arange(0, n, step), np.linspace(0, n, len(pts)), pts).astype(np.float32)
+
+def upsample(x, n):
+    """Control-rate values (..., C) -> per-sample (..., n) by linear interpolation (hop CTRL)."""
+    pos = np.arange(n) / CTRL
+    i = np.minimum(pos.astype(np.int64), x.shape[-1] - 2)
+    w = (pos - i).astype(np.float32)
+    return x[..., i] * (1 - w) + x[..., i + 1] * w
+
+def harmonic_stack(f0, amps, n):
+    """Additive synthesis sum_k A_k(t) sin(k phase(t)): f0 (C,) Hz, amps (K, C) at control rate
+    -> (n,). sin(k phase) by the Chebyshev recurrence, amplitudes blended once per block: fast."""
+    phase = 2 * np.pi * np.cumsum(upsample(f0, n).astype(np.float64)) / SR
+    blocks = -(-n // CTRL)
+    ph = np.zeros(blocks * CTRL)
+    ph[:n] = np.mod(phase, 2 * np.pi)
+    ph = ph.reshape(blocks, CTRL).astype(np.float32)   # (blocks, CTRL): sample j of control block c
+    amps = amps.astype(np.float32)
+    two_cos, s_prev, s, tmp = 2 * np.cos(ph), np.zeros_like(ph), np.sin(ph), np.empty_like(ph)
+    acc0, acc1 = np.zeros_like(ph), np.zeros_like(ph)
+    for k in range(amps.shape[0]):   # sin((k+1)x) = 2 cos(x) sin(kx) - sin((k-1)x), in place
+        acc0 += np.multiply(amps[k, :blocks, None], s, out=tmp)
+        acc1 += np.multiply(amps[k, 1:blocks + 1, None], s, out=tmp)
+        np.multiply(two_cos, s, out=tmp)
+        tmp -= s_prev
+        s_prev, s, tmp = s, tmp, s_prev
+    w = np.arange(CTRL, dtype=np.float32) / CTRL
+    return (acc0 * (1 - w) + acc1 * w).reshape(-1)[:n]
+
+def formant_gain(fk, formants, bandwidths):
+    """Gain of a cascade of resonators (the vocal tract) at harmonic frequencies fk (K, C);
+    formants (F, C) Hz, bandwidths (F,) Hz."""
+    g = np.ones_like(fk)
+    for F, B in zip(formants, bandwidths):
+        F = F[None, :]
+        g = g * F ** 2 / np.sqrt((F ** 2 - fk ** 2) ** 2 + (B * fk) ** 2)
+    return g
+
+
+# --- speech: phonemes, the words' phoneme codes, the formant synthesizer -------------------
+# Vowels have three formants (Hz, scaled per voice; "ai" glides to F_end); fricatives are noise
+# bands, plosives a closure then a burst, nasals and "l" weak voiced sounds. dur in s at rate 1.
+
+PHONEMES = {
+    "i":  dict(kind="vowel", dur=0.13, F=(280, 2250, 2900), amp=1.0),
+    "e":  dict(kind="vowel", dur=0.13, F=(530, 1850, 2500), amp=1.0),
+    "ae": dict(kind="vowel", dur=0.14, F=(720, 1650, 2450), amp=1.0),
+    "a":  dict(kind="vowel", dur=0.14, F=(760, 1100, 2450), amp=1.0),
+    "o":  dict(kind="vowel", dur=0.14, F=(480, 800, 2500), amp=1.0),
+    "u":  dict(kind="vowel", dur=0.13, F=(300, 850, 2250), amp=0.9),
+    "er": dict(kind="vowel", dur=0.14, F=(480, 1350, 1650), amp=0.9),
+    "ai": dict(kind="vowel", dur=0.18, F=(740, 1200, 2500), F_end=(320, 2150, 2900), amp=1.0),
+    "m":  dict(kind="voiced", dur=0.07, F=(250, 1100, 2300), amp=0.3),
+    "n":  dict(kind="voiced", dur=0.07, F=(250, 1700, 2600), amp=0.3),
+    "l":  dict(kind="voiced", dur=0.06, F=(360, 1100, 2800), amp=0.55),
+    "s":  dict(kind="fricative", dur=0.10, band=(4000, 7500), amp=0.6),
+    "sh": dict(kind="fricative", dur=0.10, band=(1900, 3800), amp=0.6),
+    "f":  dict(kind="fricative", dur=0.09, band=(900, 7000), amp=0.25),
+    "h":  dict(kind="fricative", dur=0.07, band=(500, 3000), amp=0.25),
+    "p":  dict(kind="plosive", dur=0.08, band=(300, 1500), amp=0.9),
+    "t":  dict(kind="plosive", dur=0.08, band=(3000, 6500), amp=0.9),
+    "k":  dict(kind="plosive", dur=0.08, band=(1400, 3000), amp=0.9),
+}
+VOWELS = [p for p, d in PHONEMES.items() if d["kind"] == "vowel"]
+CONSONANTS = [p for p, d in PHONEMES.items() if d["kind"] != "vowel"]
+WORD_GAP = 0.07      # s of silence between words (at rate 1)
+SPEECH_TAIL = 0.03   # s of release after the last phoneme
+
+def _one_slip(code):
+    """Every phoneme sequence one substitution, insertion or deletion away from code, and code."""
+    out = {code}
+    for i in range(len(code) + 1):
+        out.update(code[:i] + (p,) + code[i:] for p in PHONEMES)           # insertions
+        if i < len(code):
+            out.add(code[:i] + code[i + 1:])                                # deletions
+            out.update(code[:i] + (p,) + code[i + 1:] for p in PHONEMES)   # substitutions
+    return out
+
+def _assign_word_codes():
+    """A fixed phoneme code per word: CVC for one syllable, CVCV or CVCVC for more, drawn until it
+    is >= 2 phoneme edits from every earlier code (no two words one slip apart)."""
+    rng = np.random.default_rng(1234)
+    shapes = ["CVC", "CVCV", "CVCVC"]
+    codes, taken = {}, set()
+    for word in VOCAB:
+        groups = sum(1 for i, c in enumerate(word) if c in "aeiouy" and (i == 0 or word[i - 1] not in "aeiouy"))
+        groups -= word.endswith("e") and groups > 1          # silent final e: "home" is one syllable
+        level = 0 if groups <= 1 else 1 + int(rng.integers(2))
+        for attempt in range(10_000):   # when the short codes run out, a longer shape
+            shape = shapes[min(level + attempt // 300, 2)]
+            code = tuple(pick(rng, VOWELS) if s == "V" else pick(rng, CONSONANTS) for s in shape)
+            if code not in taken:
+                codes[word] = code
+                taken |= _one_slip(code)
+                break
+    return codes
+
+WORD_CODES = _assign_word_codes()
+
+def synth_speech(voice, text, rng):
+    """One line of speech -> mono (round(speech_duration * SR),). Source-filter model: per control
+    frame, formant targets and voicing of the current phoneme, smoothed (coarticulation); a
+    harmonic stack at the voice's pitch through the formants; consonant noise on top. The seed
+    moves only the pitch contour (declination, word accents, jitter), never the timing."""
+    v = VOICES[voice]
+    segs, end = phoneme_timeline(voice, text)
+    n = round(speech_duration(voice, text) * SR)
+    C = n // CTRL + 2
+    F, av, accent = np.full((3, C), np.nan), np.zeros(C), np.zeros(C)
+    word_accent = rng.uniform(-0.04, 0.09, size=len(text.split()))
+    for ph, t0, d, wi in segs:
+        p = PHONEMES[ph]
+        i0 = int(t0 * SR / CTRL)
+        i1 = max(i0 + 1, int((t0 + d) * SR / CTRL))
+        accent[i0:i1] = word_accent[wi]
+        if p["kind"] in ("vowel", "voiced"):
+            F[:, i0:i1] = np.linspace(p["F"], p.get("F_end", p["F"]), i1 - i0).T
+            av[i0:i1] = p["amp"]
+    idx = np.arange(C)
+    known = ~np.isnan(F[0])   # during noise and silence the tract already moves to the next sound
+    F = np.stack([np.interp(idx, idx[known], row[known]) for row in F]) * v.formant
+    F, av = smooth(F, 7), smooth(av, 5)
+    t = idx * CTRL / SR
+    f0 = v.f0 * (1 + 0.06 - 0.12 * t / max(end, 1e-3)) * (1 + smooth(accent, 15)) \
+        * (1 + 0.02 * (random_curve(rng, C * CTRL, 4, CTRL) - 0.5))
+    k = np.arange(1, int(4000 / f0.min()) + 1)[:, None]
+    fk = k * f0[None, :]
+    A = formant_gain(fk, F, np.array([90, 110, 170]) * v.formant) * k ** -v.tilt * av[None, :] * (fk < 4000)
+    x = harmonic_stack(f0, A, n)
+    voiced = upsample(av, n)
+    x /= rms(x[voiced > 0.5]) if np.any(voiced > 0.5) else rms(x)
+    x += v.breath * bank_noise(rng, n, 1000, 5000) * voiced
+    for ph, t0, d, _ in segs:
+        p = PHONEMES[ph]
+        if p["kind"] == "fricative":
+            m = int(d * SR)
+            seg = bank_noise(rng, m, *p["band"]) * p["amp"] * fade(np.ones(m, np.float32), 0.015, 0.015)
+        elif p["kind"] == "plosive":   # closure (silence), then a 15 ms burst and 20 ms aspiration
+            m = int(0.035 * SR)
+            seg = bank_noise(rng, m, *p["band"]) * p["amp"] * decay_env(m, 0.001, 0.012)
+            t0 = t0 + d - 0.035
+        else:
+            continue
+        i0 = int(t0 * SR)
+        x[i0:i0 + len(seg)] += seg[:n - i0]
+    return fade(0.1 * x / rms(x[: int(end * SR)])).astype(np.float32)
+
+
+# --- sound effects: fn(rng, n) -> mono (n,), n its fixed length; the rng varies pitch, timing, texture
+
+def _events(out, onsets, make):
+    """Add make(i) at each onset (s) into out, clipped at the end."""
+    for i, t0 in enumerate(onsets):
+        e = make(i)
+        i0 = int(t0 * SR)
+        out[i0:i0 + len(e)] += e[:len(out) - i0]
+    return out
+
+def dog_bark(rng, n):
+    """Two 'woofs': a falling harmonic tone through an open-vowel tract, plus rough noise."""
+    def woof(i):
+        m = int(0.17 * SR)
+        C = m // CTRL + 2
+        f0 = np.linspace(1, 0.7, C) * rng.uniform(430, 620)
+        k = np.arange(1, 13)[:, None]
+        F = np.array([[700.0], [1500.0], [2600.0]]) * rng.uniform(0.9, 1.1) * np.ones(C)
+        tone = harmonic_stack(f0, formant_gain(k * f0, F, [250, 300, 400]) * k ** -0.7, m)
+        return (tone / rms(tone) + 0.6 * band_noise(rng, m, 400, 3500)) * decay_env(m, 0.006, 0.05)
+    return _events(np.zeros(n, np.float32), [0.0, rng.uniform(0.24, 0.30)], woof)
+
+def knock(rng, n):
+    """Three knocks on wood: two damped low modes and a short click."""
+    f1, f2 = rng.uniform(150, 220), rng.uniform(380, 520)
+    t = np.arange(int(0.12 * SR)) / SR
+    def hit(i):
+        body = np.sin(2 * np.pi * f1 * t) * np.exp(-t / 0.02) + 0.6 * np.sin(2 * np.pi * f2 * t) * np.exp(-t / 0.012)
+        return rng.uniform(0.8, 1.0) * (body + 0.5 * band_noise(rng, len(t), 1000, 4000) * np.exp(-t / 0.004))
+    gap = rng.uniform(0.13, 0.17)
+    return _events(np.zeros(n, np.float32), [0.0, gap, 2 * gap], hit)
+
+def bell(rng, n):
+    """A struck bell: long-ringing inharmonic partials, the low ones longest, and a bright strike."""
+    f = rng.uniform(450, 800)
+    t = np.arange(n) / SR
+    ratios = np.array([0.5, 1.0, 1.19, 1.5, 2.0, 2.52, 2.67, 3.01])[:, None]
+    amps = np.array([0.4, 1.0, 0.6, 0.35, 0.5, 0.25, 0.2, 0.15])[:, None]
+    x = (amps * np.sin(2 * np.pi * f * ratios * t) * np.exp(-t / (0.8 / ratios ** 0.6))).sum(0)
+    return x + 0.3 * band_noise(rng, n, 2000, 6000) * decay_env(n, 0.001, 0.005)
+
+def footsteps(rng, n):
+    """Four steps: a low thud and a scuff of grit, at a walking pace."""
+    pace = rng.uniform(0.26, 0.3)
+    def step(i):
+        m = int(0.15 * SR)
+        return rng.uniform(0.7, 1.0) * (band_noise(rng, m, 60, 350) * decay_env(m, 0.002, 0.03)
+                                        + 0.4 * band_noise(rng, m, 1500, 4000) * decay_env(m, 0.001, 0.012))
+    return _events(np.zeros(n, np.float32), pace * np.arange(4) + rng.uniform(0, 0.02, 4), step)
+
+def glass_break(rng, n):
+    """A bright crash, then shards tinkling: many short high sine pings at random times."""
+    x = band_noise(rng, n, 2500, 7800) * decay_env(n, 0.001, 0.06)
+    t = np.arange(int(0.2 * SR)) / SR
+    def ping(i):
+        return rng.uniform(0.15, 0.5) * np.sin(2 * np.pi * rng.uniform(2500, 7000) * t) * np.exp(-t / rng.uniform(0.01, 0.05))
+    return _events(x, np.minimum(rng.exponential(0.15, 30), 0.6), ping)
+
+def car_horn(rng, n):
+    """Two brassy harmonic tones a major third apart, held steady (the beating is the 'honk')."""
+    C = n // CTRL + 2
+    f1 = rng.uniform(360, 440)
+    k = np.arange(1, 16)[:, None]
+    x = 0
+    for f in (f1, f1 * 1.26):
+        f0 = np.full(C, f)
+        F = np.array([[1000.0], [2000.0], [3000.0]]) * np.ones(C)
+        x = x + harmonic_stack(f0, formant_gain(k * f0, F, [400, 500, 600]) * k ** -0.6, n)
+    return fade(x, 0.015, 0.03)
+
+def bird_chirp(rng, n):
+    """Three quick upward whistled sweeps, high up (2-5 kHz)."""
+    def chirp(i):
+        m = int(0.09 * SR)
+        f = np.linspace(rng.uniform(2000, 3000), rng.uniform(3800, 5000), m)
+        return np.sin(2 * np.pi * np.cumsum(f) / SR) * np.sin(np.linspace(0, np.pi, m)) ** 2
+    gap = rng.uniform(0.15, 0.2)
+    return _events(np.zeros(n, np.float32), [0.0, gap, 2 * gap], chirp)
+
+def thunder(rng, n):
+    """A crack, then a long low rumble whose loudness rolls at random."""
+    crack = band_noise(rng, n, 300, 5000) * decay_env(n, 0.002, 0.08)
+    rumble = band_noise(rng, n, 25, 200) * (0.3 + random_curve(rng, n, 6)) * decay_env(n, 0.15, 0.7)
+    return crack + 2.0 * rumble
+
+def clock_tick(rng, n):
+    """Tick ... tock: four short clicks, exactly 0.25 s apart, alternating in pitch."""
+    f = rng.uniform(2500, 3500)
+    def click(i):
+        m = int(0.03 * SR)
+        t = np.arange(m) / SR
+        lo, hi = (2500, 6000) if i % 2 == 0 else (1500, 4000)
+        ring = np.sin(2 * np.pi * f * (1 - 0.25 * (i % 2)) * t) * np.exp(-t / 0.006)
+        return band_noise(rng, m, lo, hi) * np.exp(-t / 0.003) + 0.5 * ring
+    return _events(np.zeros(n, np.float32), 0.25 * np.arange(4), click)
+
+def applause(rng, n):
+    """Many hands: a dense random train of short noisy claps (FFT convolution), swelling and dying."""
+    count = int(rng.uniform(150, 220))
+    imp = np.zeros(n)
+    np.add.at(imp, rng.integers(0, n - int(0.05 * SR), count), rng.uniform(0.3, 1.0, count))
+    m = int(0.02 * SR)
+    kernel = band_noise(rng, m, 800, 3500) * decay_env(m, 0.0005, 0.005)
+    x = np.fft.irfft(np.fft.rfft(imp, n + m) * np.fft.rfft(kernel, n + m), n + m)[:n]
+    return x * np.minimum(1, np.arange(n) / (0.1 * SR)) * np.minimum(1, (n - np.arange(n)) / (0.4 * SR))
+
+def whistle(rng, n):
+    """A person whistling: a nearly pure tone that rises then falls, with vibrato and breath."""
+    C = n // CTRL + 2
+    t = np.arange(C) * CTRL / SR
+    f = rng.uniform(1500, 2300) * (1 + 0.15 * np.sin(np.pi * t / (n / SR)) + 0.015 * np.sin(2 * np.pi * 6 * t))
+    x = harmonic_stack(f, np.array([[1.0], [0.05]]) * np.ones(C), n)
+    return fade(x + 0.05 * band_noise(rng, n, 1000, 4000), 0.03, 0.06)
+
+def door_creak(rng, n):
+    """Stick-slip friction: a buzzy, low, wandering pitch through wooden resonances, stuttering."""
+    C = n // CTRL + 2
+    f0 = 60 + 90 * random_curve(rng, C * CTRL, 4, CTRL)
+    k = np.arange(1, int(4000 / 60) + 1)[:, None]
+    F = np.array([[900.0], [1700.0], [2800.0]]) * rng.uniform(0.85, 1.15) * np.ones(C)
+    x = harmonic_stack(f0, formant_gain(k * f0, F, [150, 200, 250]) * k ** -0.3 * (k * f0 < 7000), n)
+    return fade(x * (0.2 + random_curve(rng, n, 8)) ** 2, 0.05, 0.1)
+
+def phone_ring(rng, n):
+    """An old telephone: two bursts of a dual tone, trilled at 20 Hz."""
+    t = np.arange(int(0.4 * SR)) / SR
+    f = rng.uniform(900, 1100)
+    def ring(i):
+        trill = 0.5 + 0.5 * np.sign(np.sin(2 * np.pi * 20 * t))
+        return fade((np.sin(2 * np.pi * f * t) + np.sin(2 * np.pi * 1.25 * f * t)) * trill)
+    return _events(np.zeros(n, np.float32), [0.0, 0.55], ring)
+
+def cat_meow(rng, n):
+    """Mee-ow: a high pitch rising then falling while the 'mouth' glides from i through a to u."""
+    C = n // CTRL + 2
+    s = np.linspace(0, 1, C)
+    f0 = rng.uniform(420, 520) * (1 + 0.5 * np.sin(np.pi * s ** 0.7))
+    F = np.stack([np.interp(s, [0, 0.4, 1], [300, 900, 400]), np.interp(s, [0, 0.4, 1], [2300, 1500, 1000]),
+                  np.full(C, 3000.0)]) * 1.3
+    k = np.arange(1, int(7000 / f0.min()) + 1)[:, None]
+    x = harmonic_stack(f0, formant_gain(k * f0, F, [150, 200, 300]) * k ** -0.8 * (k * f0 < 7000), n)
+    return fade(x, 0.05, 0.15)
+
+SFX = {   # name -> (fixed length in s, synthesizer)
+    "dog_bark": (0.5, dog_bark), "knock": (0.5, knock), "bell": (1.5, bell), "footsteps": (1.2, footsteps),
+    "glass_break": (0.8, glass_break), "car_horn": (0.8, car_horn), "bird_chirp": (0.6, bird_chirp),
+    "thunder": (2.0, thunder), "clock_tick": (1.0, clock_tick), "applause": (1.5, applause),
+    "whistle": (0.8, whistle), "door_creak": (1.0, door_creak), "phone_ring": (1.0, phone_ring),
+    "cat_meow": (0.8, cat_meow),
+}
+
+# --- beds (ambiences and music) of any length. Ambiences are noise whose short-time spectrum follows
+# a designed spectrogram (frames x bins), drawn in the frequency domain and overlap-added.
+TEX_N, TEX_HOP = 512, 256
+TEX_F = np.fft.rfftfreq(TEX_N, 1 / SR)   # the texture's bin frequencies, Hz
+
+def noise_texture(rng, shape, n):
+    """shape (frames, bins) magnitudes -> noise (n,): Gaussian Fourier coefficients times the shape,
+    inverse FFT per frame, sine window, 50 % overlap-add (its squares sum to 1)."""
+    frames = shape.shape[0]
+    spec = shape.astype(np.float32) * (rng.standard_normal(shape.shape, dtype=np.float32)
+                                       + 1j * rng.standard_normal(shape.shape, dtype=np.float32))
+    x = np.fft.irfft(spec, TEX_N, axis=-1) * np.sin(np.pi * (np.arange(TEX_N) + 0.5) / TEX_N)
+    out = np.zeros((frames + 1, TEX_HOP))
+    out[:frames] += x[:, :TEX_HOP]
+    out[1:] += x[:, TEX_HOP:]
+    return out.reshape(-1)[TEX_HOP:TEX_HOP + n].astype(np.float32)
+
+def rain(rng, n):
+    """Hiss of many drops (bright noise over a soft low wash), plus close drops as sharp clicks."""
+    f = TEX_F
+    shape = (band_shape(f, 800, 7500) * (np.maximum(f, 20) / 1000) ** -0.3 + 0.3 * band_shape(f, 60, 300))
+    x = noise_texture(rng, shape[None, :] * (0.9 + 0.2 * random_curve(rng, n + 2 * TEX_HOP, 3, TEX_HOP))[:, None], n)
+    x /= rms(x)
+    m = int(0.01 * SR)
+    drop = band_noise(rng, m, 2000, 7000) * decay_env(m, 0.0005, 0.002)
+    return _events(x, rng.uniform(0, n / SR, int(n / SR * 40)), lambda i: rng.uniform(0.3, 1.2) * drop)
+
+def wind(rng, n):
+    """Low roaring noise in slow random gusts, with a faint whistling resonance at the peaks."""
+    f = TEX_F
+    g1, g2 = (random_curve(rng, n + 2 * TEX_HOP, rate, TEX_HOP)[:, None] for rate in (0.8, 1.2))
+    fw = rng.uniform(600, 900)
+    shape = (band_shape(f, 80, 500) * (0.3 + g1) + 0.6 * band_shape(f, 300, 1200) * g2
+             + 3.0 * band_shape(f, fw - 40, fw + 40) * g2 ** 2)
+    return noise_texture(rng, shape, n)
+
+def crowd(rng, n):
+    """Babble: six talkers, each noise with two vowel-like formant peaks, on and off at syllable rate."""
+    f, talkers = TEX_F, 6
+    F1 = rng.uniform(300, 800, talkers)[:, None]
+    F2 = rng.uniform(900, 2500, talkers)[:, None]
+    masks = 1 / (1 + ((f - F1) / 150) ** 2) + 0.7 / (1 + ((f - F2) / 250) ** 2)      # (talkers, bins)
+    syll = np.stack([random_curve(rng, n + 2 * TEX_HOP, rng.uniform(6, 10), TEX_HOP) for _ in range(talkers)]) ** 2
+    return noise_texture(rng, syll.T @ masks, n)
+
+def _melody(rng, n, step_beats):
+    """A random walk on a pentatonic scale -> [(onset s, length s, frequency Hz)]."""
+    root = 220 * 2 ** (rng.integers(0, 12) / 12)
+    scale = np.array([0, 2, 4, 7, 9, 12, 14, 16, 19, 21])
+    beat = 60 / rng.uniform(90, 130)
+    notes, t, i = [], 0.0, int(rng.integers(2, 7))
+    while t < n / SR:
+        length = beat * step_beats[rng.integers(len(step_beats))]
+        notes.append((t, length, root * 2 ** (scale[i] / 12)))
+        i = int(np.clip(i + rng.choice([-2, -1, 1, 2]), 0, len(scale) - 1))
+        t += length
+    return notes
+
+_t = np.arange(SR, dtype=np.float32) / SR                      # a note rings for 1 s
+_k = np.arange(1, 9, dtype=np.float32)[:, None]                  # 8 partials
+PIANO_PARTIALS = 2 * np.pi * _k * np.sqrt(1 + 4e-4 * _k ** 2) * _t    # phase / f0: slightly stretched partials
+PIANO_ENV = _k ** -1.3 * np.exp(-_t * _k ** 0.5 / 0.5) * np.minimum(1, _t / 0.003)   # upper partials die first
+
+def piano(rng, n):
+    """Piano: struck notes of 8 slightly inharmonic partials; each pitch synthesized once."""
+    notes = _melody(rng, n, [0.5, 1, 1, 2])
+    @functools.lru_cache(maxsize=None)
+    def note(f):
+        return fade((np.sin(PIANO_PARTIALS * np.float32(f)) * PIANO_ENV).sum(0), 0.001, 0.05)   # float32 throughout
+    out = np.zeros(n, np.float32)
+    for t0, _, f in notes:
+        _events(out, [t0], lambda i: note(f))
+        if rng.random() < 0.3:   # now and then a bass note an octave below
+            _events(out, [t0], lambda i: 0.5 * note(f / 2))
+    return out
+
+def flute(rng, n):
+    """Flute: legato notes, almost a pure tone with weak overtones, vibrato, and breath noise."""
+    notes = _melody(rng, n, [1, 1, 2, 3])
+    C = n // CTRL + 2
+    tc = np.arange(C) * CTRL / SR
+    f0, gate = np.zeros(C), np.zeros(C)
+    for t0, length, f in notes:
+        sel = (tc >= t0) & (tc < t0 + length)
+        f0[sel] = 2 * f
+        gate[sel & (tc < t0 + length - 0.05)] = 1   # a short breath between notes
+    f0 = smooth(f0, 6) * (1 + 0.01 * np.sin(2 * np.pi * 5 * tc))
+    gate = smooth(gate, 8)
+    x = harmonic_stack(f0, np.array([1.0, 0.3, 0.1, 0.04])[:, None] * gate[None, :], n)
+    return x + 0.08 * band_noise(rng, n, 1000, 4000) * upsample(gate, n)
+
+AMBIENCES = {"rain": rain, "wind": wind, "crowd": crowd}
+MUSIC = {"piano": piano, "flute": flute}
+SOUNDS = {"sfx": SFX, "ambience": AMBIENCES, "music": MUSIC}
+
 
 if __name__ == "__main__":
-    import sys
-    from train import opt, parse_config  # the project's one config mechanism
-
-    @dataclass
-    class SimConfig:
-        out: str = opt("data", "output folder")
-        n: int = opt(2000, "training dialogues")
-        n_listen: int = opt(0, "listening dialogues (understanding only, 2-6 clips each) for training, split listen")
-        n_eval: int = opt(-1, "val and test dialogues each (-1: n // 10, within 20..200)")
-        seed: int = opt(0, "shifts all seed ranges (a different dataset)")
-        workers: int = opt(0, "processes (0: all cores)")
-        wav: bool = opt(False, "also write every audio as a wav")
-        demo: bool = opt(False, "write a few inspectable dialogues instead of a dataset")
-
-    a = parse_config(SimConfig, sys.argv[1:])
-    if a.demo:
-        write_demo(a.out)
-    else:
-        if a.n < 1 or a.n_listen < 0:
-            sys.exit(f"error: --n must be >= 1 and --n_listen >= 0, got {a.n} and {a.n_listen}")
-        t0 = time.time()
-        rate = write_dataset(a.out, a.n, None if a.n_eval < 0 else a.n_eval, a.seed, a.workers or None, a.wav, a.n_listen)
-        print(f"simulated {a.n} train + {a.n_listen} listen + val + test dialogues at {rate:.1f} dialogues/s "
-              f"({time.time() - t0:.1f} s in all, with BPE and codec statistics) -> {a.out}/")
+    main(sys.argv[1:])

@@ -16,21 +16,20 @@ The two tokenizers of AudioChat-mini, and the chat template that interleaves the
     tok = BPETokenizer(); tok.train(texts, vocab_size=1024); tok.save("data/tokenizer.json")
     codec = AudioCodec(); codec.fit([codec.encode_raw(w) for w in wavs])   # (2, N) -> (T, 64)
     seq = encode_dialogue(dialogue, [codec.encode(w) for w in audios], tok)
-
-    python tokenizer.py story.wav   # hear what the codec keeps: writes out/codec_roundtrip.wav
+Read line by line: the BPE (`merge`, `train`, `encode`, `decode`), `AudioCodec.encode_raw` /
+`decode_raw` / `patchify`, and `encode_dialogue`. Skim: Griffin-Lim, the NNLS refinement and persistence.
 """
 import json
+import math
 import os
 import re
-import sys
 from collections import Counter
 
 import numpy as np
 import torch
 
 # -----------------------------------------------------------------------------
-# constants (owned here; every other file imports them). SR lives here rather than in
-# simulate_data.py because simulate_data imports this file (to encode audio): no import cycle.
+# constants (owned here; every other file imports them: this file imports no other of the project)
 
 SR = 16000                    # Hz, the audio format of the whole project (stereo float32, (2, N))
 FRAME_RATE = 40               # frames per second: the paper's VAE latent rate
@@ -39,6 +38,7 @@ N_FFT = 1024                  # STFT window: 64 ms, long enough to resolve a voi
 N_MELS = 32                   # mel bands per channel
 PATCH = 2                     # frames per model token
 LATENT_DIM = PATCH * 2 * N_MELS  # 128 floats per audio token (2 frames x (L mels ++ R mels))
+MAX_LOG_MEL = math.log(N_FFT ** 2)  # no full-scale signal has more mel power: the decoder clamps here
 SPECIAL_TOKENS = ["<|user|>", "<|assistant|>", "<|end|>", "<|audio|>", "<|/audio|>", "<|null|>", "<|pad|>"]
 
 # -----------------------------------------------------------------------------
@@ -48,7 +48,7 @@ SPECIAL_TOKENS = ["<|user|>", "<|assistant|>", "<|end|>", "<|audio|>", "<|/audio
 # repeatedly merges the most frequent adjacent pair of ids inside the chunks. GPT-2 cuts words
 # from their punctuation; we keep them together (a chunk is a run of non-digits with its leading
 # space, or a number with one decimal) because most of what the model writes is compact JSON:
-# with `,"gain_db":` and `-12` as chunks, a plan source costs ~15 tokens instead of ~40. The
+# with `,"gain_db":-` and `12` as chunks, a plan source costs ~15 tokens instead of ~40. The
 # pattern covers every string, so encoding round-trips exactly.
 SPLIT_PATTERN = r""" ?[^\s0-9]+| ?[0-9]+(?:\.[0-9])?|\s+(?!\S)|\s+"""
 
@@ -268,8 +268,11 @@ class AudioCodec:
     def decode_raw(self, raw):
         """Raw log-mel frames (T, 64) or (B, T, 64) -> wav (2, T * HOP) or (B, 2, T * HOP) float32.
         1. undo the log; 2. mel -> linear power spectrum (below); 3. Griffin-Lim finds a phase
-        consistent with those magnitudes."""
-        raw = torch.as_tensor(raw, dtype=torch.float32)
+        consistent with those magnitudes. Frames outside what any waveform in [-1, 1] can have
+        (e.g. latents pushed far off the data by a high CFG scale) are clamped first, so the output
+        is always finite."""
+        raw = torch.as_tensor(raw, dtype=torch.float32).nan_to_num(nan=math.log(1e-5))
+        raw = raw.clamp(math.log(1e-5), MAX_LOG_MEL)
         T = raw.shape[-2]
         mel = torch.exp(raw).unflatten(-1, (2, N_MELS))                    # (..., T, 2, 32)
         power = self.mel_to_power(mel).movedim(-3, -1)                      # (..., 2, 513, T)
@@ -393,8 +396,8 @@ def encode_dialogue(dialogue, latents, tok):
                                 plan/answer words, the <|audio|> opening the assistant's audio
                                 and the <|end|> closing its turn (<|/audio|> is the sampler's)
       is_plain_text (L,) bool   user/assistant words (dropped to <|null|> for CFG)
-    latents: list of (T, 64) tensors, indexed by the turns' "audio" fields."""
-    from simulate_data import plan_to_text  # simulate_data imports this file at the top: import lazily
+    latents: list of (T, 64) tensors, indexed by the turns' "audio" fields. Every turn has "text"
+    (an assistant audio turn: its plan, simulate_data.plan_to_text). ValueError for a malformed turn."""
 
     tokens, learn, plain, span_id, span_is_target, audio = [], [], [], [], [], {}
 
@@ -422,14 +425,10 @@ def encode_dialogue(dialogue, latents, tok):
         if role not in ("user", "assistant"):
             raise ValueError(f"turn {k}: role must be 'user' or 'assistant', got {role!r}")
         is_assistant = role == "assistant"
+        if not isinstance(turn.get("text"), str):
+            raise ValueError(f"turn {k} ({role}) has no text")
         add([tok.special(f"<|{role}|>")], False, False)
-        if is_assistant and "audio" in turn:
-            text = plan_to_text(turn["plan"])
-        elif "text" in turn:
-            text = turn["text"]
-        else:
-            raise ValueError(f"turn {k} ({role}) has no text" + (" and no plan" if is_assistant else ""))
-        add(tok.encode_ordinary(text), is_assistant, True)
+        add(tok.encode_ordinary(turn["text"]), is_assistant, True)
         if "audio" in turn:
             add_audio(turn["audio"], is_assistant)
         add([tok.special("<|end|>")], is_assistant, False)
@@ -446,24 +445,3 @@ def encode_dialogue(dialogue, latents, tok):
             "span_id": torch.tensor(span_id, dtype=torch.long),
             "span_is_target": torch.tensor(span_is_target, dtype=torch.bool),
             "text_target": text_target, "is_plain_text": torch.tensor(plain, dtype=torch.bool)}
-
-
-# -----------------------------------------------------------------------------
-# demo: hear what the codec keeps and what it loses
-
-if __name__ == "__main__":
-    import soundfile as sf
-    if len(sys.argv) != 2:
-        sys.exit("usage: python tokenizer.py input.wav   (16 kHz; mono is duplicated to stereo)")
-    wav, sr = sf.read(sys.argv[1], dtype="float32", always_2d=True)
-    if sr != SR:
-        sys.exit(f"error: {sys.argv[1]} is {sr} Hz; the codec works at {SR} Hz")
-    wav = np.repeat(wav, 2, axis=1) if wav.shape[1] == 1 else wav[:, :2]
-    codec = AudioCodec()
-    raw = codec.encode_raw(wav.T)
-    out = codec.decode_raw(raw)
-    err = (codec.encode_raw(out) - raw).abs().mean().item()
-    os.makedirs("out", exist_ok=True)
-    sf.write("out/codec_roundtrip.wav", out.T.numpy(), SR)
-    print(f"{raw.shape[0]} frames x {raw.shape[1]} dims; log-mel distance after the round trip "
-          f"{err:.3f} (natural-log units, {4.34 * err:.2f} dB); wrote out/codec_roundtrip.wav")

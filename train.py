@@ -26,16 +26,18 @@ from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
-from tokenizer import BPETokenizer, AudioCodec, encode_dialogue
+import simulate_data
+from tokenizer import LATENT_DIM, BPETokenizer, AudioCodec, encode_dialogue
 from model import ModelConfig, AudioChatModel
-from diffusion import collate, transfusion_forcing_loss
+from diffusion import alpha_sigma, transfusion_forcing_loss
 
 
 # -----------------------------------------------------------------------------
 # configuration: a dataclass whose every field is a --flag (the one config mechanism of the project)
 
-def opt(default, help):
-    return field(default=default, metadata={"help": help})
+def opt(default, help, choices=None, lo=None, hi=None):
+    """A flag: its default, what it does, and what values it accepts (a set of choices or a range)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "lo": lo, "hi": hi})
 
 
 @dataclass
@@ -43,44 +45,42 @@ class TrainConfig:
     # I/O
     out_dir: str = opt("out", "where ckpt.pt, log.csv and loss.png go")
     data_dir: str = opt("data", "dataset written by simulate_data.py (simulated here if missing)")
-    n_dialogues: int = opt(3000, "training dialogues to simulate when data_dir holds none")
-    n_listen: int = opt(1500, "understanding-only training dialogues (2-6 clips each) to simulate with them (README: The understanding)")
-    init_from: str = opt("scratch", "scratch | resume (from out_dir/ckpt.pt)")
-    preset: str = opt("auto", "auto | cpu | gpu: defaults sized for the machine (flags still win)")
+    n_dialogues: int = opt(simulate_data.N_TRAIN, "training dialogues to simulate when data_dir holds none", lo=1)
+    n_listen: int = opt(simulate_data.N_LISTEN, "understanding-only training dialogues (2-6 clips each) to simulate with them", lo=0)
+    init_from: str = opt("scratch", "start from scratch, or resume from out_dir/ckpt.pt", choices=("scratch", "resume"))
+    preset: str = opt("auto", "defaults sized for the machine (flags still win)", choices=("auto", "cpu", "gpu"))
     # model (ModelConfig)
-    arch: str = opt("sct", "sct (Self-Cascaded Transformer) | dense (one shared stack)")
-    attn: str = opt("auto", "attention backend: auto | math | sdpa | flex")
-    n_layer: int = opt(4, "U: understanding layers (the text head reads layer U)")
-    n_gen_layer: int = opt(2, "G: generation layers on top (the diffusion head reads layer U+G)")
-    n_head: int = opt(4, "attention heads")
-    n_embd: int = opt(128, "model width")
-    block_size: int = opt(1024, "longest packed sequence, in tokens (a simulated dialogue has ~560 on average)")
-    positions: str = opt("rope", "rope (rotary: attention sees relative positions) | learned (a position table; README: The understanding)")
-    dropout: float = opt(0.0, "dropout probability")
+    arch: str = opt("sct", "sct (Self-Cascaded Transformer) or dense (one shared stack)", choices=("sct", "dense"))
+    attn: str = opt("auto", "attention backend (auto: flex on CUDA, sdpa elsewhere)", choices=("auto", "math", "sdpa", "flex"))
+    n_layer: int = opt(4, "U: understanding layers (the text head reads layer U)", lo=1)
+    n_gen_layer: int = opt(2, "G: generation layers on top (the diffusion head reads layer U+G)", lo=0)
+    n_head: int = opt(4, "attention heads (n_embd / n_head must be even: rotary positions)", lo=1)
+    n_embd: int = opt(128, "model width", lo=2)
+    block_size: int = opt(1024, "longest packed sequence, in tokens (a simulated dialogue has ~560 on average)", lo=16)
+    dropout: float = opt(0.0, "dropout probability", lo=0.0, hi=0.99)
     token_shift: bool = opt(True, "mix the previous token's embedding into each input (model.AudioChatModel.embed)")
     # optimisation
-    batch_size: int = opt(4, "sequences per step per process")
-    max_iters: int = opt(1200, "training steps")
-    text_iters: int = opt(300, "curriculum: the first steps see the dialogues without their audio (train.text_only)")
-    learning_rate: float = opt(2e-3, "peak learning rate (AdamW)")
-    min_lr: float = opt(2e-4, "learning rate at the end of the cosine decay")
-    lr_decay_iters: int = opt(0, "length of the cosine decay (0 = max_iters; set it to stop early and resume later)")
-    warmup_iters: int = opt(50, "linear warm-up steps")
-    weight_decay: float = opt(0.1, "AdamW weight decay on matrices")
-    grad_clip: float = opt(1.0, "clip the global gradient norm (0 = off)")
+    batch_size: int = opt(4, "sequences per step per process", lo=1)
+    max_iters: int = opt(1200, "training steps", lo=0)
+    text_iters: int = opt(300, "curriculum: the first steps see the dialogues without their audio (train.text_only)", lo=0)
+    learning_rate: float = opt(2e-3, "peak learning rate (AdamW)", lo=0.0, hi=1.0)
+    min_lr: float = opt(2e-4, "learning rate at the end of the cosine decay", lo=0.0, hi=1.0)
+    lr_decay_iters: int = opt(0, "length of the cosine decay (0 = max_iters; set it to stop early and resume later)", lo=0)
+    warmup_iters: int = opt(50, "linear warm-up steps", lo=0)
+    weight_decay: float = opt(0.1, "AdamW weight decay on matrices", lo=0.0)
+    grad_clip: float = opt(1.0, "clip the global gradient norm (0 = off)", lo=0.0)
     # Audio Transfusion Forcing
-    lambda_audio: float = opt(5.0, "weight of the audio v-MSE against the text cross-entropy")
-    cfg_drop_p: float = opt(0.1, "probability of dropping a sample's text to <|null|> (for CFG)")
-    per_frame_noise: bool = opt(False, "one noise level per audio token instead of per span")
-    noise_shift: float = opt(3.0, "train at noise levels shifted towards noise (diffusion.shift_noise_level; 1 = off)")
+    lambda_audio: float = opt(5.0, "weight of the audio v-MSE against the text cross-entropy", lo=0.0)
+    cfg_drop_p: float = opt(0.1, "probability of dropping a sample's text to <|null|> (for CFG)", lo=0.0, hi=1.0)
+    noise_shift: float = opt(3.0, "train at noise levels shifted towards noise (diffusion.shift_noise_level; 1 = off)", lo=0.01, hi=100.0)
     # logging and evaluation
-    eval_interval: int = opt(200, "steps between validation and checkpoint")
-    eval_iters: int = opt(8, "validation batches")
-    log_interval: int = opt(10, "steps between progress-bar updates")
+    eval_interval: int = opt(200, "steps between validation and checkpoint", lo=1)
+    eval_iters: int = opt(8, "validation batches", lo=1)
+    log_interval: int = opt(10, "steps between progress-bar updates", lo=1)
     # system
     device: str = opt("auto", "auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps")
     compile: bool = opt(False, "torch.compile the model")
-    seed: int = opt(1337, "seed of every random draw")
+    seed: int = opt(1337, "seed of every random draw", lo=0)
 
 
 PRESETS = {  # applied under --preset, before the flags
@@ -92,14 +92,29 @@ PRESETS = {  # applied under --preset, before the flags
 }
 
 
+def accepted(f):
+    """The values a flag accepts, in words ("" when any value of its type will do)."""
+    m = f.metadata
+    if m.get("choices"):
+        return " | ".join(map(str, m["choices"]))
+    if m.get("lo") is not None and m.get("hi") is not None:
+        return f"{m['lo']}..{m['hi']}"
+    if m.get("lo") is not None:
+        return f">= {m['lo']}"
+    return ""
+
+
 def parse_config(cls, argv, presets=None):
     """Command-line flags -> a cls instance: `--key=value` or `--key value`, a bare `--flag` for a
-    bool, and a repeated `--key` for a list field. Types are checked, unknown keys are rejected
-    with a one-line error, --help lists every field with its help and default."""
+    bool, and a repeated `--key` for a list field. Unknown keys, wrong types, values off a flag's
+    choices or out of its range all exit with one line ("error: ..."), before any work starts;
+    --help lists every field with its default, what it accepts and what it does."""
+    prog = os.path.basename(sys.argv[0])
     if "--help" in argv or "-h" in argv:
-        print(f"usage: python {os.path.basename(sys.argv[0])} [--key=value ...]\n")
+        print(f"usage: python {prog} [--key=value ...]\n")
         for f in fields(cls):
-            print(f"  --{f.name}={f.default!s:<14} {f.metadata.get('help', '')}")
+            rule = accepted(f)
+            print(f"  --{f.name}={f.default}".ljust(28) + f" {f.metadata.get('help', '')}" + (f" [{rule}]" if rule else ""))
         sys.exit(0)
     known = {f.name: f for f in fields(cls)}
     config = cls()
@@ -108,7 +123,7 @@ def parse_config(cls, argv, presets=None):
         arg = args.pop(0)
         key, eq, value = arg[2:].partition("=")
         if not arg.startswith("--") or key not in known:
-            sys.exit(f"error: unknown argument {arg!r} (python {os.path.basename(sys.argv[0])} --help lists them)")
+            sys.exit(f"error: unknown argument {arg!r} (python {prog} --help lists them)")
         kind = known[key].type
         if kind is bool and not eq:
             overrides[key] = True
@@ -128,21 +143,36 @@ def parse_config(cls, argv, presets=None):
                 overrides[key] = kind(value)
             except ValueError:
                 sys.exit(f"error: --{key} expects {kind.__name__}, got {value!r}")
+            if kind is float and not math.isfinite(overrides[key]):
+                sys.exit(f"error: --{key} expects a finite number, got {value!r}")
     if presets is not None:
         preset = overrides.get("preset", config.preset)
         if preset == "auto":
             preset = "gpu" if torch.cuda.is_available() else "cpu"
         if preset not in presets:
-            sys.exit(f"error: unknown preset {preset!r}: choose among auto, {', '.join(presets)}")
+            sys.exit(f"error: --preset={preset} is not accepted: use auto, {', '.join(presets)}")
         for key, value in presets[preset].items():
             setattr(config, key, value)
     for key, value in overrides.items():
         setattr(config, key, value)
+    for f in fields(cls):
+        m, value = f.metadata, getattr(config, f.name)
+        if ((m.get("choices") and value not in m["choices"]) or (m.get("lo") is not None and value < m["lo"])
+                or (m.get("hi") is not None and value > m["hi"])):
+            sys.exit(f"error: --{f.name}={value} is not accepted: use {accepted(f)} ({m['help']})")
     return config
 
 
 def pick_device(name):
+    """'auto' -> cuda, then mps, then cpu; a named device that this machine lacks exits with one line."""
     if name != "auto":
+        try:
+            kind = torch.device(name).type
+        except RuntimeError:
+            sys.exit(f"error: --device={name} is not a device: use auto, cpu, cuda, cuda:N or mps")
+        if (kind == "cuda" and not torch.cuda.is_available()) or (kind == "mps" and not torch.backends.mps.is_available()) \
+                or kind not in ("cpu", "cuda", "mps"):
+            sys.exit(f"error: --device={name} is not available on this machine (--device=auto picks one that is)")
         return name
     if torch.cuda.is_available():
         return "cuda"
@@ -158,7 +188,7 @@ def load_dataset(data_dir, split, tok, codec, required=True):
     """Every dialogue of one split as an encode_dialogue sequence (dict of tensors, see tokenizer.py)."""
     shards = sorted(glob.glob(os.path.join(data_dir, f"{split}_*.pt")))
     if not shards and required:
-        sys.exit(f"error: no {split} shards in {data_dir!r} (python simulate_data.py --out {data_dir})")
+        sys.exit(f"error: no {split} shards in {data_dir!r} (python simulate_data.py {data_dir})")
     seqs = []
     for path in shards:
         shard = torch.load(path, weights_only=True)
@@ -179,12 +209,8 @@ def text_only(seq):
     """Stage 1 of the curriculum: a dialogue (encode_dialogue dict) with its audio spans cut out;
     the <|audio|> and <|/audio|> markers stay, so the turns keep their shape. The answer about a
     user-supplied clip is not learned here: without the clip it could only be guessed.
-
-    Why a text stage: writing a plan means copying from the context (the request's voices and
-    words; the previous plan, nearly verbatim, in an edit), and a small transformer learns to copy
-    only after seeing some thousands of dialogues. Audio is ~70% of a dialogue's tokens, so on
-    text alone the same compute shows the model ~3x more dialogues; the joint stage then learns
-    the audio on top (the paper, too, trains in stages)."""
+    Why: audio is ~70% of a dialogue's tokens, so on text alone the same compute shows the model
+    ~3x more dialogues to learn to copy requests into plans from (the paper also trains in stages)."""
     is_audio = seq["span_id"] >= 0
     text_target = seq["text_target"].clone()
     heard = user_audio(seq)
@@ -218,6 +244,51 @@ def pack(seqs, block_size, seed):
     return rows
 
 
+def collate(rows, pad_id):
+    """rows: list of B rows, each a list of tokenizer.encode_dialogue dicts packed one after the
+    other into that row (train.py chooses the packing; [[seq] for seq in seqs] gives one dialogue
+    per row). Returns a dict of (B, ...) tensors, padded at the end of each row to the longest:
+
+        tokens (B, L) long          text ids; audio positions and padding hold pad_id
+        audio (B, L, latent)        clean latents at audio positions, 0 elsewhere
+        span_id (B, L) long         -1 for text and padding, 0, 1, ... per audio span of the row
+        span_is_target (B, S) bool  span made by the assistant (diffusion loss) or supplied by the
+                                    user (conditioning); padded with False, S >= 1
+        text_target (B, L) bool     True where tokens[:, i + 1] is a learned assistant token
+        is_plain_text (B, L) bool   words that classifier-free guidance may drop to <|null|>
+        doc_id (B, L) long          which dialogue of the row each token belongs to; -1 for padding
+        is_pad (B, L) bool          padding at the end of a row
+
+    The mask keeps the dialogues of a row apart (doc_id) and positions restart at each one.
+    """
+    L = max(sum(len(d["tokens"]) for d in row) for row in rows)
+    S = max(1, max(sum(len(d["span_is_target"]) for d in row) for row in rows))
+    B, latent = len(rows), rows[0][0]["audio"].size(1)
+    batch = {
+        "tokens": torch.full((B, L), pad_id, dtype=torch.long),
+        "audio": torch.zeros(B, L, latent),
+        "span_id": torch.full((B, L), -1, dtype=torch.long),
+        "span_is_target": torch.zeros(B, S, dtype=torch.bool),
+        "text_target": torch.zeros(B, L, dtype=torch.bool),
+        "is_plain_text": torch.zeros(B, L, dtype=torch.bool),
+        "doc_id": torch.full((B, L), -1, dtype=torch.long),
+        "is_pad": torch.ones(B, L, dtype=torch.bool),
+    }
+    for b, row in enumerate(rows):
+        i = n_spans = 0
+        for doc, d in enumerate(row):
+            n, s = len(d["tokens"]), len(d["span_is_target"])
+            for key in ("tokens", "audio", "text_target", "is_plain_text"):
+                batch[key][b, i:i + n] = d[key]
+            # span ids count across the dialogues of a row, so that they index span_is_target
+            batch["span_id"][b, i:i + n] = torch.where(d["span_id"] >= 0, d["span_id"] + n_spans, -1)
+            batch["span_is_target"][b, n_spans:n_spans + s] = d["span_is_target"]
+            batch["doc_id"][b, i:i + n] = doc
+            batch["is_pad"][b, i:i + n] = False
+            i, n_spans = i + n, n_spans + s
+    return batch
+
+
 def get_batch(seqs, rows, batch_size, generator, pad_id, device):
     """Draw batch_size packed rows with `generator` and collate them to padded (B, L) tensors."""
     picks = torch.randint(len(rows), (batch_size,), generator=generator).tolist()
@@ -228,8 +299,6 @@ def get_batch(seqs, rows, batch_size, generator, pad_id, device):
 def ensure_dataset(config):
     """Simulate a dataset into config.data_dir if it holds none (rank 0 only; the others wait).
     One that is there is used as it is, with a note if it is smaller than n_dialogues or n_listen asks."""
-    if config.n_dialogues < 1 or config.n_listen < 0:
-        sys.exit(f"error: --n_dialogues must be >= 1 and --n_listen >= 0, got {config.n_dialogues} and {config.n_listen}")
     meta_path = os.path.join(config.data_dir, "meta.json")
     if os.path.exists(meta_path):
         with open(meta_path) as f:
@@ -239,7 +308,6 @@ def ensure_dataset(config):
                 print(f"note: {config.data_dir!r} holds {counts.get(split, 0)} {split} dialogues, fewer than the {asked} "
                       f"this run asks for; training on them (a new --data_dir simulates {asked})")
         return
-    import simulate_data
     listening = f" and {config.n_listen} listening dialogues" if config.n_listen else ""
     print(f"no dataset in {config.data_dir!r}: simulating {config.n_dialogues} dialogues{listening} first")
     simulate_data.write_dataset(config.data_dir, n=config.n_dialogues, n_listen=config.n_listen)
@@ -248,7 +316,16 @@ def ensure_dataset(config):
 # -----------------------------------------------------------------------------
 # checkpoints: atomic writes, one format read by sample.py and eval.py
 
-def save_checkpoint(path, model, optimizer, model_config, config, tok, codec, iter_num, best_val):
+def model_config(config, vocab_size, latent_dim=LATENT_DIM):
+    """TrainConfig -> the ModelConfig it trains (ValueError, naming the flags, for a shape that cannot work)."""
+    return ModelConfig(vocab_size=vocab_size, latent_dim=latent_dim, n_layer=config.n_layer, n_gen_layer=config.n_gen_layer,
+                       n_head=config.n_head, n_embd=config.n_embd, block_size=config.block_size, dropout=config.dropout,
+                       arch=config.arch, attn=config.attn, token_shift=config.token_shift)
+
+
+def save_checkpoint(path, model, optimizer, model_config, config, tok, codec, iter_num, val):
+    """Everything needed to sample, evaluate or resume, written atomically (a crash mid-write
+    leaves the previous checkpoint intact). val: the last validation (see `validate`)."""
     ckpt = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -257,56 +334,65 @@ def save_checkpoint(path, model, optimizer, model_config, config, tok, codec, it
         "tokenizer": tok.state_dict(),
         "codec": codec.state_dict(),
         "iter_num": iter_num,
-        "best_val": best_val,
+        "val": val,
     }
     tmp = path + ".tmp"
     torch.save(ckpt, tmp)
-    os.replace(tmp, path)  # atomic: a crash mid-write leaves the previous checkpoint intact
+    os.replace(tmp, path)
 
 
-def load_checkpoint(path, device="cpu"):
-    """-> (model, tok, codec, ckpt). A missing or corrupt file is one clear error, never a traceback."""
+def read_checkpoint(path, device="cpu"):
+    """-> the checkpoint dict. A missing or unreadable file is one clear error, never a traceback."""
     if not os.path.isfile(path):
         raise SystemExit(f"error: no checkpoint at {path!r} (train one with: python train.py --out_dir={os.path.dirname(path) or '.'})")
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-        # a checkpoint written before --positions existed was trained with the position table
-        model = AudioChatModel(ModelConfig(**{"positions": "learned", **ckpt["model_args"]}))
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise SystemExit(f"error: {path!r} is not a readable AudioChat-mini checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+
+
+def load_checkpoint(path, device="cpu"):
+    """-> (model in eval mode, tok, codec, ckpt). A missing or corrupt file is one clear error."""
+    ckpt = read_checkpoint(path, device)
+    try:
+        model = AudioChatModel(ModelConfig(**ckpt["model_args"]))
         model.load_state_dict(ckpt["model"])
         tok = BPETokenizer.from_state_dict(ckpt["tokenizer"])
         codec = AudioCodec.from_state_dict(ckpt["codec"])
     except Exception as e:
-        raise SystemExit(f"error: {path!r} is not a readable AudioChat-mini checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+        raise SystemExit(f"error: {path!r} is not an AudioChat-mini checkpoint of this version "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:120]})")
     return model.to(device).eval(), tok, codec, ckpt
 
 
 # -----------------------------------------------------------------------------
 # logging: log.csv and loss.png
 
-LOG_FIELDS = ["iter", "lr", "loss", "ce", "mse", "val_loss", "val_ce", "val_mse", "elapsed_s"]
-
-
-def log_row(row):
-    """A step's dict -> its log.csv row: every LOG_FIELDS key, "" where the step has no value."""
-    return {k: row.get(k, "") for k in LOG_FIELDS}
+X0_BINS = 5   # validation bins the x0-hat error by noise level t: [0, .2), [.2, .4), ... [.8, 1]
+LOG_FIELDS = ["iter", "lr", "loss", "ce", "mse", "val_loss", "val_ce", "val_mse",
+              *[f"val_x0_t{k}" for k in range(X0_BINS)], "elapsed_s"]
 
 
 def plot_losses(log_path, png_path):
+    """log.csv -> loss.png: text CE and audio v-MSE (train and validation) by step, and the last
+    validation's x0-hat error by noise level (how much of a clip the model can draw from t)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     with open(log_path) as f:
         rows = list(csv.DictReader(f))
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.5))
     for ax, key, title in [(axes[0], "ce", "text cross-entropy"), (axes[1], "mse", "audio v-MSE")]:
-        it = [int(r["iter"]) for r in rows if r[key]]
-        ax.plot(it, [float(r[key]) for r in rows if r[key]], label="train", lw=1)
-        vit = [int(r["iter"]) for r in rows if r["val_" + key]]
-        ax.plot(vit, [float(r["val_" + key]) for r in rows if r["val_" + key]], "o-", label="val")
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.set_yscale("log")
+        for prefix, style, label in (("", "-", "train"), ("val_", "o-", "val")):
+            pts = [(int(r["iter"]), float(r[prefix + key])) for r in rows if r[prefix + key] and float(r[prefix + key]) > 0]
+            ax.plot(*zip(*pts), style, label=label, lw=1) if pts else None
+        ax.set(title=title, xlabel="step", yscale="log")
         ax.legend()
+    last = [r for r in rows if r["val_x0_t0"]][-1:]
+    if last:
+        centers = [(k + 0.5) / X0_BINS for k in range(X0_BINS)]
+        axes[2].plot(centers, [float(last[0][f"val_x0_t{k}"]) for k in range(X0_BINS)], "o-")
+    axes[2].set(title="x0-hat error / data power, last validation", xlabel="noise level t", ylim=(0, None))
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
@@ -338,19 +424,41 @@ def autocast_for(device):
 
 @torch.no_grad()
 def validate(model, seqs, rows, config, tok, device, autocast):
-    """Mean (loss, ce, mse) over config.eval_iters fixed validation batches (no CFG dropout)."""
+    """Mean loss, ce and mse over config.eval_iters fixed validation batches (no CFG dropout), and
+    x0_err: per noise-level bin, the x0-hat error relative to the data's power. With
+    x0 = alpha x_t - sigma v, an x0 error is sigma times the v error, so it is
+    sum(sigma^2 v-MSE) / sum(x0^2) over the target audio tokens whose t falls in the bin (NaN if
+    none did). Near t = 1 it says how much of a clip the model draws from the plan alone.
+    -> {"loss", "ce", "mse": float, "x0_err": [X0_BINS floats]}."""
     model.eval()
-    totals = torch.zeros(3)
+    totals, err, power = torch.zeros(3), torch.zeros(X0_BINS), torch.zeros(X0_BINS)
     for k in range(config.eval_iters):
         g = step_generator(config.seed + 1, k, 0)  # the same batches at every validation
         batch = get_batch(seqs, rows, config.batch_size, g, tok.special("<|pad|>"), device)
         with autocast:
-            losses = transfusion_forcing_loss(model, batch, lambda_audio=config.lambda_audio,
-                                              null_id=tok.special("<|null|>"), cfg_drop_p=0.0,
-                                              per_frame=config.per_frame_noise, noise_shift=config.noise_shift, generator=g)
+            *losses, per = transfusion_forcing_loss(model, batch, lambda_audio=config.lambda_audio,
+                                                    null_id=tok.special("<|null|>"), cfg_drop_p=0.0,
+                                                    noise_shift=config.noise_shift, generator=g, per_token=True)
         totals += torch.tensor([float(x) for x in losses])
+        t, target = per["t"][per["is_target"]].float().cpu(), per["is_target"]
+        bins = (t * X0_BINS).long().clamp(max=X0_BINS - 1)
+        err.index_add_(0, bins, (alpha_sigma(t)[1] ** 2 * per["mse"][target].float().cpu()))
+        power.index_add_(0, bins, per["x0_power"][target].float().cpu())
     model.train()
-    return (totals / config.eval_iters).tolist()
+    loss, ce, mse = (totals / config.eval_iters).tolist()
+    return {"loss": loss, "ce": ce, "mse": mse, "x0_err": (err / power).tolist()}  # 0 / 0 = NaN: an empty bin
+
+
+def check_config(config, device):
+    """Refuse, with one line each, what the flags alone show cannot work: a model shape, flex
+    attention off CUDA (FlexAttention has no backward there), a resume that would go backwards."""
+    try:
+        model_config(config, vocab_size=1)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    if config.attn == "flex" and not device.startswith("cuda"):
+        raise SystemExit(f"error: --attn=flex trains only on CUDA (PyTorch has no FlexAttention backward on "
+                         f"{device.split(':')[0]}); use --attn=sdpa (fast) or --attn=math (readable)")
 
 
 def train(config):
@@ -359,6 +467,18 @@ def train(config):
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     rank = 0
     device = pick_device(config.device)
+    check_config(config, device)
+    ckpt_path = os.path.join(config.out_dir, "ckpt.pt")
+    log_path = os.path.join(config.out_dir, "log.csv")
+    ckpt = None
+    if config.init_from == "resume":  # checked before anything is built or written
+        ckpt = read_checkpoint(ckpt_path)
+        args = ckpt["model_args"]
+        if args != asdict(model_config(config, args["vocab_size"], args["latent_dim"])):
+            raise SystemExit(f"error: {ckpt_path} was trained with other model flags: {args}")
+        if ckpt["iter_num"] >= config.max_iters:
+            raise SystemExit(f"error: {ckpt_path} is already at step {ckpt['iter_num']}, so --max_iters={config.max_iters} "
+                             f"has nothing left to train (give a larger --max_iters; nothing was changed)")
     if ddp:
         import torch.distributed as dist
         on_gpu = device.startswith("cuda")
@@ -384,29 +504,20 @@ def train(config):
     val_seqs = load_dataset(config.data_dir, "val", tok, codec)
     train_rows = pack(train_seqs, config.block_size, config.seed)
     val_rows = pack(val_seqs, config.block_size, config.seed)
-    model_config = ModelConfig(vocab_size=tok.vocab_size, latent_dim=train_seqs[0]["audio"].shape[-1],
-                               n_layer=config.n_layer, n_gen_layer=config.n_gen_layer, n_head=config.n_head,
-                               n_embd=config.n_embd, block_size=config.block_size, dropout=config.dropout,
-                               arch=config.arch, attn=config.attn, token_shift=config.token_shift,
-                               positions=config.positions)
-    model = AudioChatModel(model_config).to(device)
+    mconf = model_config(config, tok.vocab_size, train_seqs[0]["audio"].shape[-1])
+    model = AudioChatModel(mconf).to(device)
     optimizer = model.configure_optimizers(config.weight_decay, config.learning_rate, (0.9, 0.95), device.split(":")[0])
-    ckpt_path = os.path.join(config.out_dir, "ckpt.pt")
-    log_path = os.path.join(config.out_dir, "log.csv")
-    iter_num, best_val, log_rows = 0, float("inf"), []
-    if config.init_from == "resume":
-        model_, tok_, codec_, ckpt = load_checkpoint(ckpt_path, device)
-        if ckpt["model_args"] != asdict(model_config):
-            raise SystemExit(f"error: {ckpt_path} was trained with other model flags: {ckpt['model_args']}")
+    iter_num, val, log_rows = 0, None, []
+    if ckpt is not None:
+        if ckpt["model_args"] != asdict(mconf):
+            raise SystemExit(f"error: {ckpt_path} was trained on another dataset's vocabulary: {ckpt['model_args']}")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        iter_num, best_val = ckpt["iter_num"], ckpt["best_val"]
+        iter_num, val = ckpt["iter_num"], ckpt.get("val")
         if os.path.exists(log_path):
             with open(log_path) as f:  # keep the log consistent with the checkpoint we resume from
                 log_rows = [r for r in csv.DictReader(f) if int(r["iter"]) < iter_num]
-        del model_, ckpt
-    elif config.init_from != "scratch":
-        raise SystemExit(f"error: --init_from must be scratch or resume, got {config.init_from!r}")
+        del ckpt
 
     text_seqs, text_rows = [], []
     if iter_num < config.text_iters:  # a run resumed past the text stage never needs its rows
@@ -425,15 +536,21 @@ def train(config):
         # find_unused_parameters: a batch with no audio to learn (the text stage) leaves the
         # generation layers and the diffusion head out of the graph (model.forward's layers="text")
         model = DistributedDataParallel(model, device_ids=[int(device.split(":")[1])] if device.startswith("cuda") else None,
-                                        find_unused_parameters=True)
+                                        find_unused_parameters=config.text_iters > iter_num)
     autocast = autocast_for(device)
 
-    def checkpoint(it, validation_row):
-        save_checkpoint(ckpt_path, raw_model, optimizer, model_config, config, tok, codec, it, best_val)
+    def validation_row(it, **extra):
+        nonlocal val
+        val = validate(raw_model, val_seqs, val_rows, config, tok, device, autocast)
+        return {"iter": it, "val_loss": val["loss"], "val_ce": val["ce"], "val_mse": val["mse"],
+                **{f"val_x0_t{k}": e for k, e in enumerate(val["x0_err"])}, **extra}
+
+    def checkpoint(it, row):
+        save_checkpoint(ckpt_path, raw_model, optimizer, mconf, config, tok, codec, it, val)
         with open(log_path, "w", newline="") as f:  # with this step's validation, before its training
-            writer = csv.DictWriter(f, LOG_FIELDS)
+            writer = csv.DictWriter(f, LOG_FIELDS, restval="")
             writer.writeheader()
-            writer.writerows(log_rows + [log_row(validation_row)])
+            writer.writerows(log_rows + [row])
         plot_losses(log_path, os.path.join(config.out_dir, "loss.png"))
 
     t0 = time.time() - (float(log_rows[-1]["elapsed_s"]) if log_rows else 0.0)
@@ -442,8 +559,7 @@ def train(config):
     for it in bar:
         row = {"iter": it}
         if it % config.eval_interval == 0 and master:
-            row["val_loss"], row["val_ce"], row["val_mse"] = validate(raw_model, val_seqs, val_rows, config, tok, device, autocast)
-            best_val = min(best_val, row["val_loss"])
+            row = validation_row(it)
             if it > iter_num or (it == 0 and not log_rows):
                 checkpoint(it, row)
         lr = learning_rate(config, it)
@@ -455,7 +571,7 @@ def train(config):
         with autocast:
             loss, ce, mse = transfusion_forcing_loss(model, batch, lambda_audio=config.lambda_audio,
                                                      null_id=tok.special("<|null|>"), cfg_drop_p=config.cfg_drop_p,
-                                                     per_frame=config.per_frame_noise, noise_shift=config.noise_shift, generator=g)
+                                                     noise_shift=config.noise_shift, generator=g)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip > 0:
@@ -463,16 +579,15 @@ def train(config):
         optimizer.step()
         loss, ce, mse = loss.detach(), ce.detach(), mse.detach()
         row.update(lr=lr, loss=loss.item(), ce=ce.item(), mse=mse.item(), elapsed_s=round(time.time() - t0, 2))
-        log_rows.append(log_row(row))
+        log_rows.append(row)
         if it % config.log_interval == 0:
             bar.set_postfix(ce=f"{float(ce):.3f}", mse=f"{float(mse):.3f}", lr=f"{lr:.1e}")
     if master:
-        row = {"iter": config.max_iters, "elapsed_s": round(time.time() - t0, 2)}
-        row["val_loss"], row["val_ce"], row["val_mse"] = validate(raw_model, val_seqs, val_rows, config, tok, device, autocast)
-        best_val = min(best_val, row["val_loss"])
+        row = validation_row(config.max_iters, elapsed_s=round(time.time() - t0, 2))
         checkpoint(config.max_iters, row)
-        log_rows.append(log_row(row))
-        print(f"done: val ce {row['val_ce']:.3f}, val mse {row['val_mse']:.3f}; wrote {ckpt_path}, {log_path}, loss.png")
+        log_rows.append(row)
+        print(f"done: val ce {val['ce']:.3f}, val mse {val['mse']:.3f}, x0 error at t in [0.8, 1] {val['x0_err'][-1]:.2f}; "
+              f"wrote {ckpt_path}, {log_path}, loss.png")
     if ddp:
         dist.destroy_process_group()
     return log_rows
