@@ -31,7 +31,6 @@ def alpha_sigma(t):
     """t: tensor of noise levels -> (alpha, sigma) of the same shape (the box above)."""
     return torch.cos(0.5 * math.pi * t), torch.sin(0.5 * math.pi * t)
 
-
 def shift_noise_level(t, shift):
     """Move noise levels towards noise: the level whose signal-to-noise ratio (alpha / sigma)^2
     is shift^2 times smaller, t' = (2 / pi) atan(shift tan(pi t / 2)); shift 1 leaves t alone.
@@ -41,7 +40,6 @@ def shift_noise_level(t, shift):
     what the plan asks for. Training at shifted levels spends more steps where it must read the plan."""
     alpha, sigma = alpha_sigma(t)
     return (2 / math.pi) * torch.atan2(shift * sigma, alpha.clamp(min=0))  # atan2: exact at t = 1
-
 
 def add_noise(x0, eps, t):
     """x0, eps: (B, L, latent), t: (B, L) -> (x_t, v target), both (B, L, latent)."""
@@ -54,13 +52,11 @@ def add_noise(x0, eps, t):
 
 CONTEXT_T_MAX = 0.1  # a user-supplied span that is not kept clean gets a small t ~ U(0, 0.1)
 
-
 def rand(shape, generator, device, normal=False):
     """U(0, 1) (or N(0, 1)) numbers drawn on the generator's device, then moved to `device`."""
     gen_device = generator.device if generator is not None else device
     draw = torch.randn if normal else torch.rand
     return draw(shape, generator=generator, device=gen_device).to(device)
-
 
 def sample_noise_levels(span_id, span_is_target, clean_context_p=0.9, shift=1.0, generator=None):
     """Noise level of every token for one training step (the paper's Audio Transfusion Forcing).
@@ -80,7 +76,6 @@ def sample_noise_levels(span_id, span_is_target, clean_context_p=0.9, shift=1.0,
     t_context = torch.where(keep_clean, 0.0, CONTEXT_T_MAX * u)
     t = torch.where(span_is_target.gather(1, idx), shift_noise_level(u, shift), t_context)
     return torch.where(span_id >= 0, t, 0.0)
-
 
 def transfusion_forcing_loss(model, batch, null_id, lambda_audio=5.0, cfg_drop_p=0.1,
                              clean_context_p=0.9, noise_shift=1.0, generator=None, per_token=False):
@@ -136,12 +131,10 @@ def cfg(v_cond, v_uncond, scale):
     guiding v guides both."""
     return v_uncond + scale * (v_cond - v_uncond)
 
-
 def check_steps(steps):
     """A sampler needs at least one denoiser call: 0 steps would return the noise (or zeros)."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-
 
 def ddim_sample(v_fn, noise, steps):
     """Deterministic DDIM (eta = 0) from t = 1 to t = 0 in `steps` equal steps of t.
@@ -160,7 +153,6 @@ def ddim_sample(v_fn, noise, steps):
         x = alpha_next * x0 + sigma_next * eps
     return x
 
-
 def karras_ts(steps, sigma_min, sigma_max, rho, device=None):
     """Karras et al. (2022) schedule: `steps` noise-to-signal ratios s = sigma / alpha, spaced
     evenly in s^(1/rho) from sigma_max down to sigma_min (denser near the data), then s = 0.
@@ -168,7 +160,6 @@ def karras_ts(steps, sigma_min, sigma_max, rho, device=None):
     ramp = torch.linspace(0, 1, steps, device=device)
     s = (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
     return torch.cat([torch.atan(s) * (2 / math.pi), s.new_zeros(1)])
-
 
 def dpmpp_2m_sample(v_fn, noise, steps, sigma_min=0.002, sigma_max=80.0, rho=7.0):
     """DPM-Solver++(2M) (Lu et al. 2022): a second-order multistep solver of the probability-flow
@@ -199,7 +190,6 @@ def dpmpp_2m_sample(v_fn, noise, steps, sigma_min=0.002, sigma_max=80.0, rho=7.0
         x = (sigma_next / sigma) * x - alpha_next * torch.expm1(-h) * D
         x0_prev, h_prev = x0, h
     return x
-
 
 SAMPLERS = {"ddim": ddim_sample, "dpmpp": dpmpp_2m_sample}
 

@@ -29,11 +29,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from tokenizer import SR, HOP, FRAME_RATE, N_MELS, AudioCodec, BPETokenizer
+from tokenizer import SR, HOP, FRAME_RATE, N_MELS, AudioCodec
 from model import AudioChatModel, document_split, flex_block_mask, transfusion_mask
 from diffusion import SAMPLERS, cfg, rand, sample_audio, transfusion_forcing_loss
-from train import (PRESETS, TrainConfig, autocast_for, collate, load_checkpoint, load_dataset, model_config, opt, pack,
-                   parse_config, pick_device, plot_losses, user_audio)
+from train import (PRESETS, TrainConfig, autocast_for, collate, load_checkpoint, load_dataset, load_tokenizers, model_config,
+                   opt, pack, parse_config, pick_device, plot_losses, user_audio)
 from sample import Chat, Turn
 from simulate_data import (AMBIENCES, EDIT_KINDS, MUSIC, PLAN_ERROR_KINDS, SFX, VOICES, DesignerAgent, PlanError, Studio,
                            UserAgent, dry_signal, pick, plan_from_text, plan_to_text, plot_story, render, side_of)
@@ -332,9 +332,10 @@ def plan_failure(text):
         return e.kind
     return None
 
-def plan_validity(texts):
-    """Plan validity in %: the share of plan texts that parse and pass simulate_data's validation."""
-    return 100.0 * sum(plan_failure(t) is None for t in texts) / max(1, len(texts))
+def plan_validity(failures):
+    """Plan validity in %: the share of plans that parse and pass simulate_data's validation, from
+    each plan's plan_failure (None: valid); None when there were no plans."""
+    return mean(100.0 * (f is None) for f in failures)
 
 def plan_recall(reference_plan, plan):
     """Plan source recall in %: the share of the requested sources (the ground-truth plan's) that the
@@ -485,12 +486,15 @@ def load_or_train_judge(path="out/judge.pt", verbose=True, **train_kwargs):
     """The judge cached at path, else (also when it was made for another inventory of sounds and
     voices) a freshly trained one, saved there atomically -> Judge (eval mode) with .info (train_judge's)."""
     if os.path.isfile(path):
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        if ckpt["classes"] == CLASSES:
-            judge = Judge(**ckpt["args"])
-            judge.load_state_dict(ckpt["model"])
-            judge.info = ckpt["info"]
-            return judge.eval()
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            if ckpt["classes"] == CLASSES:
+                judge = Judge(**ckpt["args"])
+                judge.load_state_dict(ckpt["model"])
+                judge.info = ckpt["info"]
+                return judge.eval()
+        except Exception as e:   # a damaged or foreign cache is trained again, never trusted
+            print(f"note: {path} is not a usable judge ({type(e).__name__}); training a new one")
     if verbose:
         print(f"training the judge (FLAM-lite) for these sounds and voices once; it is cached in {path}")
     judge, judge.info = train_judge(verbose=verbose, **train_kwargs)
@@ -632,18 +636,16 @@ def aggregate(records, reference):
         return kad(torch.stack([x["emb"] for x in turns_of(reference)]), torch.stack([x["emb"] for x in turns_of(records)]))
     def failures(turns):   # {PlanError kind: how many turns' plans failed that way}
         return {kind: sum(t["planFailure"] == kind for t in turns) for kind in PLAN_ERROR_KINDS}
-    def validity(turns):
-        return mean(100.0 * (t["planFailure"] is None) for t in turns)
     audio_s, tcp = sum(s["audio_s"] for s in stories), [a["tcp"] for a in answers if a["tcp"] is not None]
     editing = {}
     for kind in ("overall", *EDIT_KINDS):
         rows = [e for e in edits if kind in ("overall", e["kind"])]
         editing[kind] = {"editFLAM": mean(e["editFLAM"] for e in rows), "deltaMultiFLAM": mean(e["deltaMultiFLAM"] for e in rows),
-                         "planValidity": validity(rows), "n": len(rows)}
+                         "planValidity": plan_validity(e["planFailure"] for e in rows), "n": len(rows)}
     editing["overall"].update(KAD=kad_against(lambda rs: [e for r in rs for e in r["edits"]]), planFailures=failures(edits))
     tcp_wer_ = 100.0 * sum(t["errors"] for t in tcp) / max(1, sum(t["length"] for t in tcp)) if tcp else None
     return {"storytelling": {"multiFLAM": mean(s["multiFLAM"] for s in stories), "KAD": kad_against(lambda rs: [r["story"] for r in rs]),
-                             "planValidity": validity(stories), "planRecall": mean(s["planRecall"] for s in stories),
+                             "planValidity": plan_validity(s["planFailure"] for s in stories), "planRecall": mean(s["planRecall"] for s in stories),
                              "planFailures": failures(stories), "latency_s": mean(s["seconds"] for s in stories),
                              "rtf": sum(s["seconds"] for s in stories) / audio_s if audio_s else None},
             "editing": editing, "understanding": {"tcpWER": tcp_wer_, "captionMultiFLAM": mean(a["caption"] for a in answers)}}
@@ -662,6 +664,8 @@ def listening_profile(model, seqs, tasks):
     -> {task: {"n", "ce_clip", "ce_without_clip"}} per task (transcribe, describe)."""
     dev, ces = model.wte.weight.device, {}
     for task, seq in zip(tasks, seqs):
+        if len(seq["tokens"]) > model.config.block_size:   # a model trained on shorter rows cannot read it
+            continue
         where = answer_positions(seq).to(dev)
         tokens, span, targets = seq["tokens"][None].to(dev), seq["span_id"][None].to(dev), seq["tokens"][1:].to(dev)[where]
         row = ces.setdefault(task, {"ce_clip": [], "ce_without_clip": []})
@@ -1075,12 +1079,8 @@ def bench(config, repeats=3, model_overrides=None):
     if config.ckpt:
         model, tok, codec, ckpt = load_checkpoint(config.ckpt[0], device)
         train_config.batch_size = ckpt["config"].get("batch_size", train_config.batch_size)
-    elif not os.path.isfile(os.path.join(config.data_dir, "meta.json")):
-        sys.exit(f"error: {config.data_dir!r} holds no complete dataset (no meta.json): python train.py simulates one")
     else:
-        tok = BPETokenizer.load(os.path.join(config.data_dir, "tokenizer.json"))
-        with open(os.path.join(config.data_dir, "meta.json")) as f:
-            codec = AudioCodec.from_state_dict(json.load(f)["codec"])
+        tok, codec = load_tokenizers(config.data_dir)
     for key, value in (model_overrides or {}).items():
         setattr(train_config, key, value)
     if not config.ckpt:

@@ -24,6 +24,9 @@ the turn sits in the dialogue. Decoding uses one key/value cache for both text a
 
     model = AudioChatModel(ModelConfig(vocab_size=1024))
     text_logits, v_pred = model(tokens, audio, t, span_id)      # training: the whole sequence
+
+Read line by line: mask_rule, attend's math backend, the blocks, embed, forward, extend. Skim:
+document_split and the flex plumbing (speed), KVCache's bookkeeping, configure_optimizers.
 """
 import functools
 import math
@@ -50,14 +53,12 @@ def mask_rule(q_pos, kv_pos, q_span, kv_span, q_doc=None, kv_doc=None):
         allowed = allowed & (q_doc == kv_doc)
     return allowed
 
-
 def transfusion_mask(span_id, doc_id=None):
     """span_id: (B, L) long, -1 for text and 0, 1, ... per audio span; doc_id: (B, L) or None.
     Returns (B, L, L) bool, True where query i may attend to key j."""
     pos = torch.arange(span_id.size(1), device=span_id.device)
     q_doc, kv_doc = (None, None) if doc_id is None else (doc_id[:, :, None], doc_id[:, None, :])
     return mask_rule(pos[:, None], pos[None, :], span_id[:, :, None], span_id[:, None, :], q_doc, kv_doc)
-
 
 def flex_block_mask(span_id, doc_id=None):
     """The same rule as a FlexAttention BlockMask: blocks of 128 x 128 that are fully masked
@@ -67,7 +68,6 @@ def flex_block_mask(span_id, doc_id=None):
         return mask_rule(q, kv, span_id[b, q], span_id[b, kv], q_doc, kv_doc)
     B, L = span_id.shape
     return create_block_mask(mask_mod, B, None, L, L, device=span_id.device)
-
 
 def document_split(span_id, doc_id):
     """The Transfusion mask for packed rows, one document at a time: nothing crosses a document
@@ -83,13 +83,11 @@ def document_split(span_id, doc_id):
     spans = torch.cat([span_id.reshape(-1), span_id.new_full((1,), -1)])[index]   # padding: text
     return index, transfusion_mask(spans)   # padding rows keep their causal diagonal: never NaN
 
-
 @functools.cache
 def compiled_flex_attention():
     """torch.compile turns flex_attention into one fused kernel (built on the first CUDA call).
     Elsewhere flex runs eagerly, and forward only: PyTorch has no flex backward on CPU or MPS."""
     return torch.compile(flex_attention)
-
 
 def attend(q, k, v, mask, backend):
     """Scaled dot-product attention with the Transfusion mask.
@@ -134,7 +132,6 @@ def rotary(pos, head_dim):
         angles = angles[:, None]
     return angles.cos(), angles.sin()
 
-
 def rotate(x, rope):
     """x: (B, H, L, hd) queries or keys, each channel pair (i, i + hd/2) turned by its angle. Then
     q_m . k_n depends on the positions m, n only through m - n: attention sees how far back a
@@ -170,7 +167,6 @@ class SelfAttention(nn.Module):
         y = y.transpose(1, 2).contiguous().view(B, L, D)
         return self.resid_dropout(self.c_proj(y)), (k, v)
 
-
 class MLP(nn.Module):
 
     def __init__(self, config):
@@ -181,7 +177,6 @@ class MLP(nn.Module):
 
     def forward(self, x):
         return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
-
 
 class Block(nn.Module):
 
@@ -218,7 +213,6 @@ class ScalarEmbedding(nn.Module):
         angles = x[..., None].float() * self.freqs * 2 * math.pi
         return self.mlp(torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1))
 
-
 def span_positions(span_id):
     """span_id: (B, L) -> (B, L) long: the index of each audio token inside its span (0, 1, ...:
     the patch's time in the clip, in patches), 0 for text. Spans are contiguous runs of one id,
@@ -228,7 +222,6 @@ def span_positions(span_id):
     begins = (span_id >= 0) & (span_id != before)
     first = torch.where(begins, idx, 0).cummax(dim=1).values
     return torch.where(span_id >= 0, idx - first, 0)
-
 
 class DiffusionHead(nn.Module):
     """h: (B, L, D) the state at layer U + G, x_t: (B, L, latent) the noisy patches, c: (B, L, D)
@@ -324,7 +317,6 @@ class ModelConfig:
         if (self.n_embd // self.n_head) % 2:
             raise ValueError(f"n_embd={self.n_embd} / n_head={self.n_head} gives heads of odd width "
                              f"{self.n_embd // self.n_head}: rotary positions turn channel pairs, so it must be even")
-
 
 class AudioChatModel(nn.Module):
 

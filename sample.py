@@ -18,6 +18,9 @@ How a turn runs (the same sequence layout as training, tokenizer.encode_dialogue
      the dialogue and the same dialogue with its words replaced by <|null|>, so both branches run
      in one batch, and the prefix's keys/values are computed once, not once per step;
   4. the clean audio is committed to the cache, so the next edit conditions on it, as in training.
+
+Read line by line: Chat (_feed, _decode, _audio_turn, understand). Skim: load_audio / resample,
+save_turn and the command line.
 """
 import json
 import os
@@ -60,7 +63,6 @@ def resample(wav, sr_in, sr_out=SR, zero_crossings=16):
         out[..., start:start + len(t)] = (wav[..., idx.clip(0, N - 1)] * h).sum(-1)
     return out
 
-
 def load_audio(audio):
     """A wav path or an array (N,), (N, C) or (C, N) at SR -> stereo float32 (2, N) at SR, N a
     multiple of 0.1 s. Other sample rates are resampled, mono is duplicated to stereo, longer than
@@ -70,10 +72,15 @@ def load_audio(audio):
         try:
             wav, sr = sf.read(audio, dtype="float32", always_2d=True)
         except Exception as e:
-            raise ValueError(f"cannot read {audio!r} as audio ({str(e).splitlines()[0][:100]})")
+            raise ValueError(f"cannot read {audio!r} as audio ({(str(e).splitlines() or [''])[0][:100]})")
         wav = wav.T
     else:
-        wav, sr = np.asarray(audio, dtype=np.float32), SR
+        try:
+            wav, sr = np.asarray(audio, dtype=np.float32), SR
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"expected a wav path or an array of samples, got {type(audio).__name__} ({e})") from None
+        if wav.ndim not in (1, 2):
+            raise ValueError(f"expected mono or stereo audio, got shape {tuple(wav.shape)}")
         wav = wav[None] if wav.ndim == 1 else (wav if wav.shape[0] <= 2 else wav.T)
     if wav.ndim != 2 or wav.shape[0] not in (1, 2) or wav.shape[1] == 0:
         raise ValueError(f"expected mono or stereo audio, got shape {tuple(wav.shape)}")
@@ -93,12 +100,6 @@ def load_audio(audio):
 # -----------------------------------------------------------------------------
 # the chat
 
-def check_request(text):
-    """The user's words, checked before anything enters the dialogue: ValueError if empty."""
-    if not isinstance(text, str) or not text.strip():
-        raise ValueError(f"the request is empty: say what you want (got {text!r})")
-
-
 @dataclass
 class Turn:
     """What one assistant turn produced: its text (plan or answer), the parsed plan (or None), the
@@ -109,7 +110,6 @@ class Turn:
     wav: np.ndarray = None
     error: str = None
     seconds: float = 0.0
-
 
 class Chat:
     """One dialogue with the model. generate(instruction) starts a story, edit(instruction) changes
@@ -159,9 +159,17 @@ class Chat:
                                       layers=layers)
         return logits[0, -1]
 
-    def _feed_words(self, text):
-        ids = self.tok.encode_ordinary(text)
-        return self._feed(ids, [True] * len(ids))
+    def _user_words(self, text, then):
+        """The user's words as ids, checked before anything enters the dialogue: ValueError if they
+        are empty or not text, or if they and `then` more tokens would not fit in the dialogue."""
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"the request is empty: say what you want (got {text!r})")
+        try:
+            ids = self.tok.encode_ordinary(text)
+        except UnicodeError as e:
+            raise ValueError(f"the request is not valid text ({e.reason})") from None
+        self._check_room(len(ids) + then)
+        return ids
 
     def _feed_audio(self, z):
         """Commit a clean audio span z: (T // PATCH, 128) (the user's clip) to the cache."""
@@ -193,9 +201,9 @@ class Chat:
         """A story or an edit turn (the same template: the dialogue so far says which). -> Turn;
         ValueError for an empty instruction or a full dialogue."""
         start = time.time()
-        check_request(instruction)
+        words = self._user_words(instruction, then=3)   # <|user|>, <|end|>, <|assistant|>
         self._feed([self.ids["<|user|>"]], [False])
-        self._feed_words(instruction)
+        self._feed(words, [True] * len(words))
         logits = self._feed([self.ids["<|end|>"], self.ids["<|assistant|>"]], [False, False])
         text, stop = self._decode(logits)
         try:
@@ -228,10 +236,10 @@ class Chat:
         answer (a timed transcript, or every sound with its time span). ValueError for unreadable
         audio or an empty request, before anything enters the dialogue."""
         start = time.time()
-        check_request(request)
         z = AudioCodec.patchify(self.codec.encode(load_audio(audio)))
+        words = self._user_words(request, then=len(z) + 5)   # <|user|>, the clip in its markers, <|end|>, <|assistant|>
         self._feed([self.ids["<|user|>"]], [False])
-        self._feed_words(request)
+        self._feed(words, [True] * len(words))
         self._feed([self.ids["<|audio|>"]], [False])
         self._feed_audio(z)
         logits = self._feed([self.ids["<|/audio|>"], self.ids["<|end|>"], self.ids["<|assistant|>"]], [False] * 3)
@@ -260,7 +268,6 @@ def save_turn(turn, out_dir, name):
         plot_story(turn.wav, turn.plan, paths[-1], title=name)
     return paths
 
-
 def report(turn, out_dir, name):
     if turn.error:
         print(f"[{name}] {turn.error}\n  model wrote: {turn.text[:300]}")
@@ -284,12 +291,15 @@ class SampleConfig:
     sampler: str = opt("dpmpp", "DPM-Solver++(2M) on a Karras schedule, or DDIM", choices=tuple(SAMPLERS))
     steps: int = opt(25, "diffusion steps per audio span", lo=1, hi=1000)
     cfg: float = opt(3.0, "classifier-free guidance scale (1 = none)", lo=0.0, hi=20.0)
-    seed: int = opt(0, "seed of the audio noise", lo=0)
+    seed: int = opt(0, "seed of the audio noise", lo=0, hi=2**31 - 1)
     device: str = opt("auto", "auto | cpu | cuda | cuda:N | mps")
-
 
 def main(argv):
     config = parse_config(SampleConfig, argv)
+    if config.edit and not config.prompt:
+        sys.exit("error: --edit changes a story: give the story with --prompt too")
+    if config.understand and (config.prompt or config.edit):
+        sys.exit("error: --understand asks about a clip on its own: leave out --prompt and --edit")
     chat = Chat.from_checkpoint(config.ckpt, config.device, sampler=config.sampler, steps=config.steps,
                                 cfg_scale=config.cfg, seed=config.seed)
     k = 0
@@ -309,18 +319,24 @@ def main(argv):
     while True:
         try:
             line = input("you> ").strip()
-        except EOFError:
+        except (EOFError, KeyboardInterrupt):
             break
+        except UnicodeDecodeError:
+            print("error: that line is not valid UTF-8 text")
+            continue
         if not line:
             continue
         if line == "/quit":
             break
         try:
-            if line.startswith("/understand "):
-                path, _, request = line[len("/understand "):].strip().partition(" ")
+            command, _, rest = line.partition(" ")
+            if command == "/understand":
+                path, _, request = rest.strip().partition(" ")
+                if not path:
+                    raise ValueError("say which wav: /understand FILE [REQUEST]")
                 turn = chat.understand(path, request or config.request)
-            elif line.startswith("/edit "):
-                turn = chat.edit(line[len("/edit "):])
+            elif command == "/edit":
+                turn = chat.edit(rest)
             else:
                 turn = chat.generate(line)
         except ValueError as e:  # bad audio, full dialogue: say so and keep chatting
@@ -328,7 +344,6 @@ def main(argv):
             continue
         report(turn, config.out_dir, f"turn_{k}")
         k += 1
-
 
 if __name__ == "__main__":
     main(sys.argv[1:])

@@ -373,16 +373,22 @@ class Studio:
             raise PlanError(f"unknown tool {name!r}; the tools are {', '.join(self.TOOLS)}")
         if name == "render":
             return render(self.plan, self.seed)
-        if name == "new_story":
-            plan = {"duration": round(args["duration"], 1), "sources": []}
-            validate_plan(plan)
-            self.plan = plan
-            return None
-        if self.plan is None:
+        if name != "new_story" and self.plan is None:
             raise PlanError(f"{name}: there is no story yet (call new_story first)")
         plan = copy.deepcopy(self.plan)
-        result = self.TOOLS[name](self, plan, args)
+        try:   # an agent's call with missing or mistyped arguments is a rejected call, like an invalid plan
+            if name == "new_story":
+                plan, result = {"duration": round(args["duration"], 1), "sources": []}, None
+            else:
+                result = self.TOOLS[name](self, plan, args)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            if isinstance(e, PlanError):
+                raise
+            raise PlanError(f"{name}: bad arguments {args!r} ({type(e).__name__}: {e})", "malformed") from None
         validate_plan(plan)
+        if name == "new_story":
+            self.plan = plan
+            return None
         self.plan, self.last_id = plan, result or self.last_id
         return result
 

@@ -6,6 +6,9 @@ training's sequence against the chat's), properties (of metrics, of edits) and c
     python test_all.py            # all, on a CPU in a few minutes; ends "N passed, M failed, K skipped"
     python test_all.py codec bpe  # the tests whose name contains one of these words
     python -m pytest test_all.py  # the same under pytest
+
+Read first: the known-answer tests (BPE, the mask by hand, the loss by hand, the Gaussian sampler), the
+template test (test_chat_feeds_the_model_the_training_sequence) and the metric properties. Skim the plumbing.
 """
 import contextlib, copy, functools, io, itertools, json, os, random, re, shutil, subprocess, sys, tempfile, time, traceback, warnings
 from unittest import mock
@@ -897,7 +900,7 @@ def test_caption_multiflam_and_plan_metrics():
         shifted = "\n".join(f"{float(a.split('-')[0]) + 20:.1f}-{float(a.split('-')[1]) + 20:.1f} {n}"
                             for a, n in (x.split(" ", 1) for x in lines))
         assert E.caption_multiflam(shifted, plan) == 0.0   # the right names at the wrong times
-        assert E.plan_validity([plan_to_text(plan), "{not json", plan_to_text(plan)[:-5]]) == 100 / 3
+        assert E.plan_validity(map(E.plan_failure, [plan_to_text(plan), "{not json", plan_to_text(plan)[:-5]])) == 100 / 3
         assert [E.plan_failure(t) for t in [plan_to_text(plan), "{not json", *bad]] == \
             [None, "not_json", "past_end", "self_overlap", "other", "malformed"]
         assert E.plan_recall(plan, plan) == 100.0 and E.plan_recall(plan, None) == 0.0

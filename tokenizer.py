@@ -21,7 +21,6 @@ Read line by line: the BPE (`merge`, `train`, `encode`, `decode`), `AudioCodec.e
 """
 import json
 import math
-import os
 import re
 from collections import Counter
 
@@ -52,7 +51,6 @@ SPECIAL_TOKENS = ["<|user|>", "<|assistant|>", "<|end|>", "<|audio|>", "<|/audio
 # pattern covers every string, so encoding round-trips exactly.
 SPLIT_PATTERN = r""" ?[^\s0-9]+| ?[0-9]+(?:\.[0-9])?|\s+(?!\S)|\s+"""
 
-
 def merge(ids, pair, idx):
     """Replace every occurrence of `pair` in the list `ids` by the new id `idx`."""
     out, i = [], 0
@@ -64,7 +62,6 @@ def merge(ids, pair, idx):
             out.append(ids[i])
             i += 1
     return out
-
 
 class BPETokenizer:
     """Byte-level BPE: ids 0..255 are bytes, 256.. are merges in the order learned, then the
@@ -198,7 +195,6 @@ class BPETokenizer:
 # -----------------------------------------------------------------------------
 # Part 2: the audio codec
 
-
 def mel_filterbank(n_mels=N_MELS, n_fft=N_FFT, sr=SR, fmin=0.0, fmax=SR / 2):
     """(n_mels, n_fft // 2 + 1) triangular filters, equally spaced on the HTK mel scale
     mel = 2595 log10(1 + f / 700), each peaking at 1 on its centre frequency."""
@@ -213,7 +209,6 @@ def mel_filterbank(n_mels=N_MELS, n_fft=N_FFT, sr=SR, fmin=0.0, fmax=SR / 2):
     lo, mid, hi = edges[:-2, None], edges[1:-1, None], edges[2:, None]
     fb = np.maximum(0.0, np.minimum((freqs - lo) / (mid - lo), (hi - freqs) / (hi - mid)))
     return torch.tensor(fb, dtype=torch.float32)
-
 
 class AudioCodec:
     """Stereo waveform (2, N) at SR <-> frames (T, 64) at FRAME_RATE, T = N // HOP.
@@ -271,8 +266,7 @@ class AudioCodec:
         consistent with those magnitudes. Frames outside what any waveform in [-1, 1] can have
         (e.g. latents pushed far off the data by a high CFG scale) are clamped first, so the output
         is always finite."""
-        raw = torch.as_tensor(raw, dtype=torch.float32).nan_to_num(nan=math.log(1e-5))
-        raw = raw.clamp(math.log(1e-5), MAX_LOG_MEL)
+        raw = torch.as_tensor(raw, dtype=torch.float32).nan_to_num(nan=math.log(1e-5)).clamp(max=MAX_LOG_MEL)
         T = raw.shape[-2]
         mel = torch.exp(raw).unflatten(-1, (2, N_MELS))                    # (..., T, 2, 32)
         power = self.mel_to_power(mel).movedim(-3, -1)                      # (..., 2, 513, T)
@@ -286,8 +280,7 @@ class AudioCodec:
         """Mel power (..., 32) -> the non-negative linear power spectrum (..., 513) whose mel
         projection is closest to it: start from the filterbank's pseudo-inverse clamped at 0, then
         refine with multiplicative non-negative least-squares updates (Lee & Seung 2001), which
-        keep every bin >= 0. On the test scene this cuts the codec's round-trip log-mel error
-        from 0.41 (clamped pseudo-inverse alone) to 0.23 natural-log units."""
+        keep every bin >= 0 (the clamped pseudo-inverse alone loses much of the spectral shape)."""
         fb = self.mel_fb.to(mel.device)                                    # (32, 513)
         power = (mel @ self.mel_pinv.to(mel.device).T).clamp(min=1e-10)
         target = mel @ fb
@@ -383,7 +376,6 @@ class AudioCodec:
 # An assistant audio turn writes its plan (the chain of thought) and then the audio; an
 # understanding turn's user supplies the audio and the assistant answers in text (that turn's
 # "plan" is ground truth for evaluation only and never enters the sequence).
-
 
 def encode_dialogue(dialogue, latents, tok):
     """A dialogue dict (see simulate_data.make_dialogue) + its audio as normalised frames -> one

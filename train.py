@@ -14,6 +14,9 @@ If `--data_dir` holds no dataset, one is simulated first (simulate_data.py). The
 `log.csv` and `loss.png`. `--init_from=resume` continues exactly where the checkpoint stopped:
 every batch and every noise draw is a pure function of (seed, step, rank), so there is no random
 state to lose.
+
+Read line by line: text_only, pack, collate, validate and the loop in train(). Skim: parse_config,
+the checkpoint and log helpers, DDP set-up.
 """
 import csv
 import glob
@@ -38,7 +41,6 @@ from diffusion import alpha_sigma, transfusion_forcing_loss
 def opt(default, help, choices=None, lo=None, hi=None):
     """A flag: its default, what it does, and what values it accepts (a set of choices or a range)."""
     return field(default=default, metadata={"help": help, "choices": choices, "lo": lo, "hi": hi})
-
 
 @dataclass
 class TrainConfig:
@@ -80,17 +82,15 @@ class TrainConfig:
     # system
     device: str = opt("auto", "auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps")
     compile: bool = opt(False, "torch.compile the model")
-    seed: int = opt(1337, "seed of every random draw", lo=0)
-
+    seed: int = opt(1337, "seed of every random draw", lo=0, hi=2**31 - 1)
 
 PRESETS = {  # applied under --preset, before the flags
     "cpu": dict(),
-    # one GPU, sized for a short slot: ~4 min on an H100 with simulation and evaluation (README)
+    # one GPU, sized for a short slot (the README's GPU table); listening dialogues are untried on a GPU
     "gpu": dict(n_layer=8, n_gen_layer=4, n_head=8, n_embd=512, batch_size=16, max_iters=2000,
                 learning_rate=1e-3, min_lr=1e-4, warmup_iters=100, eval_interval=250, n_dialogues=10000,
-                n_listen=0),   # as measured on an H100 (README); listening dialogues are untried on a GPU
+                n_listen=0),
 }
-
 
 def accepted(f):
     """The values a flag accepts, in words ("" when any value of its type will do)."""
@@ -102,7 +102,6 @@ def accepted(f):
     if m.get("lo") is not None:
         return f">= {m['lo']}"
     return ""
-
 
 def parse_config(cls, argv, presets=None):
     """Command-line flags -> a cls instance: `--key=value` or `--key value`, a bare `--flag` for a
@@ -157,11 +156,12 @@ def parse_config(cls, argv, presets=None):
         setattr(config, key, value)
     for f in fields(cls):
         m, value = f.metadata, getattr(config, f.name)
+        if f.type is str and f.default and not value.strip():
+            sys.exit(f"error: --{f.name} is empty: give a value ({m['help']}) or leave the flag out")
         if ((m.get("choices") and value not in m["choices"]) or (m.get("lo") is not None and value < m["lo"])
                 or (m.get("hi") is not None and value > m["hi"])):
             sys.exit(f"error: --{f.name}={value} is not accepted: use {accepted(f)} ({m['help']})")
     return config
-
 
 def pick_device(name):
     """'auto' -> cuda, then mps, then cpu; a named device that this machine lacks exits with one line."""
@@ -184,6 +184,17 @@ def pick_device(name):
 # -----------------------------------------------------------------------------
 # data: simulated dialogues -> token sequences -> packed rows
 
+def load_tokenizers(data_dir):
+    """-> (BPETokenizer, AudioCodec) of a dataset written by simulate_data.write_dataset; one clear error if unreadable."""
+    try:
+        with open(os.path.join(data_dir, "meta.json")) as f:
+            codec = AudioCodec.from_state_dict(json.load(f)["codec"])
+        return BPETokenizer.load(os.path.join(data_dir, "tokenizer.json")), codec
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        sys.exit(f"error: {data_dir!r} holds no readable dataset ({type(e).__name__}: {e}); "
+                 f"delete it, or give another --data_dir, to simulate one")
+
+
 def load_dataset(data_dir, split, tok, codec, required=True):
     """Every dialogue of one split as an encode_dialogue sequence (dict of tensors, see tokenizer.py)."""
     shards = sorted(glob.glob(os.path.join(data_dir, f"{split}_*.pt")))
@@ -197,13 +208,11 @@ def load_dataset(data_dir, split, tok, codec, required=True):
             seqs.append(encode_dialogue(json.loads(text), latents, tok))
     return seqs
 
-
 def user_audio(seq):
     """(L,) bool: the positions of audio the user supplied (an encode_dialogue dict's spans that
     are conditioning, not the assistant's diffusion targets)."""
     span = seq["span_id"]
     return (span >= 0) & ~seq["span_is_target"][span.clamp(min=0)]
-
 
 def text_only(seq):
     """Stage 1 of the curriculum: a dialogue (encode_dialogue dict) with its audio spans cut out;
@@ -220,7 +229,6 @@ def text_only(seq):
     return {"tokens": seq["tokens"][keep], "audio": seq["audio"][keep], "span_id": seq["span_id"][keep],
             "span_is_target": seq["span_is_target"][:0], "text_target": text_target[keep],
             "is_plain_text": seq["is_plain_text"][keep]}
-
 
 def pack(seqs, block_size, seed):
     """First-fit packing of whole dialogues into rows of at most block_size tokens -> list of rows,
@@ -242,7 +250,6 @@ def pack(seqs, block_size, seed):
             rows.append([i])
             room.append(block_size - n)
     return rows
-
 
 def collate(rows, pad_id):
     """rows: list of B rows, each a list of tokenizer.encode_dialogue dicts packed one after the
@@ -288,13 +295,11 @@ def collate(rows, pad_id):
             i, n_spans = i + n, n_spans + s
     return batch
 
-
 def get_batch(seqs, rows, batch_size, generator, pad_id, device):
     """Draw batch_size packed rows with `generator` and collate them to padded (B, L) tensors."""
     picks = torch.randint(len(rows), (batch_size,), generator=generator).tolist()
     batch = collate([[seqs[i] for i in rows[r]] for r in picks], pad_id)
     return {k: v.to(device) for k, v in batch.items()}
-
 
 def ensure_dataset(config):
     """Simulate a dataset into config.data_dir if it holds none (rank 0 only; the others wait).
@@ -322,7 +327,6 @@ def model_config(config, vocab_size, latent_dim=LATENT_DIM):
                        n_head=config.n_head, n_embd=config.n_embd, block_size=config.block_size, dropout=config.dropout,
                        arch=config.arch, attn=config.attn, token_shift=config.token_shift)
 
-
 def save_checkpoint(path, model, optimizer, model_config, config, tok, codec, iter_num, val):
     """Everything needed to sample, evaluate or resume, written atomically (a crash mid-write
     leaves the previous checkpoint intact). val: the last validation (see `validate`)."""
@@ -340,16 +344,19 @@ def save_checkpoint(path, model, optimizer, model_config, config, tok, codec, it
     torch.save(ckpt, tmp)
     os.replace(tmp, path)
 
-
 def read_checkpoint(path, device="cpu"):
-    """-> the checkpoint dict. A missing or unreadable file is one clear error, never a traceback."""
+    """-> the checkpoint dict. A missing, unreadable or foreign file is one clear error, never a traceback."""
     if not os.path.isfile(path):
         raise SystemExit(f"error: no checkpoint at {path!r} (train one with: python train.py --out_dir={os.path.dirname(path) or '.'})")
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
-        raise SystemExit(f"error: {path!r} is not a readable AudioChat-mini checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
-
+        ckpt = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}"
+    keys = {"model", "optimizer", "model_args", "config", "tokenizer", "codec", "iter_num"}
+    if not isinstance(ckpt, dict) or not keys <= set(ckpt):
+        reason = ckpt if isinstance(ckpt, str) else f"it lacks {sorted(keys - set(ckpt)) if isinstance(ckpt, dict) else keys}"
+        raise SystemExit(f"error: {path!r} is not a readable AudioChat-mini checkpoint ({reason})")
+    return ckpt
 
 def load_checkpoint(path, device="cpu"):
     """-> (model in eval mode, tok, codec, ckpt). A missing or corrupt file is one clear error."""
@@ -361,7 +368,7 @@ def load_checkpoint(path, device="cpu"):
         codec = AudioCodec.from_state_dict(ckpt["codec"])
     except Exception as e:
         raise SystemExit(f"error: {path!r} is not an AudioChat-mini checkpoint of this version "
-                         f"({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+                         f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]})")
     return model.to(device).eval(), tok, codec, ckpt
 
 
@@ -371,7 +378,6 @@ def load_checkpoint(path, device="cpu"):
 X0_BINS = 5   # validation bins the x0-hat error by noise level t: [0, .2), [.2, .4), ... [.8, 1]
 LOG_FIELDS = ["iter", "lr", "loss", "ce", "mse", "val_loss", "val_ce", "val_mse",
               *[f"val_x0_t{k}" for k in range(X0_BINS)], "elapsed_s"]
-
 
 def plot_losses(log_path, png_path):
     """log.csv -> loss.png: text CE and audio v-MSE (train and validation) by step, and the last
@@ -397,12 +403,10 @@ def plot_losses(log_path, png_path):
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
 
-
 def step_generator(seed, step, rank):
     """The random source of one training step: a pure function of (seed, step, rank), so a resumed
     run draws exactly the batches and noise an uninterrupted run would have drawn."""
     return torch.Generator().manual_seed(seed * 1_000_003 + step * 1_009 + rank)
-
 
 def learning_rate(config, it):
     """Linear warm-up, then cosine decay to min_lr (nanoGPT)."""
@@ -420,7 +424,6 @@ def autocast_for(device):
     """bf16 autocast on CUDA; a no-op context elsewhere (CPU and MPS train in float32)."""
     return (torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda")
             else torch.autocast("cpu", enabled=False))
-
 
 @torch.no_grad()
 def validate(model, seqs, rows, config, tok, device, autocast):
@@ -448,7 +451,6 @@ def validate(model, seqs, rows, config, tok, device, autocast):
     loss, ce, mse = (totals / config.eval_iters).tolist()
     return {"loss": loss, "ce": ce, "mse": mse, "x0_err": (err / power).tolist()}  # 0 / 0 = NaN: an empty bin
 
-
 def check_config(config, device):
     """Refuse, with one line each, what the flags alone show cannot work: a model shape, flex
     attention off CUDA (FlexAttention has no backward there), a resume that would go backwards."""
@@ -459,7 +461,6 @@ def check_config(config, device):
     if config.attn == "flex" and not device.startswith("cuda"):
         raise SystemExit(f"error: --attn=flex trains only on CUDA (PyTorch has no FlexAttention backward on "
                          f"{device.split(':')[0]}); use --attn=sdpa (fast) or --attn=math (readable)")
-
 
 def train(config):
     """Run training as config says; returns the list of log rows (dicts, one per step)."""
@@ -495,15 +496,15 @@ def train(config):
     if ddp:
         dist.barrier()
 
-    with open(os.path.join(config.data_dir, "meta.json")) as f:
-        meta = json.load(f)
-    tok = BPETokenizer.load(os.path.join(config.data_dir, "tokenizer.json"))
-    codec = AudioCodec.from_state_dict(meta["codec"])
+    tok, codec = load_tokenizers(config.data_dir)
     train_seqs = load_dataset(config.data_dir, "train", tok, codec)
     train_seqs += load_dataset(config.data_dir, "listen", tok, codec, required=False)
     val_seqs = load_dataset(config.data_dir, "val", tok, codec)
     train_rows = pack(train_seqs, config.block_size, config.seed)
     val_rows = pack(val_seqs, config.block_size, config.seed)
+    if not train_rows or not val_rows:
+        longest = min(len(s["tokens"]) for s in (val_seqs if train_rows else train_seqs))
+        raise SystemExit(f"error: no dialogue fits in --block_size={config.block_size} (the shortest has {longest} tokens)")
     mconf = model_config(config, tok.vocab_size, train_seqs[0]["audio"].shape[-1])
     model = AudioChatModel(mconf).to(device)
     optimizer = model.configure_optimizers(config.weight_decay, config.learning_rate, (0.9, 0.95), device.split(":")[0])
@@ -591,7 +592,6 @@ def train(config):
     if ddp:
         dist.destroy_process_group()
     return log_rows
-
 
 if __name__ == "__main__":
     train(parse_config(TrainConfig, sys.argv[1:], PRESETS))
