@@ -75,10 +75,12 @@ def load_audio(audio):
             raise ValueError(f"cannot read {audio!r} as audio ({(str(e).splitlines() or [''])[0][:100]})")
         wav = wav.T
     else:
-        try:
-            wav, sr = np.asarray(audio, dtype=np.float32), SR
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"expected a wav path or an array of samples, got {type(audio).__name__} ({e})") from None
+        wav, sr = np.asarray(audio), SR
+        if np.issubdtype(wav.dtype, np.integer):   # PCM samples: scale to [-1, 1] as a wav reader would
+            wav = wav / float(np.iinfo(wav.dtype).max)
+        if not (np.issubdtype(wav.dtype, np.floating) or np.issubdtype(wav.dtype, np.integer)):
+            raise ValueError(f"expected a wav path or an array of real samples, got {type(audio).__name__} of {wav.dtype}")
+        wav = wav.astype(np.float32)
         if wav.ndim not in (1, 2):
             raise ValueError(f"expected mono or stereo audio, got shape {tuple(wav.shape)}")
         wav = wav[None] if wav.ndim == 1 else (wav if wav.shape[0] <= 2 else wav.T)
@@ -86,6 +88,8 @@ def load_audio(audio):
         raise ValueError(f"expected mono or stereo audio, got shape {tuple(wav.shape)}")
     if not np.isfinite(wav).all():
         raise ValueError("the audio contains NaN or infinite samples")
+    if np.abs(wav).max() > 100:
+        raise ValueError(f"the audio's samples reach {np.abs(wav).max():.3g}: expected a waveform in [-1, 1]")
     seconds = wav.shape[1] / sr
     if seconds > MAX_DURATION:
         raise ValueError(f"the audio is {seconds:.1f} s long; this model understands at most {MAX_DURATION:.0f} s")
@@ -130,7 +134,7 @@ class Chat:
         self.sampler, self.steps, self.cfg_scale, self.max_new_tokens = sampler, steps, cfg_scale, max_new_tokens
         self.device = next(model.parameters()).device
         self.generator = torch.Generator(self.device).manual_seed(seed)
-        self.guided = cfg_scale != 1.0
+        self.guided, self.full = cfg_scale != 1.0, False
         # row 0: the dialogue; row 1 (with guidance): the same dialogue with every word -> <|null|>
         self.cache = model.new_cache(2 if self.guided else 1)
         self.ids = {name: tok.special(name) for name in ("<|user|>", "<|assistant|>", "<|end|>", "<|audio|>",
@@ -144,7 +148,9 @@ class Chat:
     # ---- the cache, fed one chunk at a time ----
 
     def _check_room(self, n):
-        if len(self.cache) + n > self.model.config.block_size:
+        """A turn that overflows the dialogue ends it: the cache would hold half a turn."""
+        if self.full or len(self.cache) + n > self.model.config.block_size:
+            self.full = True
             raise ValueError(f"the dialogue is full ({self.model.config.block_size} tokens): start a new Chat")
 
     def _feed(self, ids, plain, layers="text"):
@@ -216,6 +222,7 @@ class Chat:
             return Turn(text=text, plan=plan, error="the model wrote a plan but opened no audio span",
                         seconds=time.time() - start)
         n_tokens = round(plan["duration"] * SR / HOP) // PATCH
+        self._check_room(n_tokens + 2)   # the span, <|/audio|> and <|end|>
         z = sample_audio(self.model, self.cache, n_tokens, steps=self.steps, sampler=self.sampler,
                          cfg_scale=self.cfg_scale, generator=self.generator)[0]
         self._feed([self.ids["<|/audio|>"], self.ids["<|end|>"]], [False, False])

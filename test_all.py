@@ -711,6 +711,10 @@ def test_command_lines_refuse_bad_flags_in_one_line():
     for flags, words in [(["--n_embd=60", "--n_head=4"], "odd width 15"), (["--n_embd=96", "--n_head=32"], "odd width 3"),
                          (["--n_head=7"], "not divisible"), (["--attn=flex"], "--attn=sdpa")]:   # a shape or backend
         expect_exit(lambda: train.check_config(parse_config(train.TrainConfig, flags, train.PRESETS), "cpu"), *words)
+    a_file = os.path.join(TMP, "a_file")
+    open(a_file, "w").write("not a folder")
+    for cls in (train.TrainConfig, SampleConfig, E.EvalConfig):   # an out dir that is a file: refused before any work
+        expect_exit(lambda: parse_config(cls, [f"--out_dir={a_file}"]), "--out_dir", "is a file")
     expect_exit(lambda: run_train(f"--out_dir={os.path.join(TMP, 'nothing')}", "--init_from=resume"), "no checkpoint")
     r = subprocess.run([sys.executable, "train.py", "--max_iters=ten"], cwd=HERE, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "error: --max_iters" in r.stderr and "Traceback" not in r.stderr, r.stderr[-300:]
@@ -805,6 +809,10 @@ def test_load_audio_resamples_and_refuses_long_audio():
     sf.write(path, edge, 44100)
     wav = load_audio(path)
     assert np.abs(wav[:, :int(0.95 * SR)]).max() < 1e-3 and abs(np.abs(wav[:, int(1.1 * SR):]).max() - 0.8) < 0.01
+    pcm = (0.5 * np.sin(np.arange(SR) / 10) * 32767).astype(np.int16)   # integer samples are scaled like a wav file's
+    assert abs(np.abs(load_audio(pcm)).max() - 0.5) < 1e-3
+    raises(ValueError, lambda: load_audio(np.full(SR, 1e30)), "[-1, 1]")   # finite, but no waveform
+    raises(ValueError, lambda: load_audio(np.ones(SR, complex)), "real samples")
 
 def test_corrupt_or_missing_checkpoint_is_one_clear_error():
     bad = os.path.join(TMP, "corrupt.pt")

@@ -158,6 +158,13 @@ def parse_config(cls, argv, presets=None):
         m, value = f.metadata, getattr(config, f.name)
         if f.type is str and f.default and not value.strip():
             sys.exit(f"error: --{f.name} is empty: give a value ({m['help']}) or leave the flag out")
+        if f.name.endswith("_dir") and value:   # a folder we may have to create: fail now, not after minutes of work
+            parent = os.path.abspath(value)
+            while not os.path.exists(parent):
+                parent = os.path.dirname(parent)
+            if not os.path.isdir(parent) or (parent != os.path.abspath(value) and not os.access(parent, os.W_OK)):
+                sys.exit(f"error: --{f.name}={value} cannot be a folder here ({parent!r} is "
+                         f"{'a file' if not os.path.isdir(parent) else 'not writable'})")
         if ((m.get("choices") and value not in m["choices"]) or (m.get("lo") is not None and value < m["lo"])
                 or (m.get("hi") is not None and value > m["hi"])):
             sys.exit(f"error: --{f.name}={value} is not accepted: use {accepted(f)} ({m['help']})")
@@ -346,6 +353,8 @@ def save_checkpoint(path, model, optimizer, model_config, config, tok, codec, it
 
 def read_checkpoint(path, device="cpu"):
     """-> the checkpoint dict. A missing, unreadable or foreign file is one clear error, never a traceback."""
+    if os.path.isdir(path):
+        raise SystemExit(f"error: {path!r} is a folder; a checkpoint is a file such as {os.path.join(path, 'ckpt.pt')!r}")
     if not os.path.isfile(path):
         raise SystemExit(f"error: no checkpoint at {path!r} (train one with: python train.py --out_dir={os.path.dirname(path) or '.'})")
     try:
@@ -491,7 +500,10 @@ def train(config):
     master = rank == 0
     torch.manual_seed(config.seed)
     if master:
-        os.makedirs(config.out_dir, exist_ok=True)
+        try:
+            os.makedirs(config.out_dir, exist_ok=True)
+        except OSError as e:
+            raise SystemExit(f"error: cannot make --out_dir={config.out_dir} ({e.strerror})")
         ensure_dataset(config)
     if ddp:
         dist.barrier()
