@@ -193,6 +193,12 @@ def dpmpp_2m_sample(v_fn, noise, steps, sigma_min=0.002, sigma_max=80.0, rho=7.0
 
 SAMPLERS = {"ddim": ddim_sample, "dpmpp": dpmpp_2m_sample}
 
+def check_sampling(sampler, steps):
+    """ValueError for a sampler not in SAMPLERS or steps < 1 (for callers that check before they start)."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}: use {' or '.join(SAMPLERS)}")
+    check_steps(steps)
+
 
 # -----------------------------------------------------------------------------
 # Sampling one audio span with the model and its prefix cache
@@ -210,9 +216,7 @@ def sample_audio(model, cache, n_tokens, steps=50, sampler="dpmpp", cfg_scale=3.
     Returns x0: (B, n_tokens, latent) and leaves the clean span (t = 0) committed in every row,
     ready for the next text turn. ValueError for steps < 1, an unknown sampler, or odd rows with CFG.
     """
-    check_steps(steps)
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}: use {' or '.join(SAMPLERS)}")
+    check_sampling(sampler, steps)
     guided = cfg_scale != 1.0
     rows = cache.batch_size
     if guided and rows % 2:

@@ -33,7 +33,7 @@ import torch
 
 from tokenizer import SR, HOP, PATCH, AudioCodec
 from simulate_data import MAX_DURATION, PlanError, plan_from_text, plot_story
-from diffusion import SAMPLERS, check_steps, sample_audio
+from diffusion import SAMPLERS, check_sampling, sample_audio
 from train import load_checkpoint, opt, parse_config, pick_device
 
 
@@ -127,9 +127,7 @@ class Chat:
     """
 
     def __init__(self, model, tok, codec, sampler="dpmpp", steps=25, cfg_scale=3.0, seed=0, max_new_tokens=400):
-        check_steps(steps)
-        if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}: use {' or '.join(SAMPLERS)}")
+        check_sampling(sampler, steps)   # before the dialogue starts, not at its first audio span
         self.model, self.tok, self.codec = model.eval(), tok, codec
         self.sampler, self.steps, self.cfg_scale, self.max_new_tokens = sampler, steps, cfg_scale, max_new_tokens
         self.device = next(model.parameters()).device
