@@ -290,6 +290,9 @@ class KVCache:
 # -----------------------------------------------------------------------------
 # The model
 
+ARCHS = ("sct", "dense")                          # where the text head reads: layer U, or on top
+ATTN_BACKENDS = ("auto", "math", "sdpa", "flex")  # auto: flex on CUDA, sdpa elsewhere
+
 @dataclass
 class ModelConfig:
     vocab_size: int
@@ -306,10 +309,10 @@ class ModelConfig:
 
     def __post_init__(self):
         """Refuse a shape that cannot work, naming the flags (ValueError), before anything is built."""
-        if self.arch not in ("sct", "dense"):
-            raise ValueError(f"unknown arch {self.arch!r}: use sct or dense")
-        if self.attn not in ("auto", "math", "sdpa", "flex"):
-            raise ValueError(f"unknown attn {self.attn!r}: use auto, math, sdpa or flex")
+        if self.arch not in ARCHS:
+            raise ValueError(f"unknown arch {self.arch!r}: use {' or '.join(ARCHS)}")
+        if self.attn not in ATTN_BACKENDS:
+            raise ValueError(f"unknown attn {self.attn!r}: use {', '.join(ATTN_BACKENDS)}")
         if min(self.n_layer, self.n_head, self.n_embd, self.block_size, self.vocab_size, self.latent_dim) < 1 or self.n_gen_layer < 0:
             raise ValueError("n_layer, n_head, n_embd, block_size must be >= 1 and n_gen_layer >= 0")
         if self.n_embd % self.n_head:

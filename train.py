@@ -31,7 +31,7 @@ import torch
 
 import simulate_data
 from tokenizer import LATENT_DIM, BPETokenizer, AudioCodec, encode_dialogue
-from model import ModelConfig, AudioChatModel
+from model import ARCHS, ATTN_BACKENDS, ModelConfig, AudioChatModel
 from diffusion import alpha_sigma, transfusion_forcing_loss
 
 
@@ -52,8 +52,8 @@ class TrainConfig:
     init_from: str = opt("scratch", "start from scratch, or resume from out_dir/ckpt.pt", choices=("scratch", "resume"))
     preset: str = opt("auto", "defaults sized for the machine (flags still win)", choices=("auto", "cpu", "gpu"))
     # model (ModelConfig)
-    arch: str = opt("sct", "sct (Self-Cascaded Transformer) or dense (one shared stack)", choices=("sct", "dense"))
-    attn: str = opt("auto", "attention backend (auto: flex on CUDA, sdpa elsewhere)", choices=("auto", "math", "sdpa", "flex"))
+    arch: str = opt("sct", "sct (Self-Cascaded Transformer) or dense (one shared stack)", choices=ARCHS)
+    attn: str = opt("auto", "attention backend (auto: flex on CUDA, sdpa elsewhere)", choices=ATTN_BACKENDS)
     n_layer: int = opt(4, "U: understanding layers (the text head reads layer U)", lo=1)
     n_gen_layer: int = opt(2, "G: generation layers on top (the diffusion head reads layer U+G)", lo=0)
     n_head: int = opt(4, "attention heads (n_embd / n_head must be even: rotary positions)", lo=1)
@@ -452,7 +452,8 @@ def validate(model, seqs, rows, config, tok, device, autocast):
                                                     null_id=tok.special("<|null|>"), cfg_drop_p=0.0,
                                                     noise_shift=config.noise_shift, generator=g, per_token=True)
         totals += torch.tensor([float(x) for x in losses])
-        t, target = per["t"][per["is_target"]].float().cpu(), per["is_target"]
+        target = per["is_target"]
+        t = per["t"][target].float().cpu()
         bins = (t * X0_BINS).long().clamp(max=X0_BINS - 1)
         err.index_add_(0, bins, (alpha_sigma(t)[1] ** 2 * per["mse"][target].float().cpu()))
         power.index_add_(0, bins, per["x0_power"][target].float().cpu())
