@@ -35,8 +35,8 @@ from diffusion import SAMPLERS, cfg, rand, sample_audio, transfusion_forcing_los
 from train import (PRESETS, TrainConfig, autocast_for, collate, load_checkpoint, load_dataset, load_tokenizers, model_config,
                    opt, pack, parse_config, pick_device, plot_losses, user_audio)
 from sample import Chat, Turn
-from simulate_data import (AMBIENCES, EDIT_KINDS, MUSIC, PLAN_ERROR_KINDS, SFX, VOICES, DesignerAgent, PlanError, Studio,
-                           UserAgent, dry_signal, pick, plan_from_text, plan_to_text, plot_story, render, side_of)
+from simulate_data import (AMBIENCES, EDIT_KINDS, MUSIC, PLAN_ERROR_KINDS, SFX, VOICES, DesignerAgent, PlanError,
+                           UserAgent, dry_signal, pick, plan_to_text, plot_story, render, run_calls, side_of)
 
 # -----------------------------------------------------------------------------
 # Part 1: the metrics (read line by line)
@@ -323,18 +323,9 @@ def caption_multiflam(answer_text, true_plan):
             found += 1
     return 100.0 * found / max(1, len(true_plan["sources"]))
 
-def plan_failure(text):
-    """Any text a system wrote as a plan -> None if it parses and passes simulate_data's validation,
-    else why not: its PlanError kind (PLAN_ERROR_KINDS: not_json, malformed, self_overlap, past_end, other)."""
-    try:
-        plan_from_text(text)
-    except PlanError as e:
-        return e.kind
-    return None
-
 def plan_validity(failures):
-    """Plan validity in %: the share of plans that parse and pass simulate_data's validation, from
-    each plan's plan_failure (None: valid); None when there were no plans."""
+    """Plan validity in %: the share of turns whose tool calls the studio executes, from each turn's
+    Turn.failure (None: executed; else its PlanError kind); None when there were no turns."""
     return mean(100.0 * (f is None) for f in failures)
 
 def plan_recall(reference_plan, plan):
@@ -371,19 +362,17 @@ def _judge_scenes(seed, n_edits=2):
     n_edits edited versions (the scenes the judge will score), and one through the codec (log-mel ->
     Griffin-Lim -> log-mel), since the judge must also hear a model's decoded audio."""
     rng = np.random.default_rng(seed)
-    user, designer, studio, scenes = UserAgent(), DesignerAgent(), Studio(seed), []
+    user, designer, plan, scenes = UserAgent(), DesignerAgent(), None, []
     for _ in range(100):   # the agents may ask for the impossible (a line that no longer fits): ask again
         if scenes:
-            intent = user.edit_intent(studio.plan, rng, pick(rng, [k for k in EDIT_KINDS if k != "multi"]))
+            intent = user.edit_intent(plan, rng, pick(rng, [k for k in EDIT_KINDS if k != "multi"]))
         else:
             intent = user.story_intent(rng)
-        trial = studio.copy()
         try:
-            _, audio = trial.run(designer.respond(studio.plan, intent, rng))
+            plan = run_calls(designer.respond(plan, intent), plan, seed)
         except PlanError:
             continue
-        studio = trial
-        scenes.append((FRONT_END.encode_raw(audio).half(), studio.plan))
+        scenes.append((FRONT_END.encode_raw(render(plan, seed)).half(), plan))
         if len(scenes) == 1 + n_edits:
             break
     raw, plan = scenes[int(rng.integers(len(scenes)))]
@@ -516,7 +505,7 @@ def load_or_train_judge(path="out/judge.pt", verbose=True, **train_kwargs):
 class Episode:
     """One test dialogue, as the benchmark reads it."""
     seed: int          # the dialogue's render seed (the story and its edits)
-    story: dict        # {"text": the user's request, "intent", "plan": the ground-truth plan}
+    story: dict        # {"text": the user's request, "intent", "plan": the ground-truth plan, "calls": its calls}
     edits: list        # the same, for each edit request, in order
     request: str       # the understanding request ("Who says what, and when?", ...)
     task: str          # "transcribe" | "describe"
@@ -537,7 +526,7 @@ def load_episodes(data_dir, n):
 
 def episode(dialogue):
     """A dialogue as simulate_data.make_dialogue writes it -> Episode."""
-    turns = [{"text": u["text"], "intent": u["intent"], "plan": a["plan"]}
+    turns = [{"text": u["text"], "intent": u["intent"], "plan": a["plan"], "calls": a["text"]}
              for u, a in zip(dialogue["turns"][::2], dialogue["turns"][1::2])]
     last = turns.pop()
     return Episode(seed=dialogue["seed"], story=turns[0], edits=turns[1:], request=last["text"], task=last["intent"]["task"],
@@ -547,14 +536,14 @@ def rendered(turn, seed):
     """A turn's plan rendered by the simulator's tools -> the Turn with that audio (seconds: the rendering);
     a turn without a valid plan has no audio."""
     if turn.plan is None:
-        return Turn(turn.text, error=turn.error)
+        return turn
     t0 = time.perf_counter()
     wav = render(turn.plan, seed)
     return Turn(turn.text, turn.plan, wav, seconds=time.perf_counter() - t0)
 
 def run_ground_truth(ep):
     """The reference: the dialogue's own plans, rendered, and the true answer -> {"story", "edits", "answer"} of Turns."""
-    truth = [rendered(Turn(plan_to_text(t["plan"]), t["plan"]), ep.seed) for t in [ep.story, *ep.edits]]
+    truth = [rendered(Turn(t["calls"], t["plan"]), ep.seed) for t in [ep.story, *ep.edits]]
     return {"story": truth[0], "edits": truth[1:], "answer": Turn(ep.answer)}
 
 def run_audiochat(model, tok, codec, ep, config):
@@ -602,7 +591,7 @@ def score_episode(judge, ep, run):
     (a system that makes no audio must not look perfectly consistent)."""
     story, answer = run["story"], run["answer"]
     record = {"story": {"multiFLAM": multiflam(judge, story.wav, laid_out(ep.story["plan"], story.plan)),
-                        "planFailure": plan_failure(story.text), "planRecall": plan_recall(ep.story["plan"], story.plan),
+                        "planFailure": story.failure, "planRecall": plan_recall(ep.story["plan"], story.plan),
                         "seconds": story.seconds, "audio_s": 0.0 if story.wav is None else story.wav.shape[1] / SR,
                         "emb": embedding(judge, story, ep.story["plan"]["duration"])},
               "edits": [], "answer": {"task": ep.task, "tcp": None, "caption": None}}
@@ -613,7 +602,7 @@ def score_episode(judge, ep, run):
             "kind": intent["edit"],
             "editFLAM": edit_flam(judge, before.wav, after.wav, before.plan, after.plan, intent, reference_before, ep.seed),
             "deltaMultiFLAM": delta_multiflam(judge, before.wav, after.wav, before.plan, after.plan) if heard else None,
-            "planFailure": plan_failure(after.text), "emb": embedding(judge, after, request["plan"]["duration"])})
+            "planFailure": after.failure, "emb": embedding(judge, after, request["plan"]["duration"])})
         before, reference_before = after, request["plan"]
     if answer is not None and ep.task == "transcribe":
         record["answer"]["tcp"] = tcp_wer(reference_segments(ep.scene), parse_transcript(answer.text))
@@ -782,11 +771,12 @@ pre { white-space: pre-wrap; word-break: break-all; font-size: 0.78em; }
 """
 
 def report_cell(title, turn, media_dir, stem):
-    """One system's turn: its plan (or text), a player and the picture (written into media_dir) -> HTML."""
+    """One system's turn: its calls and the studio's plan (or its answer), a player and the picture
+    (written into media_dir) -> HTML."""
     import soundfile as sf
     if turn is None:
         return f'<div class="system"><h4>{escape(title)}</h4><p>(no answer: this system does not understand audio)</p></div>'
-    text = plan_to_text(turn.plan) if turn.plan else turn.text
+    text = turn.text + ("\n\nstudio:\n" + plan_to_text(turn.plan) if turn.plan else "")
     parts = [f'<div class="system"><h4>{escape(title)}</h4><pre>{escape(text)}</pre>']
     if turn.error:
         parts.append(f'<p class="error">{escape(turn.error)}: no audio</p>')
@@ -965,7 +955,7 @@ def bench_decoding(model, tok, codec, ep, seq, device, repeats):
     torch.manual_seed(0)
     twin = AudioChatModel(model.config).to(device).eval()
     prompt = seq["tokens"][:int((seq["tokens"] == tok.special("<|assistant|>")).nonzero()[0]) + 1].tolist()
-    n = len(recompute_decode(twin, prompt, DECODE_TOKENS, {tok.special("<|audio|>"), tok.special("<|end|>")}))   # Chat's tokens
+    n = len(recompute_decode(twin, prompt, DECODE_TOKENS, {tok.special(s) for s in ("<|tool|>", "<|audio|>", "<|end|>")}))   # Chat's tokens
     chat = lambda: Chat(twin, tok, codec, cfg_scale=1.0, max_new_tokens=DECODE_TOKENS).generate(ep.story["text"])  # noqa: E731
     out = {"prompt_tokens": len(prompt), "new_tokens": n, "kv_cache_tokens_per_s": n / median_time(chat, device, repeats),
            "recompute_tokens_per_s": n / median_time(lambda: recompute_decode(twin, prompt, n, ()), device, repeats)}

@@ -6,14 +6,16 @@ Chat with a trained AudioChat-mini: tell a story, edit it, understand audio — 
     python sample.py --ckpt out/ckpt.pt --understand story.wav --request "Who says what, and when?"
     python sample.py --ckpt out/ckpt.pt                  # interactive: type a request, /edit, /understand FILE, /quit
 
-Each audio turn writes `turn_K.wav`, `turn_K.json` (the plan) and `turn_K.png` (both channels'
-spectrograms with the plan's sources as a timeline) into --out_dir.
+Each audio turn prints the model's tool calls and writes `turn_K.wav`, `turn_K.json` (the
+studio's plan) and `turn_K.png` (both channels' spectrograms with the plan's sources as a
+timeline) into --out_dir.
 
 How a turn runs (the same sequence layout as training, tokenizer.encode_dialogue):
   1. the user's words are appended to the KV cache;
-  2. the plan (chain of thought) is decoded greedily, token by token, through the understanding
-     layers only (SCT's cheap text path);
-  3. if the model opens an audio span, its length comes from the plan's duration, and the audio is
+  2. the tool calls (chain of thought) are decoded greedily, token by token, through the
+     understanding layers only (SCT's cheap text path), until the model hands them to the tool;
+  3. the studio (simulate_data.run_calls) lays them out; its plan is fed back as the tool's
+     message, an audio span of the plan's duration is opened, and the audio is
      sampled with DPM-Solver++ (or DDIM) and classifier-free guidance: the cache holds two rows,
      the dialogue and the same dialogue with its words replaced by <|null|>, so both branches run
      in one batch, and the prefix's keys/values are computed once, not once per step;
@@ -32,7 +34,7 @@ import numpy as np
 import torch
 
 from tokenizer import SR, HOP, PATCH, AudioCodec
-from simulate_data import MAX_DURATION, PlanError, plan_from_text, plot_story
+from simulate_data import MAX_DURATION, PlanError, parse_calls, plan_to_text, plot_story, run_calls
 from diffusion import SAMPLERS, check_sampling, sample_audio
 from train import load_checkpoint, opt, parse_config, pick_device
 
@@ -106,13 +108,15 @@ def load_audio(audio):
 
 @dataclass
 class Turn:
-    """What one assistant turn produced: its text (plan or answer), the parsed plan (or None), the
-    stereo audio (2, N) at SR (or None), an error message when the plan failed validation, and
-    the wall-clock seconds the turn took."""
+    """What one assistant turn produced: its text (tool calls or answer), the studio's plan (or
+    None), the stereo audio (2, N) at SR (or None), an error message and its PlanError kind
+    (simulate_data.PLAN_ERROR_KINDS) when the studio refused the calls, and the wall-clock
+    seconds the turn took."""
     text: str
     plan: dict = None
     wav: np.ndarray = None
     error: str = None
+    failure: str = None
     seconds: float = 0.0
 
 class Chat:
@@ -133,9 +137,10 @@ class Chat:
         self.device = next(model.parameters()).device
         self.generator = torch.Generator(self.device).manual_seed(seed)
         self.guided, self.full = cfg_scale != 1.0, False
+        self.seed, self.plan = seed, None   # the studio's layout seed and the current story's plan
         # row 0: the dialogue; row 1 (with guidance): the same dialogue with every word -> <|null|>
         self.cache = model.new_cache(2 if self.guided else 1)
-        self.ids = {name: tok.special(name) for name in ("<|user|>", "<|assistant|>", "<|end|>", "<|audio|>",
+        self.ids = {name: tok.special(name) for name in ("<|user|>", "<|assistant|>", "<|tool|>", "<|end|>", "<|audio|>",
                                                            "<|/audio|>", "<|null|>", "<|pad|>")}
 
     @classmethod
@@ -186,11 +191,11 @@ class Chat:
 
     @torch.no_grad()
     def _decode(self, logits):
-        """Greedy decoding (the paper) until <|audio|> or <|end|>. -> (text, stop id)."""
+        """Greedy decoding (the paper) until <|tool|>, <|audio|> or <|end|>. -> (text, stop id)."""
         out = []
         for _ in range(self.max_new_tokens):
             next_id = int(logits.argmax())
-            special = next_id in (self.ids["<|audio|>"], self.ids["<|end|>"])
+            special = next_id in (self.ids["<|tool|>"], self.ids["<|audio|>"], self.ids["<|end|>"])
             logits = self._feed([next_id], [not special])
             if special:
                 return self.tok.decode(out), next_id
@@ -202,8 +207,8 @@ class Chat:
 
     @torch.no_grad()
     def _audio_turn(self, instruction):
-        """A story or an edit turn (the same template: the dialogue so far says which). -> Turn;
-        ValueError for an empty instruction or a full dialogue."""
+        """A story or an edit turn (the same template: the calls say which). -> Turn; ValueError
+        for an empty instruction or a full dialogue."""
         start = time.time()
         words = self._user_words(instruction, then=3)   # <|user|>, <|end|>, <|assistant|>
         self._feed([self.ids["<|user|>"]], [False])
@@ -211,28 +216,32 @@ class Chat:
         logits = self._feed([self.ids["<|end|>"], self.ids["<|assistant|>"]], [False, False])
         text, stop = self._decode(logits)
         try:
-            plan = plan_from_text(text)
-        except PlanError as e:
-            if stop == self.ids["<|audio|>"]:  # close the span the model opened, with no audio in it
-                self._feed([self.ids["<|/audio|>"], self.ids["<|end|>"]], [False, False])
-            return Turn(text=text, error=f"the model wrote an invalid plan: {e}", seconds=time.time() - start)
-        if stop != self.ids["<|audio|>"]:
-            return Turn(text=text, plan=plan, error="the model wrote a plan but opened no audio span",
-                        seconds=time.time() - start)
+            if stop != self.ids["<|tool|>"]:
+                raise PlanError("the model wrote no tool calls for the studio", "syntax")
+            plan = run_calls(parse_calls(text), self.plan, self.seed)
+        except PlanError as e:   # close the turn with no audio; the story stays as it was
+            close = {self.ids["<|tool|>"]: ["<|end|>"], self.ids["<|audio|>"]: ["<|/audio|>", "<|end|>"]}.get(stop)
+            if close:
+                self._feed([self.ids[c] for c in close], [False] * len(close))
+            return Turn(text=text, error=f"the studio refused the calls: {e}", failure=e.kind, seconds=time.time() - start)
+        tool = self.tok.encode_ordinary(plan_to_text(plan))
         n_tokens = round(plan["duration"] * SR / HOP) // PATCH
-        self._check_room(n_tokens + 2)   # the span, <|/audio|> and <|end|>
+        self._check_room(len(tool) + n_tokens + 3)   # the plan, <|audio|>, the span, <|/audio|>, <|end|>
+        self._feed(tool + [self.ids["<|audio|>"]], [True] * len(tool) + [False])
         z = sample_audio(self.model, self.cache, n_tokens, steps=self.steps, sampler=self.sampler,
                          cfg_scale=self.cfg_scale, generator=self.generator)[0]
         self._feed([self.ids["<|/audio|>"], self.ids["<|end|>"]], [False, False])
+        self.plan = plan
         wav = self.codec.decode(AudioCodec.unpatchify(z.float().cpu())).numpy()
         return Turn(text=text, plan=plan, wav=wav, seconds=time.time() - start)
 
     def generate(self, instruction):
-        """A story from an instruction: plan, then audio. -> Turn."""
+        """A story from an instruction: tool calls, the studio's plan, then audio. -> Turn."""
         return self._audio_turn(instruction)
 
     def edit(self, instruction):
-        """Change the last story as asked: updated plan, then audio that hears the previous audio. -> Turn."""
+        """Change the last story as asked: calls that change it, the updated plan, then audio that
+        hears the previous audio. -> Turn."""
         return self._audio_turn(instruction)
 
     @torch.no_grad()
@@ -277,7 +286,7 @@ def report(turn, out_dir, name):
     if turn.error:
         print(f"[{name}] {turn.error}\n  model wrote: {turn.text[:300]}")
     else:
-        print(f"[{name}] {turn.text}")
+        print(f"[{name}] {turn.text}" + (f"\n  studio: " + plan_to_text(turn.plan).replace("\n", "\n          ") if turn.plan else ""))
     for path in save_turn(turn, out_dir, name):
         print(f"  wrote {path}")
 

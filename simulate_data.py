@@ -22,6 +22,7 @@ import json
 import math
 import multiprocessing as mp
 import os
+import re
 import reprlib
 import sys
 import time
@@ -90,35 +91,31 @@ def ceil_tenth(x):
 
 
 # -----------------------------------------------------------------------------
-# Part 1: the plan -- the assistant's chain of thought
+# Part 1: the plan -- what the studio lays out, and the tool's answer the model reads
 #
-# A plan is {"duration": d, "sources": [...]}; every source has a persistent id. Its text is one
-# line of JSON with a fixed key order and number format, so one plan is always one text. What the
-# tools compute is not written: a line lasts as long as its voice takes to say it and an sfx as
-# long as its sound, so their `dur` is left out of the text and derived when it is read back.
+# A plan is {"duration": d, "sources": [...]}; every source has a persistent id, and start, dur,
+# gain_db and pan in absolute terms. The model never writes one: it writes tool calls (Part 3) in
+# the request's own terms, and the studio turns them into a plan. So the arithmetic on lengths the
+# model cannot hear in advance (a line lasts as long as its voice takes to say it, an sfx as long
+# as its sound) is the tools' job, as a real cascade's TTS and text-to-audio tools would do it.
 
-PLAN_ERROR_KINDS = ("not_json", "malformed", "self_overlap", "past_end", "other")
-SOURCE_KEYS = {"speech": ("id", "type", "voice", "text", "start", "dur", "gain_db", "pan"),   # in the plan text's order
+PLAN_ERROR_KINDS = ("syntax", "unknown_id", "malformed", "self_overlap", "past_end", "other")
+SOURCE_KEYS = {"speech": ("id", "type", "voice", "text", "start", "dur", "gain_db", "pan"),
                **{t: ("id", "type", "sound", "start", "dur", "gain_db", "pan") for t in ("sfx", "ambience", "music")}}
-DERIVED_DUR = ("speech", "sfx")   # the types whose dur the tools compute (derived_dur)
 
 class PlanError(ValueError):
-    """An invalid plan or tool call: the message names the source and the problem, `kind` (one
-    of PLAN_ERROR_KINDS) says which way it fails. not_json: the text is not one JSON object;
-    malformed: a wrong JSON type (ids and gain_db are integers), a missing or unknown field, an
-    unknown voice, word or sound, a non-finite number, a duplicate id; self_overlap: a voice talks
-    over itself; past_end: a source starts before 0 s or ends after the story; other: the rest."""
+    """A tool call the studio refuses, or an inconsistent plan: the message names the source and
+    the problem, `kind` (one of PLAN_ERROR_KINDS) says which way it fails. syntax: a line that is
+    not a tool call; unknown_id: a call names a source that does not exist; malformed: an unknown
+    tool, voice, word or sound, or a missing argument; self_overlap: a voice talks over itself;
+    past_end: a source starts before 0 s or ends after the story; other: the rest."""
 
     def __init__(self, message, kind="other"):
         assert kind in PLAN_ERROR_KINDS, kind
         super().__init__(message)
         self.kind = kind
 
-_show = reprlib.repr   # a value in an error message, cut short (a plan may hold any JSON)
-
-def written_keys(kind):
-    """The keys of a `kind` source that the plan text holds, in order."""
-    return tuple(k for k in SOURCE_KEYS[kind] if not (k == "dur" and kind in DERIVED_DUR))
+_show = reprlib.repr   # a value in an error message, cut short (a call may hold any text)
 
 def phoneme_timeline(voice, text):
     """The phonemes of a line with their times -> ([(phoneme, start_s, dur_s, word_index)], end_s).
@@ -149,79 +146,28 @@ def speech_duration(voice, text):
     return ceil_tenth(phoneme_timeline(voice, text)[1] + SPEECH_TAIL)
 
 def derived_dur(src):
-    """The dur in s a speech or sfx source must have (None for beds, whose dur is chosen)."""
+    """The dur in s a speech or sfx source has (None for beds, which last as long as the story).
+    PlanError for an unknown voice, word or sound."""
     if src["type"] == "speech":
         return speech_duration(src["voice"], src["text"])
-    if src["type"] == "sfx":
-        return SFX[src["sound"]][0]
-    return None
-
-def _is_number(x):   # a finite int or float, not a bool
-    try:
-        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-    except OverflowError:   # an int too large for a float
-        return False
-
-def _on_grid(x):
-    y = float(x) * 10
-    return math.isfinite(y) and abs(y - round(y)) < 1e-6
+    if src.get("sound") not in SOUNDS[src["type"]]:
+        raise PlanError(f"unknown {src['type']} sound {_show(src.get('sound'))}; the {src['type']} sounds are "
+                        f"{', '.join(SOUNDS[src['type']])}", "malformed")
+    return SFX[src["sound"]][0] if src["type"] == "sfx" else None
 
 def validate_plan(plan):
-    """Raise PlanError naming the source, the problem and its kind if `plan` (any value) is not
-    a consistent plan; else return None."""
-    if not isinstance(plan, dict) or set(plan) != {"duration", "sources"}:
-        raise PlanError('a plan is a JSON object with exactly the keys "duration" and "sources"', "malformed")
+    """Raise PlanError naming the source, the problem and its kind if the plan (as the studio
+    builds it: the right keys and types) is inconsistent; else return None."""
     d = plan["duration"]
-    if not _is_number(d) or not _on_grid(d):
-        raise PlanError(f"duration must be a number of seconds on the 0.1 s grid, got {_show(d)}",
-                        "other" if _is_number(d) else "malformed")
     if not MIN_DURATION <= d <= MAX_DURATION:
-        raise PlanError(f"duration {d} s is outside the allowed {MIN_DURATION}-{MAX_DURATION} s")
-    if not isinstance(plan["sources"], list):
-        raise PlanError('"sources" must be a list', "malformed")
-    seen = set()
-    for i, s in enumerate(plan["sources"]):
-        if not isinstance(s, dict):
-            raise PlanError(f"source #{i + 1} is not a JSON object", "malformed")
-        sid = s.get("id")
-        if not isinstance(sid, int) or isinstance(sid, bool) or sid < 1:
-            raise PlanError(f"source #{i + 1}: id must be a positive integer, got {_show(sid)}", "malformed")
-        name = f"source {sid}"
-        if sid in seen:
-            raise PlanError(f"{name}: duplicate id (ids must be unique)", "malformed")
-        seen.add(sid)
-        if s.get("type") not in TYPES:
-            raise PlanError(f"{name}: unknown type {_show(s.get('type'))}; the types are {', '.join(TYPES)}",
-                            "malformed")
-        kind, keys = s["type"], SOURCE_KEYS[s["type"]]
-        if set(s) != set(keys):
-            raise PlanError(f"{name}: a {kind} source has exactly the keys {', '.join(keys)}; "
-                            f"got {', '.join(map(_show, s))}", "malformed")
-        if kind == "speech":
-            try:
-                phoneme_timeline(s["voice"], s["text"])
-            except PlanError as e:
-                raise PlanError(f"{name}: {e}", e.kind) from None
-        elif not isinstance(s["sound"], str) or s["sound"] not in SOUNDS[kind]:
-            raise PlanError(f"{name}: unknown {kind} sound {_show(s['sound'])}; "
-                            f"the {kind} sounds are {', '.join(SOUNDS[kind])}", "malformed")
-        for key in ("start", "dur", "pan"):
-            if not _is_number(s[key]) or not _on_grid(s[key]):
-                raise PlanError(f"{name}: {key} must be a number on the 0.1 grid, got {_show(s[key])}",
-                                "other" if _is_number(s[key]) else "malformed")
-        if not _is_number(s["gain_db"]) or s["gain_db"] != int(s["gain_db"]):
-            raise PlanError(f"{name}: gain_db must be an integer, got {_show(s['gain_db'])}", "malformed")
-        want = derived_dur(s)
+        raise PlanError(f"the story would last {d:.1f} s, outside the allowed {MIN_DURATION}-{MAX_DURATION} s", "past_end")
+    for s in plan["sources"]:
+        name, want = f"source {s['id']}", derived_dur(s)
         if want is not None and abs(s["dur"] - want) > 1e-6:
-            what = f"{s['voice']} saying {s['text']!r}" if kind == "speech" else s["sound"]
-            raise PlanError(f"{name}: dur {s['dur']} s is wrong, {what} lasts {want} s")
-        if s["dur"] <= 0:
-            raise PlanError(f"{name}: dur must be positive, got {s['dur']}")
-        if s["start"] < 0:
-            raise PlanError(f"{name}: start {s['start']} s is before the story begins (0 s)", "past_end")
-        if s["start"] + s["dur"] > d + 1e-6:
-            raise PlanError(f"{name}: it ends at {s['start'] + s['dur']:.1f} s, after the story's end ({d} s)",
-                            "past_end")
+            raise PlanError(f"{name}: dur {s['dur']} s is wrong, it lasts {want} s")
+        if s["start"] < -1e-6 or s["start"] + s["dur"] > d + 1e-6:
+            raise PlanError(f"{name}: it plays {s['start']:.1f}-{s['start'] + s['dur']:.1f} s, outside the story "
+                            f"(0-{d:.1f} s)", "past_end")
         if not GAIN_RANGE[0] <= s["gain_db"] <= GAIN_RANGE[1]:
             raise PlanError(f"{name}: gain_db {s['gain_db']} is outside {GAIN_RANGE[0]}..{GAIN_RANGE[1]} dB")
         if not -1 <= s["pan"] <= 1:
@@ -234,43 +180,16 @@ def validate_plan(plan):
                             "self_overlap")
 
 def plan_to_text(plan):
-    """Plan -> one line of compact JSON (no spaces: every character is a token the model must
-    write): fixed key order, start/dur/pan with 1 decimal, gain_db integer, no derived dur."""
-    def value(key, v):
-        if key in ("start", "dur", "pan", "duration"):
-            return f"{round(v, 1) + 0.0:.1f}"       # + 0.0 turns -0.0 into 0.0
-        if key == "gain_db":
-            return str(int(round(v)))
-        return json.dumps(v)
-    srcs = ",".join("{" + ",".join(f'"{k}":{value(k, s[k])}' for k in written_keys(s["type"])) + "}"
-                    for s in plan["sources"])
-    return f'{{"duration":{value("duration", plan["duration"])},"sources":[{srcs}]}}'
-
-def plan_from_text(text):
-    """Text -> validated plan with the derived durs filled in. Raises only PlanError, whatever the text."""
-    try:
-        plan = json.loads(text)
-    except (ValueError, TypeError, RecursionError) as e:
-        raise PlanError(f"the plan is not valid JSON: {e}", "not_json") from None
-    if not isinstance(plan, dict):
-        raise PlanError(f"the plan is not valid JSON: a plan is one JSON object, not {type(plan).__name__}", "not_json")
-    sources = plan.get("sources")
-    for s in sources if isinstance(sources, list) else []:   # a malformed plan: validate_plan says how
-        if isinstance(s, dict) and s.get("type") in DERIVED_DUR:
-            if "dur" in s:
-                raise PlanError(f"source {_show(s.get('id'))}: the dur of a {s['type']} source is derived; "
-                                "leave it out", "malformed")
-            try:
-                s["dur"] = derived_dur(s)
-            except (PlanError, KeyError, TypeError):
-                s["dur"] = None   # unknown voice, word or sound: validate_plan names the problem
-    validate_plan(plan)
+    """Plan -> the studio's answer, as the model reads it (a tool message): the story's duration,
+    then one line per source with its id, what it is, and where and how loud the studio put it.
+        story 5.2 s
+        1 ben "hello my friend" 0.3-1.5 s -2 dB pan -0.7
+        2 dog_bark 1.6-2.4 s -5 dB pan 0.7"""
+    rows = [f"story {plan['duration']:.1f} s"]
     for s in plan["sources"]:
-        s["gain_db"] = int(s["gain_db"])
-        for key in ("start", "dur", "pan"):
-            s[key] = round(float(s[key]), 1) + 0.0
-    plan["duration"] = round(float(plan["duration"]), 1)
-    return plan
+        what = f'{s["voice"]} "{s["text"]}"' if s["type"] == "speech" else s["sound"]
+        rows.append(f"{s['id']} {what} {s['start']:.1f}-{s['start'] + s['dur']:.1f} s {s['gain_db']} dB pan {s['pan'] + 0.0:.1f}")
+    return "\n".join(rows)
 
 
 # -----------------------------------------------------------------------------
@@ -342,110 +261,152 @@ def render(plan, seed, stems=False):
 
 
 # -----------------------------------------------------------------------------
-# Part 3: the tools
+# Part 3: the tools -- the assistant's chain of thought is the sound designer's tool calls
 #
-# The designer never edits a plan directly: it calls tools on a Studio, and the trace of calls
-# (with their results) is what produced the plan. Each call is validated at once, so a bad call
-# fails with a clear PlanError and leaves the plan as it was.
+# A story or edit turn is a few calls, one per line, with arguments in the request's own terms:
+#     speak(ben, "hello my friend", left)      a line; no placement in a new story: after the last one
+#     sfx(dog_bark, while 1)                   during source 1 (also: start, end, halfway, after N)
+#     ambience(rain)                           a bed under the whole story (music(piano) too)
+#     set_gain(2, much quieter)   set_pan(1, right)   remove(3)   replace(1, ava)   replace(2, "come home")
+# The studio (run_calls) executes them: it derives every length, chooses the times, loudness and
+# stereo positions the request leaves open, from generators seeded by (dialogue seed, source id),
+# and answers with the laid-out plan (plan_to_text). The same calls on the same plan always give
+# the same plan, and an edit touches only the sources its calls name.
 
-class Studio:
-    """The sound designer's toolbox: the current plan, the render seed and the last id used (ids
-    are never reused, even after a remove). The tools, as call(name, args):
-      new_story(duration)                          start an empty story
-      speak(voice, text, start, gain_db, pan)      -> new id (dur derived)
-      sfx(sound, start, gain_db, pan)              -> new id (dur derived)
-      ambience / music(sound, start, dur, gain_db, pan)  -> new id
-      remove(id); set_gain(id, gain_db); set_pan(id, pan)
-      replace(id, sound= | voice= | text=, start=)  same id, new content (dur re-derived)
-      render()                                     -> the (2, N) mix of the current plan"""
+TOOLS = {   # tool -> (required arguments, optional ones); an argument's kind is read from its value
+    "new_story": ((), ()), "speak": (("voice", "text"), ("at", "side")), "sfx": (("sound",), ("at", "side")),
+    "ambience": (("sound",), ()), "music": (("sound",), ()), "remove": (("id",), ()),
+    "set_gain": (("id", "step"), ()), "set_pan": (("id", "side"), ()), "replace": (("id",), ("voice", "text", "sound")),
+}
+ARG_ORDER = ("id", "voice", "text", "sound", "at", "side", "step")
+STEPS = {"a bit louder": 3, "louder": 6, "much louder": 10, "a bit quieter": -3, "quieter": -6, "much quieter": -10}
+SIDES = ("left", "right", "center")
+PAN_RANGES = {"left": (-0.9, -0.5), "right": (0.5, 0.9), None: (-0.3, 0.3)}   # "center" is 0.0
+GAIN_RANGES = {"speech": (-3, 0), "sfx": (-8, -2), "ambience": (-24, -14), "music": (-22, -14)}   # dB
+PLACEMENT = re.compile(r"start|end|halfway|(after|while) (\d+)")
 
-    def __init__(self, seed, plan=None):
-        self.seed = seed
-        self.plan = copy.deepcopy(plan)
-        self.last_id = max((s["id"] for s in plan["sources"]), default=0) if plan else 0
+def call_to_text(call):
+    """{"name", "args"} -> one line, e.g. 'speak(ben, "hello my friend", after 1, left)'."""
+    args = call["args"]
+    return f"{call['name']}({', '.join(json.dumps(args[k]) if k == 'text' else str(args[k]) for k in ARG_ORDER if k in args)})"
 
-    def copy(self):
-        return copy.deepcopy(self)
+def parse_calls(text):
+    """The model's text, one call per line -> [{"name", "args"}]. PlanError for anything else."""
+    calls = []
+    for line in text.strip().split("\n"):
+        m = re.fullmatch(r"(\w+)\((.*)\)", line.strip())
+        if not m:
+            raise PlanError(f"not a tool call: {_show(line)}", "syntax")
+        name, args = m[1], {}
+        if name not in TOOLS:
+            raise PlanError(f"unknown tool {_show(name)}; the tools are {', '.join(TOOLS)}", "malformed")
+        for a in re.findall(r'"[^"]*"|[^,\s][^,]*', m[2]):
+            a = a.strip()
+            kind = ("text" if a[0] == '"' else "id" if a.isdigit() else "voice" if a in VOICES else
+                    "sound" if any(a in SOUNDS[t] for t in SOUNDS) else "side" if a in SIDES else
+                    "step" if a in STEPS else "at" if PLACEMENT.fullmatch(a) else None)
+            if kind is None or kind in args:
+                raise PlanError(f"{name}: cannot read the argument {_show(a)}", "syntax" if kind is None else "malformed")
+            args[kind] = int(a) if kind == "id" else a[1:-1] if kind == "text" else a
+        required, optional = TOOLS[name]
+        if set(required) - set(args) or set(args) - set(required) - set(optional) or (name == "replace" and len(args) != 2):
+            raise PlanError(f"{name}: takes {', '.join(required + optional)}, got {_show(line.strip())}", "malformed")
+        calls.append({"name": name, "args": args})
+    return calls
 
-    def call(self, name, args):
-        """Run one tool call -> the new id (creating tools), the mix (render) or None."""
-        if name not in self.TOOLS:
-            raise PlanError(f"unknown tool {name!r}; the tools are {', '.join(self.TOOLS)}")
-        if name == "render":
-            return render(self.plan, self.seed)
-        if name != "new_story" and self.plan is None:
-            raise PlanError(f"{name}: there is no story yet (call new_story first)")
-        plan = copy.deepcopy(self.plan)
-        try:   # an agent's call with missing or mistyped arguments is a rejected call, like an invalid plan
-            if name == "new_story":
-                plan, result = {"duration": round(args["duration"], 1), "sources": []}, None
-            else:
-                result = self.TOOLS[name](self, plan, args)
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            if isinstance(e, PlanError):
-                raise
-            raise PlanError(f"{name}: bad arguments {args!r} ({type(e).__name__}: {e})", "malformed") from None
-        validate_plan(plan)
+def find(plan, sid, tool):
+    for s in plan["sources"]:
+        if s["id"] == sid:
+            return s
+    raise PlanError(f"{tool}: no source {sid} (the story has {', '.join(str(s['id']) for s in plan['sources']) or 'none'})",
+                    "unknown_id")
+
+def place(plan, src, at, rng, new_story):
+    """The start of a new foreground source, in s, from its placement in the request's terms."""
+    d, D = src["dur"], plan["duration"]
+    fg = [s for s in plan["sources"] if s["type"] in ("speech", "sfx")]
+    if at in ("end", "halfway") and new_story:
+        raise PlanError(f"{at}: a new story is told in order (after, while); 'end' and 'halfway' are for edits")
+    if at is None and new_story:   # a story is told in order: after the last source not placed 'while' another
+        at = f"after {plan['last']}" if plan["last"] else "start"
+    m = PLACEMENT.fullmatch(at or "")
+    if at == "start":
+        start = rng.uniform(0.1, 0.5)
+    elif at == "end":
+        start = D - d - rng.uniform(0.0, 0.3)
+    elif at == "halfway":
+        start = D / 2 - d / 2 + rng.uniform(-0.3, 0.3)
+    elif m and m[1] == "while":
+        ref = find(plan, int(m[2]), "while")
+        start = ref["start"] + rng.uniform(0, max(0.0, ref["dur"] - 0.2))
+    elif m:   # after N: lines by two voices may overlap a little, a voice never overlaps itself
+        ref = find(plan, int(m[2]), "after")
+        two_lines = src["type"] == ref["type"] == "speech"
+        start = ref["start"] + ref["dur"] + (rng.uniform(-0.3 if two_lines else 0.0, 0.4) if new_story else rng.uniform(0.0, 0.3))
+        for s in fg:
+            if src["type"] == "speech" and s.get("voice") == src["voice"] and s["start"] <= start:
+                start = max(start, s["start"] + s["dur"] + 0.1)
+    else:     # anywhere: for a line, a time when its voice is silent
+        free = [t / 10 for t in range(int((D - d) * 10 + 1e-6) + 1) if all(
+            s.get("voice") != src.get("voice") or t / 10 >= s["start"] + s["dur"] or t / 10 + d <= s["start"] for s in fg)]
+        start = free[int(rng.integers(len(free)))] if free else 0.0
+    return min(max(0.0, ceil_tenth(start)), round(D - d, 1))
+
+def run_calls(calls, plan, seed):
+    """The studio: one turn's calls [{"name", "args"}] on the current plan (None before the first
+    story) -> the new plan, a pure function of (calls, plan, seed). A story turn starts with
+    new_story(); its duration is set after its sources, and its beds then cover it. New ids
+    continue after the largest; a source's times, gain and pan come from default_rng([seed, id]).
+    PlanError (the plan untouched) if a call is impossible."""
+    if not calls:
+        raise PlanError("no tool calls", "syntax")
+    new_story = calls[0]["name"] == "new_story"
+    if not new_story and plan is None:
+        raise PlanError(f"{calls[0]['name']}: there is no story yet (start with new_story())")
+    plan = {"duration": MAX_DURATION, "sources": [], "last": 0} if new_story else {**copy.deepcopy(plan), "last": 0}
+    for c in calls[1:] if new_story else calls:
+        name, a = c["name"], c["args"]
         if name == "new_story":
-            self.plan = plan
-            return None
-        self.plan, self.last_id = plan, result or self.last_id
-        return result
-
-    def add(self, plan, args, tool, kind):
-        src = {"id": self.last_id + 1, "type": kind, **{k: args[k] for k in ("voice", "text", "sound") if k in args},
-               "start": round(args["start"], 1), "dur": 0.0,
-               "gain_db": int(args.get("gain_db", 0)), "pan": round(args.get("pan", 0.0), 1) + 0.0}
-        try:
-            src["dur"] = derived_dur(src) if kind in DERIVED_DUR else round(args["dur"], 1)
-        except (PlanError, KeyError) as e:
-            raise PlanError(f"{tool}: {e}", getattr(e, "kind", "malformed")) from None
-        plan["sources"].append({k: src[k] for k in SOURCE_KEYS[kind]})
-        return src["id"]
-
-    def find(self, plan, tool, sid):
+            raise PlanError("new_story() starts a turn, it cannot come in the middle of one")
+        if name in ("speak", "sfx", "ambience", "music"):
+            sid = max((s["id"] for s in plan["sources"]), default=0) + 1
+            rng = np.random.default_rng([seed, sid])
+            kind = "speech" if name == "speak" else name
+            src = {"id": sid, "type": kind, **{k: a[k] for k in ("voice", "text", "sound") if k in a}}
+            src["dur"] = derived_dur(src) or plan["duration"]
+            src["start"] = 0.0 if src["type"] in ("ambience", "music") else place(plan, src, a.get("at"), rng, new_story)
+            src["gain_db"] = int(rng.integers(GAIN_RANGES[kind][0], GAIN_RANGES[kind][1] + 1))
+            src["pan"] = pan_for(a.get("side"), rng) if kind in ("speech", "sfx") else 0.0
+            plan["sources"].append({k: src[k] for k in SOURCE_KEYS[kind]})
+            if kind in ("speech", "sfx") and not str(a.get("at", "")).startswith("while"):
+                plan["last"] = sid
+            continue
+        s = find(plan, a["id"], name)
+        if name == "remove":
+            plan["sources"].remove(s)
+        elif name == "set_gain":
+            s["gain_db"] += STEPS[a["step"]]
+        elif name == "set_pan":
+            s["pan"] = pan_for(a["side"], np.random.default_rng([seed, s["id"], 1]))
+        else:   # replace: same id, new content; a longer one that would run past the end starts earlier
+            key = next(k for k in ("voice", "text", "sound") if k in a)
+            if key not in s:
+                raise PlanError(f"replace: source {s['id']} is {s['type']}, it has no {key}", "malformed")
+            s[key] = a[key]
+            s["dur"] = derived_dur(s) or s["dur"]
+            s["start"] = max(0.0, min(s["start"], round(plan["duration"] - s["dur"], 1)))
+    del plan["last"]
+    if new_story:   # the story ends a little after its last sound; its beds cover all of it
+        end = max((s["start"] + s["dur"] for s in plan["sources"] if s["type"] in ("speech", "sfx")), default=0.0)
+        plan["duration"] = max(STORY_DURATION[0], ceil_tenth(end + np.random.default_rng([seed, 0]).uniform(0.2, 0.6)))
         for s in plan["sources"]:
-            if s["id"] == sid:
-                return s
-        ids = ", ".join(str(s["id"]) for s in plan["sources"])
-        raise PlanError(f"{tool}: no source with id {sid!r} (the plan has ids {ids})")
+            if s["type"] in ("ambience", "music"):
+                s["dur"] = plan["duration"]
+    validate_plan(plan)
+    return plan
 
-    def replace(self, plan, args):
-        src = self.find(plan, "replace", args.get("id"))
-        for k in ("voice", "text", "sound"):
-            if k in args:
-                if k not in src:
-                    raise PlanError(f"replace: source {src['id']} is {src['type']}, it has no {k}", "malformed")
-                src[k] = args[k]
-        if "start" in args:
-            src["start"] = round(args["start"], 1)
-        try:
-            src["dur"] = derived_dur(src) or src["dur"]
-        except (PlanError, KeyError) as e:
-            raise PlanError(f"replace: source {src['id']}: {e}", getattr(e, "kind", "malformed")) from None
-
-    TOOLS = {   # name -> what it does to a copy of the plan (new_story and render are handled in call)
-        "new_story": None, "render": None,
-        "speak": lambda self, plan, a: self.add(plan, a, "speak", "speech"),
-        "sfx": lambda self, plan, a: self.add(plan, a, "sfx", "sfx"),
-        "ambience": lambda self, plan, a: self.add(plan, a, "ambience", "ambience"),
-        "music": lambda self, plan, a: self.add(plan, a, "music", "music"),
-        "remove": lambda self, plan, a: plan["sources"].remove(self.find(plan, "remove", a.get("id"))),
-        "set_gain": lambda self, plan, a: self.find(plan, "set_gain", a.get("id")).update(gain_db=int(a["gain_db"])),
-        "set_pan": lambda self, plan, a: self.find(plan, "set_pan", a.get("id")).update(pan=round(a["pan"], 1) + 0.0),
-        "replace": replace,
-    }
-
-    def run(self, calls):
-        """Run a list of tool calls {"name", "args"} -> (the calls with their "result" where there is
-        one, the audio of the last render call or None)."""
-        done, audio = [], None
-        for c in calls:
-            r = self.call(c["name"], c["args"])
-            audio = r if c["name"] == "render" else audio
-            result = {"result": r} if c["name"] != "render" and r is not None else {}
-            done.append({"name": c["name"], "args": dict(c["args"]), **result})
-        return done, audio
+def pan_for(side, rng):
+    return 0.0 if side == "center" else round(float(rng.uniform(*PAN_RANGES[side])), 1) + 0.0
 
 
 # -----------------------------------------------------------------------------
@@ -510,13 +471,11 @@ EDIT_WORDS = {   # one edit in words: {ref} names the target, {new} a new sound,
     "down": ["make {ref} {how}quieter", "turn {ref} down{how_}", "{ref} should be {how}softer"],
     "move": ["move {ref} {to}", "pan {ref} {to}", "put {ref} {on}"],
 }
-WHEN_WORDS = {"start": " at the start", "end": " at the end", "middle": " halfway through", None: ""}
+WHEN_WORDS = {"start": " at the start", "end": " at the end", "halfway": " halfway through", None: ""}
 HOW_WORDS = {3: "a bit ", 6: "", 10: "much "}   # volume steps in dB
 SIDE_WORDS = {"left": ("to the left", "on the left"), "right": ("to the right", "on the right"),
               "center": ("to the center", "in the center")}
 MULTI_WORDS = ["{a} and {b}", "{a}, then {b}", "{a}. Also {b}", "{a}, and also {b}"]
-PAN_RANGES = {"left": (-0.9, -0.5), "right": (0.5, 0.9), None: (-0.3, 0.3)}   # "center" is 0.0
-GAIN_RANGES = {"speech": (-3, 0), "sfx": (-8, -2), "ambience": (-24, -14), "music": (-22, -14)}   # dB
 
 def random_line(rng, max_words=6):
     """A line of speech from LINE_TEMPLATES, e.g. 'the old dog runs home'."""
@@ -620,7 +579,7 @@ class UserAgent:
             op = {"kind": "edit", "edit": "add", "source": new, "when": None, "where": None}
             if new["type"] in ("speech", "sfx"):
                 fg = [s for s in srcs if s["type"] in ("speech", "sfx")]
-                op["when"] = pick(rng, ["start", "end", "middle", "after", None] if fg else ["start", "end", "middle", None])
+                op["when"] = pick(rng, ["start", "end", "halfway", "after", None] if fg else ["start", "end", "halfway", None])
                 op["where"] = pick(rng, ["left", "right", "center", None])
                 if op["when"] == "after":
                     op["after"] = pick(rng, fg)["id"]
@@ -690,112 +649,42 @@ class UserAgent:
         return text[0].upper() + text[1:] + "."
 
 class DesignerAgent:
-    """The simulated sound designer: respond(plan, intent, rng) -> tool calls. It reads the
-    structured intent (an LLM agent would read the user's words and the plan text) and decides
-    what the user left open: times, loudness, stereo positions."""
+    """The simulated sound designer: respond(plan, intent) -> tool calls. It reads the structured
+    intent (an LLM agent would read the user's words and the plan) and says it as calls in the
+    request's own terms; what the request leaves open (times, loudness, positions) is the studio's."""
 
-    def pan_for(self, where, rng):
-        return 0.0 if where == "center" else round(float(rng.uniform(*PAN_RANGES[where])), 1)
-
-    def gain_for(self, kind, rng):
-        lo, hi = GAIN_RANGES[kind]
-        return int(rng.integers(lo, hi + 1))
-
-    def create(self, src, start, rng, where=None, dur=None):
-        """The tool call that creates src (dict with type and voice/text or sound)."""
-        args = {"start": round(start, 1) + 0.0, "gain_db": self.gain_for(src["type"], rng),
-                "pan": self.pan_for(where, rng) if src["type"] in ("speech", "sfx") else 0.0}
-        if src["type"] == "speech":
-            return {"name": "speak", "args": {"voice": src["voice"], "text": src["text"], **args}}
-        if src["type"] == "sfx":
-            return {"name": "sfx", "args": {"sound": src["sound"], **args}}
-        return {"name": src["type"], "args": {"sound": src["sound"], **args, "dur": dur}}
-
-    def respond(self, plan, intent, rng):
-        """(current plan or None, the user's intent) -> list of tool calls ending with render."""
+    def respond(self, plan, intent):
+        """(current plan or None, the user's intent) -> list of tool calls {"name", "args"}."""
         if intent["kind"] == "story":
-            return self.lay_out_story(intent, rng) + [{"name": "render", "args": {}}]
-        ops = intent["ops"] if intent["edit"] == "multi" else [intent]
-        return [c for op in ops for c in self.edit_calls(plan, op, rng)] + [{"name": "render", "args": {}}]
-
-    def lay_out_story(self, intent, rng):
-        """Foreground events in the order told, with small gaps (lines by different voices may
-        overlap a little; a voice never overlaps itself); 'while' events start inside the line
-        before; beds under the whole story (sometimes only a part)."""
-        t = float(rng.uniform(0.1, 0.5))
-        placed, voice_free, prev_end = [], {}, t
-        busy = sum(derived_dur(e) for e in intent["events"] if not e.get("during"))
-        slack = max(0.0, 5.7 - t - busy)
-        n_gaps = max(1, len(intent["events"]) - 1)
-        for e in intent["events"]:
-            d = derived_dur(e)
-            if e.get("during"):
-                line_start, line_dur = placed[-1][1], derived_dur(placed[-1][0])
-                start = line_start + float(rng.uniform(0, max(0.0, line_dur - 0.2)))
+            calls, line = [{"name": "new_story", "args": {}}], 0
+            for i, e in enumerate(intent["events"], start=1):   # ids are given in call order: 1, 2, ...
+                calls.append(self.create(e, f"while {line}" if e.get("during") else None, e["where"]))
+                line = i if e["type"] == "speech" else line
+            return calls + [self.create(b, None, None) for b in intent["beds"]]
+        calls = []
+        for op in intent["ops"] if intent["edit"] == "multi" else [intent]:
+            e = op["edit"]
+            if e == "add":
+                at = f"after {op['after']}" if op["when"] == "after" else op["when"]
+                calls.append(self.create(op["source"], at, op["where"]))
+            elif e == "remove":
+                calls.append({"name": "remove", "args": {"id": op["target"]}})
+            elif e == "volume":
+                step = {3: "a bit ", 6: "", 10: "much "}[op["amount"]] + ("louder" if op["direction"] == "up" else "quieter")
+                calls.append({"name": "set_gain", "args": {"id": op["target"], "step": step}})
+            elif e == "move":
+                calls.append({"name": "set_pan", "args": {"id": op["target"], "side": op["where"]}})
             else:
-                two_lines = placed and e["type"] == placed[-1][0]["type"] == "speech"
-                gap = float(rng.uniform(-0.3, 0.4) if two_lines else rng.uniform(0.0, 0.4))
-                start = prev_end + min(gap, slack / n_gaps)
-                if e["type"] == "speech":   # lines may overlap another voice a little, never their own
-                    start = max(start, voice_free.get(e["voice"], -1.0) + 0.1)
-                prev_end = ceil_tenth(start) + d
-            start = ceil_tenth(start)
-            if e["type"] == "speech":
-                voice_free[e["voice"]] = start + d
-            placed.append((e, start))
-        end = max(s + derived_dur(e) for e, s in placed)
-        duration = min(STORY_DURATION[1], max(STORY_DURATION[0], ceil_tenth(end + rng.uniform(0.2, 0.6))))
-        # an sfx that runs past the end (e.g. a 'while' event late in the last line) moves earlier
-        placed = [(e, min(s, round(duration - derived_dur(e), 1))) for e, s in placed]
-        calls = [{"name": "new_story", "args": {"duration": duration}}]
-        calls += [self.create(e, s, rng, e["where"]) for e, s in placed]
-        for b in intent["beds"]:
-            start, dur = 0.0, duration
-            if rng.random() < 0.2:   # a bed that fades in late or stops early
-                cut = ceil_tenth(rng.uniform(1.0, duration - 1.0))
-                start, dur = (cut, round(duration - cut, 1)) if rng.random() < 0.5 else (0.0, cut)
-            calls.append(self.create(b, start, rng, dur=dur))
+                calls.append({"name": "replace", "args": {"id": op["target"], **op["to"]}})
         return calls
 
-    def edit_calls(self, plan, op, rng):
-        """One edit op -> its tool calls."""
-        e = op["edit"]
-        if e == "add":
-            new, D = op["source"], plan["duration"]
-            if new["type"] in ("ambience", "music"):
-                return [self.create(new, 0.0, rng, dur=D)]
-            d = derived_dur(new)
-            latest = round(D - d, 1)
-            when = op["when"]
-            if when == "after":
-                ref = next(s for s in plan["sources"] if s["id"] == op["after"])
-                start = ref["start"] + ref["dur"] + rng.uniform(0.0, 0.3)
-            elif when == "start":
-                start = rng.uniform(0.0, 0.4)
-            elif when == "end":
-                start = latest - rng.uniform(0.0, 0.3)
-            elif when == "middle":
-                start = D / 2 - d / 2 + rng.uniform(-0.3, 0.3)
-            else:   # anywhere free: for a line, a time when that voice is silent
-                free = [t / 10 for t in range(int(latest * 10) + 1)
-                        if new["type"] != "speech" or all(s.get("voice") != new["voice"] or t / 10 >= s["start"] + s["dur"]
-                                                          or t / 10 + d <= s["start"] for s in plan["sources"])]
-                start = pick(rng, free) if free else 0.0
-            return [self.create(new, min(max(0.0, ceil_tenth(start)), latest), rng, op["where"])]
-        s = next(x for x in plan["sources"] if x["id"] == op["target"])
-        if e == "remove":
-            return [{"name": "remove", "args": {"id": s["id"]}}]
-        if e == "volume":
-            sign = 1 if op["direction"] == "up" else -1
-            return [{"name": "set_gain", "args": {"id": s["id"], "gain_db": s["gain_db"] + sign * op["amount"]}}]
-        if e == "move":
-            return [{"name": "set_pan", "args": {"id": s["id"], "pan": self.pan_for(op["where"], rng)}}]
-        # change: same id, new content; if the new content is longer and would run past the end, start earlier
-        args = {"id": s["id"], **op["to"]}
-        new_dur = derived_dur({**s, **op["to"]})
-        if new_dur is not None and s["start"] + new_dur > plan["duration"]:
-            args["start"] = max(0.0, round(plan["duration"] - new_dur, 1))
-        return [{"name": "replace", "args": args}]
+    def create(self, src, at, side):
+        """The call that creates src (dict with type and voice/text or sound), placed `at`, on `side`."""
+        name = {"speech": "speak"}.get(src["type"], src["type"])
+        args = {k: src[k] for k in ("voice", "text", "sound") if k in src}
+        if src["type"] in ("speech", "sfx"):
+            args.update({k: v for k, v in (("at", at), ("side", side)) if v})
+        return {"name": name, "args": args}
 
 
 # -----------------------------------------------------------------------------
@@ -815,19 +704,17 @@ def caption(plan):
     rows = sorted((s["start"], s["start"] + s["dur"], s.get("voice") or s["sound"]) for s in plan["sources"])
     return "\n".join(f"{a:.1f}-{b:.1f} {name}" for a, b, name in rows)
 
-def _turn(user, designer, studio, phase, rng):
-    """One user request + the designer's answer, run on a copy of the studio -> (text, intent,
-    calls, audio, studio). The agents may propose the impossible (a line that no longer fits, a
-    voice over itself): the studio refuses with a PlanError and the user asks for something else."""
+def _turn(user, designer, plan, seed, phase, rng):
+    """One user request + the designer's calls, run by the studio -> (text, intent, calls, new plan).
+    The agents may propose the impossible (a line that no longer fits, a voice over itself): the
+    studio refuses with a PlanError and the user asks for something else."""
     for _ in range(200):
-        text, intent = user.request(phase, studio.plan, rng)
-        calls = designer.respond(studio.plan, intent, rng)
-        trial = studio.copy()
+        text, intent = user.request(phase, plan, rng)
+        calls = designer.respond(plan, intent)
         try:
-            done, audio = trial.run(calls)
+            return text, intent, calls, run_calls(calls, plan, seed)
         except PlanError:
             continue
-        return text, intent, done, audio, trial
     raise RuntimeError(f"no feasible {phase} request found in 200 tries")
 
 def understanding_turns(user, designer, rng, audios):
@@ -835,26 +722,26 @@ def understanding_turns(user, designer, rng, audios):
     -> [user turn, assistant turn]; the scene's audio is appended to audios."""
     text, intent = user.request("understand", None, rng)
     scene_seed = int(rng.integers(2 ** 31))
-    _, _, _, audio, scene = _turn(user, designer, Studio(scene_seed), "story", rng)
-    audios.append(audio)
-    answer = transcript(scene.plan) if intent["task"] == "transcribe" else caption(scene.plan)
+    scene = _turn(user, designer, None, scene_seed, "story", rng)[3]
+    audios.append(render(scene, scene_seed))
+    answer = transcript(scene) if intent["task"] == "transcribe" else caption(scene)
     return [{"role": "user", "text": text, "audio": len(audios) - 1, "intent": {**intent, "scene_seed": scene_seed}},
-            {"role": "assistant", "text": answer, "plan": scene.plan}]
+            {"role": "assistant", "text": answer, "plan": scene}]
 
 def make_dialogue(seed):
     """seed -> (dialogue dict (JSON-serialisable), audios: list of (2, N) float32). A story turn,
     1-2 edit turns (all rendered with the same seed, so untouched sources stay sample-identical),
-    then an understanding turn about a fresh, independent scene."""
+    then an understanding turn about a fresh, independent scene. An assistant audio turn's text
+    is its tool calls, its "tool" the studio's answer (plan_to_text), its "plan" that plan."""
     rng = np.random.default_rng(seed)
     user, designer = UserAgent(), DesignerAgent()
-    studio = Studio(seed)
-    turns, audios = [], []
+    plan, turns, audios = None, [], []
     for phase in ["story"] + ["edit"] * int(rng.integers(1, 3)):
-        text, intent, calls, audio, studio = _turn(user, designer, studio, phase, rng)
-        audios.append(audio)
+        text, intent, calls, plan = _turn(user, designer, plan, seed, phase, rng)
+        audios.append(render(plan, seed))
         turns.append({"role": "user", "text": text, "intent": intent})
-        turns.append({"role": "assistant", "text": plan_to_text(studio.plan), "tools": calls, "plan": studio.plan,
-                      "audio": len(audios) - 1})
+        turns.append({"role": "assistant", "text": "\n".join(map(call_to_text, calls)), "tool": plan_to_text(plan),
+                      "plan": plan, "audio": len(audios) - 1})
     turns += understanding_turns(user, designer, rng, audios)
     return {"seed": seed, "turns": turns}, audios
 
@@ -965,10 +852,6 @@ def write_dataset(out, n, n_eval=None, seed=0, workers=None, n_listen=0):
         json.dump(meta, f)
     return rate
 
-def tool_call_text(c):
-    args = ", ".join(f"{k}={json.dumps(v)}" for k, v in c["args"].items())
-    return f"{c['name']}({args})" + (f" -> {c['result']}" if "result" in c else "")
-
 def write_demo(out, seeds=(1, 2, 3)):
     """A few complete dialogues a person can inspect: markdown, and a wav and a png per audio."""
     import soundfile as sf
@@ -985,9 +868,9 @@ def write_demo(out, seeds=(1, 2, 3)):
             if t["role"] == "user":
                 md += [f"**user:** {t['text']}", "", f"intent: `{json.dumps(t['intent'])}`", ""]
                 md += [f"(the user supplies audio `{name}.wav`)", "", f"![]({name}.png)", ""] if "audio" in t else []
-            elif "tools" in t:
-                md += ["**assistant:**", "", "tool calls:", "```", *map(tool_call_text, t["tools"]), "```", "",
-                       "plan (chain of thought):", "```json", t["text"], "```", "", f"audio: `{name}.wav`", "",
+            elif "tool" in t:
+                md += ["**assistant** (tool calls: the chain of thought):", "", "```", t["text"], "```", "",
+                       "**tool** (the studio's plan):", "", "```", t["tool"], "```", "", f"audio: `{name}.wav`", "",
                        f"![]({name}.png)", ""]
             else:
                 md += ["**assistant:**", "", "```", t["text"], "```", ""]

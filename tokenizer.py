@@ -38,7 +38,7 @@ N_MELS = 32                   # mel bands per channel
 PATCH = 2                     # frames per model token
 LATENT_DIM = PATCH * 2 * N_MELS  # 128 floats per audio token (2 frames x (L mels ++ R mels))
 MAX_LOG_MEL = math.log(N_FFT ** 2)  # no full-scale signal has more mel power: the decoder clamps here
-SPECIAL_TOKENS = ["<|user|>", "<|assistant|>", "<|end|>", "<|audio|>", "<|/audio|>", "<|null|>", "<|pad|>"]
+SPECIAL_TOKENS = ["<|user|>", "<|assistant|>", "<|tool|>", "<|end|>", "<|audio|>", "<|/audio|>", "<|null|>", "<|pad|>"]
 
 # -----------------------------------------------------------------------------
 # Part 1: byte-level BPE
@@ -369,12 +369,16 @@ class AudioCodec:
 # Part 3: the chat template
 #
 # One dialogue = one sequence, turns in chat order:
-#   <|user|>{text}[<|audio|>{audio}<|/audio|>]<|end|><|assistant|>{plan or answer}[<|audio|>{audio}<|/audio|>]<|end|>
+#   <|user|>{text}[<|audio|>{audio}<|/audio|>]<|end|><|assistant|>{calls or answer}[<|tool|>{plan}<|audio|>{audio}<|/audio|>]<|end|>
 # e.g. a story turn:
-#   <|user|>Tell a story: ava says "the old dog runs home" ...<|end|><|assistant|>{"duration":5.0,"sources":[...]}<|audio|>
-#   [100 audio tokens]<|/audio|><|end|>
-# An assistant audio turn writes its plan (the chain of thought) and then the audio; an
-# understanding turn's user supplies the audio and the assistant answers in text (that turn's
+#   <|user|>Tell a story: ava says "the old dog runs home", then a dog barks.<|end|><|assistant|>new_story()
+#   speak(ava, "the old dog runs home")
+#   sfx(dog_bark)<|tool|>story 4.6 s
+#   1 ava "the old dog runs home" 0.3-2.2 s -1 dB pan 0.1
+#   2 dog_bark 2.5-3.3 s -4 dB pan 0.2<|audio|>[92 audio tokens]<|/audio|><|end|>
+# An assistant audio turn writes its tool calls (the chain of thought) and <|tool|>; the studio
+# answers with the laid-out plan, which the model reads but never learns to write; then the audio.
+# An understanding turn's user supplies the audio and the assistant answers in text (that turn's
 # "plan" is ground truth for evaluation only and never enters the sequence).
 
 def encode_dialogue(dialogue, latents, tok):
@@ -385,11 +389,11 @@ def encode_dialogue(dialogue, latents, tok):
       span_id (L,) long         -1 for text, 0, 1, 2, ... for each audio span (= one clip)
       span_is_target (S,) bool  produced by the assistant (diffusion loss) vs given by the user
       text_target (L,) bool     tokens[i + 1] is an assistant text token to learn (CE target):
-                                plan/answer words, the <|audio|> opening the assistant's audio
-                                and the <|end|> closing its turn (<|/audio|> is the sampler's)
+                                calls/answer words, <|tool|>, the <|audio|> after the plan and
+                                the <|end|> closing the turn (the plan and <|/audio|> are not)
       is_plain_text (L,) bool   user/assistant words (dropped to <|null|> for CFG)
-    latents: list of (T, 64) tensors, indexed by the turns' "audio" fields. Every turn has "text"
-    (an assistant audio turn: its plan, simulate_data.plan_to_text). ValueError for a malformed turn."""
+    latents: list of (T, 64) tensors, indexed by the turns' "audio" fields. Every turn has "text";
+    an assistant audio turn has "tool" too (simulate_data.plan_to_text). ValueError for a malformed turn."""
 
     tokens, learn, plain, span_id, span_is_target, audio = [], [], [], [], [], {}
 
@@ -421,6 +425,9 @@ def encode_dialogue(dialogue, latents, tok):
             raise ValueError(f"turn {k} ({role}) has no text")
         add([tok.special(f"<|{role}|>")], False, False)
         add(tok.encode_ordinary(turn["text"]), is_assistant, True)
+        if "tool" in turn:
+            add([tok.special("<|tool|>")], is_assistant, False)
+            add(tok.encode_ordinary(turn["tool"]), False, True)
         if "audio" in turn:
             add_audio(turn["audio"], is_assistant)
         add([tok.special("<|end|>")], is_assistant, False)
