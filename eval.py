@@ -341,6 +341,109 @@ def plan_recall(reference_plan, plan):
 
 
 # -----------------------------------------------------------------------------
+# Part 1b: requests as people write them
+#
+# A held-out set written before the user agent's phrase tables were widened, and kept out of them
+# (test_all checks each request has a word no table uses): does the model follow the request, or
+# the templates? Each item: a story request, the sources it asks for (a line as 'voice: words',
+# else the sound), and for most an edit request with the change it asks for (the intents' fields,
+# sources named the same way). Run through sample.Chat as a user would type them.
+
+HELDOUT = [
+    ("could you whip up a quick clip? ben says \"where is my dog\" and then a dog starts yapping off to the left", ["ben: where is my dog", "dog_bark"],
+     "ditch the barking", {"edit": "remove", "target": "dog_bark"}),
+    ("Scene idea: thunder rolls in, then cleo goes \"the storm comes tonight\" -- heavy downpour the whole time", ["thunder", "cleo: the storm comes tonight", "rain"],
+     "can we have wind instead of the downpour?", {"edit": "change", "target": "rain", "to": {"sound": "wind"}}),
+    ("i need a short bit where a phone goes off on the right and dan answers \"hello my friend\"", ["phone_ring", "dan: hello my friend"],
+     "actually can eve do dan's line instead?", {"edit": "change", "target": "dan: hello my friend", "to": {"voice": "eve"}}),
+    ("Give me ava on the left: \"look at the moon\". Finn, on the right, answers \"it was a cold night\"", ["ava: look at the moon", "finn: it was a cold night"],
+     "finn's bit is way too loud, bring it down a notch", {"edit": "volume", "target": "finn: it was a cold night", "direction": "down"}),
+    ("first a pooch barks, a cat meows back at it, then eve: \"the dog and the cat\"", ["dog_bark", "cat_meow", "eve: the dog and the cat"],
+     "nix the cat", {"edit": "remove", "target": "cat_meow"}),
+    ("Footsteps, then dan: \"i need a home\". Make it rainy", ["footsteps", "dan: i need a home", "rain"]),
+    ("ben calls out \"good morning my queen\", followed by clapping, with the chatter of a crowd underneath", ["ben: good morning my queen", "applause", "crowd"],
+     "can the clapping come from the right side?", {"edit": "move", "target": "applause", "where": "right"}),
+    ("short one please: cleo saying \"please wait here\" as a clock ticks away behind her", ["cleo: please wait here", "clock_tick"]),
+    ("Someone raps at the door, it creaks open, and finn says \"come here\"", ["knock", "door_creak", "finn: come here"],
+     "pan finn hard right", {"edit": "move", "target": "finn: come here", "where": "right"}),
+    ("Can we get a bird tweeting, and then ava (center) saying \"good morning my friend\"? some flute in the background too", ["bird_chirp", "ava: good morning my friend", "flute"],
+     "rather than \"good morning my friend\", have ava say \"look at the sun\"", {"edit": "change", "target": "ava: good morning my friend", "to": {"text": "look at the sun"}}),
+    ("wind howling outside while dan and eve talk. dan: \"where is the ship\" eve: \"the ship is lost\"", ["wind", "dan: where is the ship", "eve: the ship is lost"],
+     "eve's reply should come from the left", {"edit": "move", "target": "eve: the ship is lost", "where": "left"}),
+    ("glass smashes on the right. after a beat, ben: \"stop the man\"", ["glass_break", "ben: stop the man"]),
+    ("Something spooky: a creaking door, then eve says \"it was a dark night\", with the wind blowing", ["door_creak", "eve: it was a dark night", "wind"],
+     "crank up the wind", {"edit": "volume", "target": "wind", "direction": "up"}),
+    ("Ben on the right: \"i see the sun\". finn on the left: \"i see the moon\". then a bell chimes", ["ben: i see the sun", "finn: i see the moon", "bell"],
+     "swap their sides: ben to the left, finn to the right", {"edit": "multi", "ops": [{"edit": "move", "target": "ben: i see the sun", "where": "left"}, {"edit": "move", "target": "finn: i see the moon", "where": "right"}]}),
+    ("a car horn blares, cleo: \"hurry up\", and then footsteps running off", ["car_horn", "cleo: hurry up", "footsteps"],
+     "tone down the horn a little", {"edit": "volume", "target": "car_horn", "direction": "down"}),
+    ("ava greets us with \"hello my friend\", then a phone rings", ["ava: hello my friend", "phone_ring"],
+     "could we have some gentle piano playing under everything?", {"edit": "add", "source": "piano"}),
+    ("eve says \"i know the road\" as footsteps go past. A dog barks at the end", ["eve: i know the road", "footsteps", "dog_bark"],
+     "can we lose the footsteps?", {"edit": "remove", "target": "footsteps"}),
+    ("kids story vibe: cleo says \"the little bird sings\", a bird chirps on the left, then \"i like the bird,\" finn adds", ["cleo: the little bird sings", "bird_chirp", "finn: i like the bird"]),
+    ("just ben, two lines: \"goodbye my friend\" and then \"the train comes soon\". a clock ticking somewhere", ["ben: goodbye my friend", "ben: the train comes soon", "clock_tick"]),
+    ("dan, panned left, says \"the big ship comes home\" and a bell rings while he talks. wind in the background", ["dan: the big ship comes home", "bell", "wind"],
+     "Get rid of the bell and put dan dead center", {"edit": "multi", "ops": [{"edit": "remove", "target": "bell"}, {"edit": "move", "target": "dan: the big ship comes home", "where": "center"}]}),
+    ("Make me an intro: applause, then finn, front and center, says \"thank you my friend\"", ["applause", "finn: thank you my friend"]),
+    ("ava asks \"where is the cat\"; a meow comes back from the right", ["ava: where is the cat", "cat_meow"],
+     "at the very end, ben should chime in with \"come here\"", {"edit": "add", "source": "ben: come here", "when": "end"}),
+    ("thunder cracks, then eve: \"the night is cold\". some piano over it all", ["thunder", "eve: the night is cold", "piano"],
+     "instead of the thunder i'd prefer glass breaking", {"edit": "change", "target": "thunder", "to": {"sound": "glass_break"}}),
+    ("two people in a busy crowd: ben says \"go away\" and cleo replies \"please wait outside\"", ["crowd", "ben: go away", "cleo: please wait outside"],
+     "throw in a car horn halfway through", {"edit": "add", "source": "car_horn", "when": "middle"}),
+]
+
+def named(spec):
+    """'ben: hello my friend' or 'dog_bark' -> a source's content fields (eval.content reads them)."""
+    voice, _, text = spec.partition(": ")
+    if text:
+        return {"type": "speech", "voice": voice, "text": text}
+    return {"type": next(t for t, names in (("sfx", SFX), ("ambience", AMBIENCES), ("music", MUSIC)) if spec in names), "sound": spec}
+
+def plan_edit_done(change, before, after):
+    """Did an edit's plan make the asked change (held-out: sources named by content), and leave every
+    other source of the plan before exactly as it was? False when either plan is missing."""
+    if before is None or after is None:
+        return False
+    touched, old_ids = set(), {s["id"] for s in before["sources"]}
+    for op in change["ops"] if change["edit"] == "multi" else [change]:
+        if op["edit"] == "add":
+            new = [s for s in after["sources"] if s["id"] not in old_ids and content(s) == content(named(op["source"]))]
+            if not new or ("where" in op and side_of(new[0]["pan"]) != op["where"]):
+                return False
+            continue
+        target = next((s for s in before["sources"] if content(s) == content(named(op["target"]))), None)
+        now = target and next((s for s in after["sources"] if s["id"] == target["id"]), None)
+        if target is None or (now is None) != (op["edit"] == "remove"):
+            return False
+        touched.add(target["id"])
+        if op["edit"] == "change" and content(now) != content({**target, **op["to"]}) or \
+                op["edit"] == "volume" and (now["gain_db"] - target["gain_db"]) * (1 if op["direction"] == "up" else -1) <= 0 or \
+                op["edit"] == "move" and side_of(now["pan"]) != op["where"]:
+            return False
+    return all(s in after["sources"] for s in before["sources"] if s["id"] not in touched)
+
+def run_heldout(model, tok, codec, config):
+    """Every held-out request through one sample.Chat per item -> {"storySources": % of story plans
+    naming every asked source, "editsDone": % of edits making the asked change, "turns": [...]}."""
+    turns = []
+    for k, (story_text, sources, *edit) in enumerate(tqdm(HELDOUT, desc="held-out requests", unit="request")):
+        chat = Chat(model, tok, codec, sampler=config.sampler, steps=config.steps, cfg_scale=config.cfg, seed=k)
+        story = chat.generate(story_text)
+        row = {"story": story_text, "calls": story.text, "sources": plan_recall({"sources": list(map(named, sources))}, story.plan) == 100}
+        if edit:
+            try:
+                after = chat.edit(edit[0])
+            except ValueError as e:   # the dialogue is full
+                after = Turn(str(e))
+            row.update(edit=edit[0], edit_calls=after.text, done=plan_edit_done(edit[1], story.plan, after.plan))
+        turns.append(row)
+    return {"storySources": mean(100.0 * t["sources"] for t in turns), "editsDone": mean(100.0 * t["done"] for t in turns if "edit" in t),
+            "n": [len(turns), sum("edit" in t for t in turns)], "turns": turns}
+
+
+# -----------------------------------------------------------------------------
 # Part 2: the judge, "FLAM-lite" (skim)
 #
 # A closed-set frame-wise detector trained as FLAM is (a sigmoid per class and frame, binary cross-entropy,
@@ -725,7 +828,10 @@ def result_tables(results):
         ("Does the model listen? Cross-entropy of the true answer (nats per token) with the clip / with the average "
          "sound in its place: equal = the answer ignores the audio", ["system", *tasks],
          [[k, *[f"{fmt(p[t]['ce_clip'], 3)} / {fmt(p[t]['ce_without_clip'], 3)} (n={p[t]['n']})" if t in p else "–"
-                for t in tasks]] for k, p in listening.items()])]
+                for t in tasks]] for k, p in listening.items()]),
+        ("Requests as people write them (eval.HELDOUT, wording no template uses), through sample.Chat",
+         ["system", "story plans naming every asked source ↑", "edits making the asked change ↑"],
+         [[k, f"{fmt(h['storySources'])} (n={h['n'][0]})", f"{fmt(h['editsDone'])} (n={h['n'][1]})"] for k, h in results["heldout"].items()])]
 
 def table_note(results):
     return (f"Rates in %. Judge (FLAM-lite) held-out frame F1: {results['judge']['frameF1']:.1f} %. KAD against the ground "
@@ -827,7 +933,8 @@ def write_report(results, showcase, ckpt_paths, out_dir):
 def evaluate(config):
     """Run every system on the first config.n test dialogues of config.data_dir, print the tables, write
     eval.json, eval.png and report.html into config.out_dir -> the eval.json dict: {"judge", "n",
-    "systems": {name: aggregate}, "val": {model: checkpoint_val}, "listening": {model: listening_profile}}."""
+    "systems": {name: aggregate}, "val": {model: checkpoint_val}, "listening": {model: listening_profile},
+    "heldout": {model: run_heldout}}."""
     episodes, device = load_episodes(config.data_dir, config.n), pick_device(config.device)
     models = dict(zip(system_names(config.ckpt), [load_checkpoint(path, device) for path in config.ckpt]))   # bad paths fail first
     judge = load_or_train_judge(os.path.join(config.out_dir, "judge.pt"))
@@ -850,7 +957,8 @@ def evaluate(config):
                            for name, rs in records.items()},
                "val": {name: checkpoint_val(ckpt) for name, (*_, ckpt) in models.items()},
                "listening": {name: listening_profile(model, load_dataset(config.data_dir, "test", tok, codec)[:len(tasks)], tasks)
-                             for name, (model, tok, codec, _) in models.items()}}
+                             for name, (model, tok, codec, _) in models.items()},
+               "heldout": {name: run_heldout(model, tok, codec, config) for name, (model, tok, codec, _) in models.items()}}
     print("\n".join([line for table in result_tables(results) for line in markdown(*table)][1:] + ["", table_note(results)]))
     os.makedirs(config.out_dir, exist_ok=True)
     with open(os.path.join(config.out_dir, "eval.json"), "w") as f:

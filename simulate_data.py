@@ -416,66 +416,172 @@ def pan_for(side, rng):
 # words it from the phrase tables below; the designer agent answers the intent with tool calls.
 # Both are rule-based; a real AudioCopilot puts LLMs at these two seams.
 
-SOUND_WORDS = {   # name -> (event clause for stories, "the ..." to refer to it, "a ..." to ask for one)
-    "dog_bark": ("a dog barks", "the dog bark", "a dog barking"),
-    "knock": ("someone knocks on the door", "the knock", "a knock"),
-    "bell": ("a bell rings", "the bell", "a bell"),
-    "footsteps": ("footsteps pass by", "the footsteps", "some footsteps"),
-    "glass_break": ("a glass shatters", "the breaking glass", "breaking glass"),
-    "car_horn": ("a car horn honks", "the car horn", "a car horn"),
-    "bird_chirp": ("a bird chirps", "the bird", "a chirping bird"),
-    "thunder": ("thunder rumbles", "the thunder", "thunder"),
-    "clock_tick": ("a clock ticks", "the ticking clock", "a ticking clock"),
-    "applause": ("people applaud", "the applause", "applause"),
-    "whistle": ("someone whistles", "the whistle", "a whistle"),
-    "door_creak": ("a door creaks open", "the creaking door", "a creaking door"),
-    "phone_ring": ("a phone rings", "the phone", "a ringing phone"),
-    "cat_meow": ("a cat meows", "the cat", "a meowing cat"),
-    "rain": ("in the rain", "the rain", "rain"),
-    "wind": ("in the wind", "the wind", "wind"),
-    "crowd": ("in a busy crowd", "the crowd", "crowd noise"),
-    "piano": ("over soft piano music", "the piano", "piano music"),
-    "flute": ("with a flute melody", "the flute", "a flute melody"),
+SOUND_WORDS = {   # name -> ([story clauses], [ways to refer to it: 'the ...'], [ways to ask for one])
+    "dog_bark": (["a dog barks", "a dog starts barking", "there is a dog barking", "a dog lets out a bark"],
+                 ["the dog bark", "the dog", "the bark", "the barking dog"],
+                 ["a dog barking", "a bark from a dog", "a dog bark", "a barking dog"]),
+    "knock": (["someone knocks on the door", "there is a knock at the door", "a knock comes at the door", "somebody knocks"],
+              ["the knock", "the knock at the door", "the door knock", "the knock sound"],
+              ["a knock", "a knock on the door", "some knocking", "a door knock"]),
+    "bell": (["a bell rings", "a bell sounds", "a bell starts ringing", "we hear a bell"],
+             ["the bell", "the ringing bell", "the bell sound"],
+             ["a bell", "a ringing bell", "a bell ringing", "the sound of a bell"]),
+    "footsteps": (["footsteps pass by", "someone walks by", "we hear footsteps", "footsteps go by"],
+                  ["the footsteps", "the footstep sound", "the walking sound"],
+                  ["some footsteps", "footsteps", "the sound of footsteps", "someone walking by"]),
+    "glass_break": (["a glass shatters", "a glass breaks", "glass shatters", "someone drops a glass and it breaks"],
+                    ["the breaking glass", "the glass", "the shattering glass", "the glass break"],
+                    ["breaking glass", "a glass breaking", "a glass shattering", "the sound of breaking glass"]),
+    "car_horn": (["a car horn honks", "a car honks", "someone honks a car horn", "a horn honks"],
+                 ["the car horn", "the horn", "the honk", "the horn honk"],
+                 ["a car horn", "a honking car", "a car honking", "a horn honk"]),
+    "bird_chirp": (["a bird chirps", "a bird sings", "a little bird chirps", "there is a bird chirping"],
+                   ["the bird", "the chirp", "the chirping bird", "the bird chirp"],
+                   ["a chirping bird", "a bird chirp", "a bird chirping", "some birdsong"]),
+    "thunder": (["thunder rumbles", "thunder rumbles in the distance", "there is a clap of thunder", "thunder roars"],
+                ["the thunder", "the thunder rumble", "the rumble of thunder"],
+                ["thunder", "a rumble of thunder", "a thunderclap", "some thunder"]),
+    "clock_tick": (["a clock ticks", "a clock is ticking", "a clock ticks on the wall", "we hear a clock ticking"],
+                   ["the ticking clock", "the clock", "the clock tick", "the clock sound"],
+                   ["a ticking clock", "a clock ticking", "some clock ticks", "the tick of a clock"]),
+    "applause": (["people applaud", "an audience applauds", "there is applause", "applause breaks out"],
+                 ["the applause", "the round of applause", "the applause sound"],
+                 ["applause", "a round of applause", "some applause", "an audience applauding"]),
+    "whistle": (["someone whistles", "a whistle blows", "somebody blows a whistle", "a sharp whistle sounds"],
+                ["the whistle", "the whistle blow", "the whistle sound"],
+                ["a whistle", "someone whistling", "a whistle blow", "a sharp whistle"]),
+    "door_creak": (["a door creaks open", "a door slowly creaks open", "a creaky door opens", "the door creaks"],
+                   ["the creaking door", "the door creak", "the creak", "the creaky door"],
+                   ["a creaking door", "a door creaking", "a creaky door", "a door creak"]),
+    "phone_ring": (["a phone rings", "the phone rings", "a telephone rings", "a phone starts ringing"],
+                   ["the phone", "the ringing phone", "the phone ring", "the telephone"],
+                   ["a ringing phone", "a phone ringing", "a phone ring", "a telephone ring"]),
+    "cat_meow": (["a cat meows", "a cat starts meowing", "there is a meowing cat", "a cat lets out a meow"],
+                 ["the cat", "the meow", "the meowing cat", "the cat meow"],
+                 ["a meowing cat", "a cat meowing", "a meow", "a cat's meow"]),
+    "rain": (["in the rain", "with rain falling", "with rain pouring down", "with the sound of rain"],
+             ["the rain", "the rain sound", "the rainfall"], ["rain", "some rain", "rainfall", "the sound of rain"]),
+    "wind": (["in the wind", "with wind blowing", "with a strong wind", "out in the wind"],
+             ["the wind", "the wind noise", "the wind sound"], ["wind", "some wind", "wind noise", "a windy atmosphere"]),
+    "crowd": (["in a busy crowd", "in a noisy crowd", "with a crowd murmuring", "surrounded by a crowd"],
+              ["the crowd", "the crowd noise", "the crowd sound"],
+              ["crowd noise", "a crowd", "a crowd murmuring", "a noisy crowd"]),
+    "piano": (["over soft piano music", "with piano music", "with a piano playing", "over a quiet piano tune"],
+              ["the piano", "the piano music", "the piano track"],
+              ["piano music", "a piano", "some piano", "a soft piano tune"]),
+    "flute": (["with a flute melody", "over a flute tune", "with a flute playing", "over soft flute music"],
+              ["the flute", "the flute music", "the flute melody"],
+              ["a flute melody", "flute music", "some flute", "a flute tune"]),
 }
-WHERE_WORDS = {"left": [" on the left", " from the left"], "right": [" on the right", " from the right"],
-               "center": [" in the center", " centered"], None: [""]}
+WHERE_WORDS = {
+    "left": [" on the left", " from the left", " on the left side", " from the left side", " in the left channel"],
+    "right": [" on the right", " from the right", " on the right side", " from the right side", " in the right channel"],
+    "center": [" in the center", " from the center", " right in the center", " at the center"],
+    None: [""],
+}
 STORY_OPENINGS = ["Tell a story: ", "Make a scene where ", "Create an audio story: ", "I want a short clip where ",
-                  "Please produce a scene in which ", "Voice a little story: "]
-STORY_JOINERS = [", then ", ". Then ", ", and then ", ", after that "]
+                  "Please produce a scene in which ", "Voice a little story: ", "Story time: ", "I'd like a clip in which ",
+                  "Please create a clip where ", "Let's do a scene where ", "Produce a short audio scene: ",
+                  "Here is the scene: ", "Build a little scene: ", "I'm picturing this: ", "A short audio drama: ",
+                  "Put together a clip where ", "Generate a scene in which ", "Design a sound scene where ", "New story: ",
+                  "The scene goes like this: "]
+STORY_JOINERS = [", then ", ". Then ", ", and then ", ", after that ", ". After that, ", ". Next, ", "; then ",
+                 ", and after that ", ". Afterwards, ", ", and next ", ". A moment later, ", ", and a moment later "]
+WHILE_WORDS = [" while {clause}", " as {clause}", ", and meanwhile {clause}", " and at the same time {clause}",
+               " just as {clause}", ", and during that line {clause}"]   # a sound or a line during the line before
+BED_JOINERS = [", {event}", ", all {event}", ". All of it {event}", ", from start to finish {event}"]
 SAY_WORDS = ['{voice} says "{text}"{where}', '{voice}{where} says "{text}"', '"{text}," says {voice}{where}',
-             '{voice} tells us "{text}"{where}']
+             '{voice} tells us "{text}"{where}', '{voice} goes "{text}"{where}', '"{text}," {voice} says{where}',
+             '{voice} speaks up{where}: "{text}"', 'we hear {voice}{where} say "{text}"',
+             '{voice} announces "{text}"{where}', '{voice} says the words "{text}"{where}',
+             '{voice}{where} speaks the line "{text}"', '{voice} remarks "{text}"{where}']
 UNDERSTAND_WORDS = {
     "transcribe": ["Who says what, and when?", "Transcribe this clip with speakers and times.",
                    "Please write down what is said in this audio, with times.",
-                   "Who is speaking here, and what do they say?", "Give me a time-stamped transcript of this."],
+                   "Who is speaking here, and what do they say?", "Give me a time-stamped transcript of this.",
+                   "What does each person say, and at what time?",
+                   "Write out the dialogue with speaker names and timestamps.",
+                   "List every spoken line with its speaker and start time.", "Transcribe the speech in this recording.",
+                   "Which voices do you hear, and what does each one say?", "Tell me who speaks and when.",
+                   "Transcribe this audio, speakers included."],
     "describe": ["Describe every sound in this clip with its time.", "What can you hear in this audio, and when?",
                  "List all the sources in this recording with start and end times.",
-                 "Caption this clip: what happens when?"],
+                 "Caption this clip: what happens when?", "Describe this audio from start to finish.",
+                 "What sounds are in this clip, and where do they start and stop?",
+                 "Break down this recording: every sound, every voice, with times.",
+                 "Give a timeline of all the sounds you hear.",
+                 "Which sound effects, voices and background sounds are in this clip?",
+                 "Please describe what happens in this recording, second by second.",
+                 "Write a caption for this audio with timestamps.", "Walk me through this clip sound by sound."],
 }
-REFER_WORDS = {"voice": ["{voice}", "{voice}'s line", "{voice}'s voice"],   # the only line of its voice
-               "line": ['the line "{text}"', '{voice}\'s line "{text}"']}
+REFER_WORDS = {   # voice: the only line of its voice; line: one of several
+    "voice": ["{voice}", "{voice}'s line", "{voice}'s voice", "what {voice} says", "{voice}'s part"],
+    "line": ['the line "{text}"', '{voice}\'s line "{text}"', '{voice}\'s "{text}"', 'the words "{text}"',
+             'the "{text}" line'],
+}
 ORDINALS = ["first", "second", "third", "fourth"]
 EDIT_KINDS = ("add", "remove", "change", "volume", "move", "multi")
-EDIT_WORDS = {   # one edit in words: {ref} names the target, {new} a new sound, {voice} / {text} new speech
-    "add_speech": ['let {voice} say "{text}"', 'add {voice} saying "{text}"', '{voice} should also say "{text}"'],
-    "add_sfx": ["add {new}", "put in {new}", "I want {new} too", "insert {new}"],
-    "add_bed": ["add {new} in the background", "put {new} under the whole scene", "we need {new} too"],
-    "remove": ["remove {ref}", "get rid of {ref}", "take out {ref}", "I don't want {ref} anymore", "drop {ref}"],
+EDIT_WORDS = {   # one edit: {ref} names the target, {new} a new sound, {voice} / {text} new speech
+    "add_speech": ['let {voice} say "{text}"', 'add {voice} saying "{text}"', '{voice} should also say "{text}"',
+                   'add a line from {voice}: "{text}"', 'add "{text}" spoken by {voice}',
+                   'I want {voice} to say "{text}" too', 'put in a line where {voice} says "{text}"',
+                   'insert {voice} saying "{text}"', 'also let {voice} say "{text}"'],
+    "add_sfx": ["add {new}", "put in {new}", "I want {new} too", "insert {new}", "include {new}", "we also need {new}",
+                "sneak in {new}", "slip in {new}", "let's hear {new}"],
+    "add_bed": ["add {new} in the background", "put {new} under the entire scene", "we need {new} too",
+                "lay {new} under the scene", "fill the background with {new}", "give the scene a backdrop of {new}",
+                "put {new} in the background", "add {new} throughout", "underlay the scene with {new}"],
+    "remove": ["remove {ref}", "take away {ref}", "take out {ref}", "I don't want {ref} anymore", "drop {ref}", "cut {ref}",
+               "delete {ref}", "please remove {ref}", "take {ref} out", "leave out {ref}", "we don't need {ref}"],
     "change_sound": ["replace {ref} with {new}", "change {ref} into {new}", "use {new} instead of {ref}",
-                     "swap {ref} for {new}"],
-    "change_voice": ["let {voice} say {ref} instead", "give {ref} to {voice}",
-                     "{voice} should say {ref} instead of {old_voice}"],
-    "change_text": ['make {old_voice} say "{text}" instead of "{old_text}"', 'change {ref} to "{text}"',
-                    '{old_voice} should say "{text}" instead of "{old_text}"'],
-    "up": ["make {ref} {how}louder", "turn {ref} up{how_}", "{ref} should be {how}louder"],
-    "down": ["make {ref} {how}quieter", "turn {ref} down{how_}", "{ref} should be {how}softer"],
-    "move": ["move {ref} {to}", "pan {ref} {to}", "put {ref} {on}"],
+                     "swap {ref} for {new}", "turn {ref} into {new}", "make {ref} {new} instead", "switch {ref} to {new}",
+                     "exchange {ref} for {new}", "put {new} where {ref} is"],
+    "change_voice": ['let {voice} say "{old_text}" instead of {old_voice}',
+                     '{voice} should say "{old_text}" instead of {old_voice}', 'give "{old_text}" to {voice}',
+                     'give {old_voice}\'s line "{old_text}" to {voice}',
+                     'I want {voice} to say "{old_text}", not {old_voice}', 'switch the voice of "{old_text}" to {voice}',
+                     "recast {ref} with {voice}", "use {voice}'s voice for {ref}",
+                     'replace {old_voice} with {voice} on "{old_text}"', '{voice} should read "{old_text}" instead'],
+    "change_text": ['make {old_voice} say "{text}" instead of "{old_text}"', 'change "{old_text}" to "{text}"',
+                    '{old_voice} should say "{text}" instead of "{old_text}"',
+                    'replace the line "{old_text}" with "{text}"',
+                    'instead of "{old_text}", {old_voice} should say "{text}"',
+                    'let {old_voice} say "{text}" in place of "{old_text}"', 'change the words "{old_text}" to "{text}"',
+                    'rewrite "{old_text}" as "{text}"', 'I want "{text}" instead of "{old_text}"',
+                    'swap "{old_text}" for "{text}"'],
+    "up": ["make {ref} {how}louder", "turn {ref} up{how_}", "{ref} should be {how}louder",
+           "raise the volume of {ref}{how_}", "boost {ref}{how_}", "I want {ref} {how}louder", "bring {ref} up{how_}",
+           "{ref} needs to be {how}louder", "push {ref} up{how_}", "increase the volume of {ref}{how_}",
+           "{ref} is too quiet, turn it up{how_}"],
+    "down": ["make {ref} {how}quieter", "turn {ref} down{how_}", "{ref} should be {how}softer", "lower {ref}{how_}",
+             "bring {ref} down{how_}", "reduce the volume of {ref}{how_}", "I want {ref} {how}quieter",
+             "{ref} needs to be {how}softer", "pull {ref} back{how_}", "{ref} is too loud, turn it down{how_}",
+             "soften {ref}{how_}"],
+    "move": ["move {ref} {to}", "pan {ref} {to}", "put {ref} {on}", "shift {ref} {to}", "{ref} should be {on}",
+             "place {ref} {on}", "I want {ref} {on}", "send {ref} {to}", "position {ref} {on}"],
 }
-WHEN_WORDS = {"start": " at the start", "end": " at the end", "halfway": " halfway through", None: ""}
-HOW_WORDS = {3: "a bit ", 6: "", 10: "much "}   # volume steps in dB
-SIDE_WORDS = {"left": ("to the left", "on the left"), "right": ("to the right", "on the right"),
-              "center": ("to the center", "in the center")}
-MULTI_WORDS = ["{a} and {b}", "{a}, then {b}", "{a}. Also {b}", "{a}, and also {b}"]
+WHEN_WORDS = {
+    "start": [" at the start", " at the beginning", " right at the beginning", " to open the scene"],
+    "end": [" at the end", " right at the end", " to end the scene", " as the last thing"],
+    "halfway": [" halfway through", " in the middle", " midway through", " around the middle"],
+    None: [""],
+}
+AFTER_WORDS = [" after {ref}", " right after {ref}", " once {ref} is done", " just after {ref}", " directly after {ref}"]
+HOW_WORDS = {   # volume steps in dB; each reads before 'louder' and, stripped, after 'up'
+    3: ["a bit ", "slightly ", "a little ", "a touch "],
+    6: [""],
+    10: ["a lot ", "quite a bit ", "considerably ", "significantly "],
+}
+SIDE_WORDS = {   # side -> ([to move it there], [to say it is there])
+    "left": (["to the left", "over to the left", "to the left side", "all the way to the left"],
+             ["on the left", "on the left side", "in the left channel"]),
+    "right": (["to the right", "over to the right", "to the right side", "all the way to the right"],
+              ["on the right", "on the right side", "in the right channel"]),
+    "center": (["to the center", "into the center", "back to the center", "over to the center"],
+               ["in the center", "at the center", "right in the center"]),
+}
+MULTI_WORDS = ["{a} and {b}", "{a}, then {b}", "{a}. Also {b}", "{a}, and also {b}", "{a}; {b}", "{a}, plus {b}",
+               "{a}. And {b}", "first {a}, then {b}"]
 
 def random_line(rng, max_words=6):
     """A line of speech from LINE_TEMPLATES, e.g. 'the old dog runs home'."""
@@ -533,17 +639,17 @@ class UserAgent:
             if e["type"] == "speech":
                 clause = pick(rng, SAY_WORDS).format(voice=e["voice"], text=e["text"], where=where)
             else:
-                clause = SOUND_WORDS[e["sound"]][0] + where
+                clause = pick(rng, SOUND_WORDS[e["sound"]][0]) + where
             if e.get("during"):
-                parts[-1] += f" while {clause}"
+                parts[-1] += pick(rng, WHILE_WORDS).format(clause=clause)
             else:
                 parts.append(clause)
         text = pick(rng, STORY_OPENINGS) + parts[0]
         for p in parts[1:]:
             j = pick(rng, STORY_JOINERS)
-            text += j + (p[0].upper() + p[1:] if j.startswith(".") else p)
+            text += j + (p[0].upper() + p[1:] if j.endswith(". ") else p)
         for b in intent["beds"]:
-            text += pick(rng, [", ", ", all "]) + SOUND_WORDS[b["sound"]][0]
+            text += pick(rng, BED_JOINERS).format(event=pick(rng, SOUND_WORDS[b["sound"]][0]))
         return text + "."
 
     def edit_intent(self, plan, rng, kind=None):
@@ -613,7 +719,7 @@ class UserAgent:
             same = [x for x in plan["sources"] if x["type"] == "speech" and x["voice"] == s["voice"]]
             return pick(rng, REFER_WORDS["voice" if len(same) == 1 else "line"]).format(**s)
         same = sorted((x for x in plan["sources"] if x.get("sound") == s["sound"]), key=lambda x: (x["start"], x["id"]))
-        noun = SOUND_WORDS[s["sound"]][1]
+        noun = pick(rng, SOUND_WORDS[s["sound"]][1])
         return noun if len(same) == 1 else noun.replace("the ", f"the {ORDINALS[same.index(s)]} ", 1)
 
     def word_op(self, op, plan, rng):
@@ -621,11 +727,12 @@ class UserAgent:
         if op["edit"] == "add":
             new = op["source"]
             kind = new["type"] if new["type"] in ("speech", "sfx") else "bed"
-            words = {**new, "new": SOUND_WORDS[new["sound"]][2]} if "sound" in new else new
+            words = {**new, "new": pick(rng, SOUND_WORDS[new["sound"]][2])} if "sound" in new else new
             what = pick(rng, EDIT_WORDS["add_" + kind]).format(**words)
             if kind == "bed":
                 return what
-            when = " after " + self.refer(plan, op["after"], rng) if op["when"] == "after" else WHEN_WORDS[op["when"]]
+            when = (pick(rng, AFTER_WORDS).format(ref=self.refer(plan, op["after"], rng)) if op["when"] == "after"
+                    else pick(rng, WHEN_WORDS[op["when"]]))
             where = pick(rng, WHERE_WORDS[op["where"]])
             return what + (when + where if rng.random() < 0.5 else where + when)
         s = next(x for x in plan["sources"] if x["id"] == op["target"])
@@ -634,9 +741,10 @@ class UserAgent:
             key = "change_" + ("sound" if "sound" in to else "voice" if "voice" in to else "text")
         elif key == "volume":
             key = op["direction"]
-        how, side = HOW_WORDS.get(op.get("amount"), ""), SIDE_WORDS.get(op.get("where"), ("", ""))
+        how = pick(rng, HOW_WORDS[op["amount"]]) if "amount" in op else ""
+        side = [pick(rng, ways) for ways in SIDE_WORDS[op["where"]]] if "where" in op else ("", "")
         words = dict(ref=self.refer(plan, s["id"], rng), voice=to.get("voice"), text=to.get("text"),
-                     new=SOUND_WORDS[to["sound"]][2] if "sound" in to else "", old_voice=s.get("voice"),
+                     new=pick(rng, SOUND_WORDS[to["sound"]][2]) if "sound" in to else "", old_voice=s.get("voice"),
                      old_text=s.get("text"), how=how, how_=" " + how.strip() if how else "", to=side[0], on=side[1])
         return pick(rng, EDIT_WORDS[key]).format(**words)
 

@@ -902,6 +902,28 @@ def test_caption_multiflam_and_plan_metrics():
         assert E.plan_recall(plan, plan) == 100.0 and E.plan_recall(plan, None) == 0.0
         assert E.plan_recall(plan, {**plan, "sources": plan["sources"][:-1]}) == 100.0 * (len(plan["sources"]) - 1) / len(plan["sources"])
 
+def test_heldout_requests_stay_held_out_and_edits_are_scored_on_plans():
+    words = lambda text: set(re.findall(r"[a-z']+", text.lower()))   # noqa: E731
+    tables = [getattr(simulate_data, name) for name in dir(simulate_data) if name.endswith("_WORDS") or name.startswith("STORY_")
+              or name in ("BED_JOINERS", "MULTI_WORDS")]
+    known = words(json.dumps(tables, default=str)) | set(VOCAB) | set(VOICES) | words(" ".join(E.CLASSES).replace("_", " "))
+    for story, sources, *edit in E.HELDOUT:   # every request has a word no phrase table uses
+        assert all(words(text) - known for text in [story, *edit[:1]]), (story, edit)
+        assert all(E.named(s)["type"] in ("speech", "sfx", "ambience", "music") for s in sources)
+    plan = run_calls(parse_calls('new_story()\nspeak(ben, "where is my dog")\nsfx(dog_bark, left)\nambience(rain)'), None, 0)
+    ben = "ben: where is my dog"
+    for calls, change, done in [
+            ("remove(2)", {"edit": "remove", "target": "dog_bark"}, True), ("remove(3)", {"edit": "remove", "target": "dog_bark"}, False),
+            ("set_gain(1, quieter)", {"edit": "volume", "target": ben, "direction": "down"}, True),
+            ("set_gain(1, louder)", {"edit": "volume", "target": ben, "direction": "down"}, False),
+            ("replace(3, wind)", {"edit": "change", "target": "rain", "to": {"sound": "wind"}}, True),
+            ("set_pan(2, right)\nremove(3)", {"edit": "move", "target": "dog_bark", "where": "right"}, False),   # and more
+            ('speak(ava, "come here", end, right)', {"edit": "add", "source": "ava: come here", "where": "right"}, True),
+            ("set_pan(1, left)\nremove(2)", {"edit": "multi", "ops": [{"edit": "move", "target": ben, "where": "left"},
+                                                                   {"edit": "remove", "target": "dog_bark"}]}, True)]:
+        assert E.plan_edit_done(change, plan, run_calls(parse_calls(calls), plan, 0)) == done, calls
+    assert not E.plan_edit_done({"edit": "remove", "target": "dog_bark"}, plan, None)
+
 TEST_JUDGE = os.path.join(TMP, "judge.pt")
 
 @functools.lru_cache()
