@@ -5,12 +5,14 @@ AudioChat trains on dialogues simulated by "AudioCopilot": LLM agents that play 
 audio stories and edits, and a sound designer who answers by calling text-to-speech and
 text-to-audio tools. This file is that simulator at toy scale, self-contained and deterministic:
 6 voices speaking a closed 111-word language, 14 sound effects, 3 ambiences and 2 music beds, all
-16 kHz stereo, rendered from a plan (the assistant's chain of thought) by a pure-function mixer.
+16 kHz stereo, rendered from a plan by a pure-function mixer. The assistant's chain of thought is
+the sound designer's tool calls, in the request's own terms; the studio lays them out as the plan.
 
     python simulate_data.py data              # the dataset `python train.py` simulates (train / listen / val / test)
     python simulate_data.py --demo out/demo   # 3 dialogues as markdown + wav + png
 
-Read line by line: Part 1 the plan, 2 the mixer, 3 the tools, 4 the agents, 5 the dialogues.
+Read line by line: Part 1 the plan, 2 the mixer, 3 the tools and the studio, 4 the agents, 5 the
+dialogues.
 Skim: 6 the picture, 7 the dataset writer, and everything under the "synthesizers" banner at the
 end (DSP helpers, the formant speech synthesizer, the sound effects and the beds): the parts above
 use only their names and the speech timing, never how they sound.
@@ -321,14 +323,16 @@ def find(plan, sid, tool):
     raise PlanError(f"{tool}: no source {sid} (the story has {', '.join(str(s['id']) for s in plan['sources']) or 'none'})",
                     "unknown_id")
 
-def place(plan, src, at, rng, new_story):
-    """The start of a new foreground source, in s, from its placement in the request's terms."""
+def place(plan, src, at, rng, last):
+    """The start of a new foreground source, in s, from its placement `at` in the request's terms;
+    last: in a new story, the id of the source told last (0 for none), else None."""
     d, D = src["dur"], plan["duration"]
     fg = [s for s in plan["sources"] if s["type"] in ("speech", "sfx")]
+    new_story = last is not None
     if at in ("end", "halfway") and new_story:
         raise PlanError(f"{at}: a new story is told in order (after, while); 'end' and 'halfway' are for edits")
     if at is None and new_story:   # a story is told in order: after the last source not placed 'while' another
-        at = f"after {plan['last']}" if plan["last"] else "start"
+        at = f"after {last}" if last else "start"
     m = PLACEMENT.fullmatch(at or "")
     if at == "start":
         start = rng.uniform(0.1, 0.5)
@@ -363,7 +367,7 @@ def run_calls(calls, plan, seed):
     new_story = calls[0]["name"] == "new_story"
     if not new_story and plan is None:
         raise PlanError(f"{calls[0]['name']}: there is no story yet (start with new_story())")
-    plan = {"duration": MAX_DURATION, "sources": [], "last": 0} if new_story else {**copy.deepcopy(plan), "last": 0}
+    plan, last = ({"duration": MAX_DURATION, "sources": []}, 0) if new_story else (copy.deepcopy(plan), None)
     for c in calls[1:] if new_story else calls:
         name, a = c["name"], c["args"]
         if name == "new_story":
@@ -374,12 +378,12 @@ def run_calls(calls, plan, seed):
             kind = "speech" if name == "speak" else name
             src = {"id": sid, "type": kind, **{k: a[k] for k in ("voice", "text", "sound") if k in a}}
             src["dur"] = derived_dur(src) or plan["duration"]
-            src["start"] = 0.0 if src["type"] in ("ambience", "music") else place(plan, src, a.get("at"), rng, new_story)
+            src["start"] = 0.0 if src["type"] in ("ambience", "music") else place(plan, src, a.get("at"), rng, last)
             src["gain_db"] = int(rng.integers(GAIN_RANGES[kind][0], GAIN_RANGES[kind][1] + 1))
             src["pan"] = pan_for(a.get("side"), rng) if kind in ("speech", "sfx") else 0.0
             plan["sources"].append({k: src[k] for k in SOURCE_KEYS[kind]})
-            if kind in ("speech", "sfx") and not str(a.get("at", "")).startswith("while"):
-                plan["last"] = sid
+            if new_story and kind in ("speech", "sfx") and not a.get("at", "").startswith("while"):
+                last = sid
             continue
         s = find(plan, a["id"], name)
         if name == "remove":
@@ -395,7 +399,6 @@ def run_calls(calls, plan, seed):
             s[key] = a[key]
             s["dur"] = derived_dur(s) or s["dur"]
             s["start"] = max(0.0, min(s["start"], round(plan["duration"] - s["dur"], 1)))
-    del plan["last"]
     if new_story:   # the story ends a little after its last sound; its beds cover all of it
         end = max((s["start"] + s["dur"] for s in plan["sources"] if s["type"] in ("speech", "sfx")), default=0.0)
         plan["duration"] = max(STORY_DURATION[0], ceil_tenth(end + np.random.default_rng([seed, 0]).uniform(0.2, 0.6)))

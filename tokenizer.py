@@ -46,9 +46,9 @@ SPECIAL_TOKENS = ["<|user|>", "<|assistant|>", "<|tool|>", "<|end|>", "<|audio|>
 # Text is first cut into chunks by a regex so that merges never cross a chunk boundary; BPE then
 # repeatedly merges the most frequent adjacent pair of ids inside the chunks. GPT-2 cuts words
 # from their punctuation; we keep them together (a chunk is a run of non-digits with its leading
-# space, or a number with one decimal) because most of what the model writes is compact JSON:
-# with `,"gain_db":-` and `12` as chunks, a plan source costs ~15 tokens instead of ~40. The
-# pattern covers every string, so encoding round-trips exactly.
+# space, or a number with one decimal) because what the model writes and reads is code-like:
+# with `, much quieter)` or `s -` and `0.3` as chunks, a tool call or a plan line takes a few
+# tokens, not one per word and sign. The pattern covers every string, so encoding round-trips exactly.
 SPLIT_PATTERN = r""" ?[^\s0-9]+| ?[0-9]+(?:\.[0-9])?|\s+(?!\S)|\s+"""
 
 def merge(ids, pair, idx):
