@@ -44,12 +44,12 @@ SPECIAL_TOKENS = ["<|user|>", "<|assistant|>", "<|tool|>", "<|end|>", "<|audio|>
 # Part 1: byte-level BPE
 #
 # Text is first cut into chunks by a regex so that merges never cross a chunk boundary; BPE then
-# repeatedly merges the most frequent adjacent pair of ids inside the chunks. GPT-2 cuts words
-# from their punctuation; we keep them together (a chunk is a run of non-digits with its leading
-# space, or a number with one decimal) because what the model writes and reads is code-like:
-# with `, much quieter)` or `s -` and `0.3` as chunks, a tool call or a plan line takes a few
-# tokens, not one per word and sign. The pattern covers every string, so encoding round-trips exactly.
-SPLIT_PATTERN = r""" ?[^\s0-9]+| ?[0-9]+(?:\.[0-9])?|\s+(?!\S)|\s+"""
+# repeatedly merges the most frequent adjacent pair of ids inside the chunks. As GPT-2, a chunk is
+# a word with its leading space, a number (one decimal), or a run of punctuation: a word is then the
+# same tokens wherever it stands (` friend` in `says "hello my friend".` and in
+# `speak(ben, "hello my friend")`), which is what lets the model copy a request's words into its
+# tool calls. The pattern covers every string, so encoding round-trips exactly.
+SPLIT_PATTERN = r""" ?[A-Za-z_]+| ?[0-9]+(?:\.[0-9])?| ?[^\sA-Za-z0-9_]+|\s+(?!\S)|\s+"""
 
 def merge(ids, pair, idx):
     """Replace every occurrence of `pair` in the list `ids` by the new id `idx`."""
