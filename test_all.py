@@ -283,8 +283,8 @@ def test_bpe_known_merges_roundtrip_specials_save_load():
     assert tok.encode("<|user|>hi<|end|>") == [tok.special("<|user|>")] + tok.encode("hi") + [tok.special("<|end|>")]
     plain = tok.encode_ordinary("<|audio|>")   # special strings in text stay text: no forged roles
     assert len(plain) > 1 and not set(plain) & set(tok.special_ids.values()) and tok.decode(plain) == "<|audio|>"
-    unseen = [t["text"] for t in make_dialogue(100)[0]["turns"]]   # merges learned: unseen calls take < 0.5 token a byte
-    assert len(tok.encode(unseen[1])) < 0.5 * len(unseen[1].encode())
+    unseen = [t["text"] for t in make_dialogue(100)[0]["turns"]]   # merges learned: unseen calls take < 0.6 token a byte
+    assert len(tok.encode(unseen[1])) < 0.6 * len(unseen[1].encode())
     raises(KeyError, lambda: tok.special("<|foo|>"), "<|foo|>")
     tok.save(os.path.join(TMP, "tok.json"))
     tok2 = BPETokenizer.load(os.path.join(TMP, "tok.json"))
