@@ -873,8 +873,6 @@ def make_listening_dialogue(seed):
 # -----------------------------------------------------------------------------
 # Part 6: pictures -- spectrograms of both channels over the plan's timeline
 
-TYPE_COLORS = {"speech": "tab:blue", "sfx": "tab:orange", "ambience": "tab:green", "music": "tab:purple"}
-
 def plot_story(wav, plan, path, title=None):
     """Save a PNG: the log-mel spectrogram (the codec's view) of the left and right channels of
     wav (2, N), and beneath them the plan (or None) as a timeline, one row per source."""
@@ -882,25 +880,19 @@ def plot_story(wav, plan, path, title=None):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     raw = AudioCodec().encode_raw(wav).numpy()          # (T, 64): 32 left mels ++ 32 right mels
-    dur = wav.shape[-1] / SR
+    dur, vmax = wav.shape[-1] / SR, raw.max()
     srcs = sorted(plan["sources"], key=lambda s: (s["start"], s["id"])) if plan else []
     fig, axes = plt.subplots(3, 1, figsize=(10, 5.5 + 0.3 * len(srcs)), sharex=True,
                              gridspec_kw={"height_ratios": [2, 2, 0.6 + 0.35 * max(1, len(srcs))]})
-    vmax = raw.max()
     for ax, ch, name in ((axes[0], raw[:, :32], "left"), (axes[1], raw[:, 32:], "right")):
         ax.imshow(ch.T, origin="lower", aspect="auto", extent=(0, dur, 0, 32), cmap="magma", vmin=vmax - 12, vmax=vmax)
         ax.set_ylabel(f"{name}\nmel band")
-    ax = axes[2]
     for row, s in enumerate(srcs):
         label = f"{s['id']} {s['voice']}: {s['text']}" if s["type"] == "speech" else f"{s['id']} {s['sound']}"
-        ax.barh(row, s["dur"], left=s["start"], color=TYPE_COLORS[s["type"]], alpha=0.8)
-        ax.text(s["start"] + 0.03, row, f"{label}  ({s['gain_db']} dB, pan {s['pan']:+.1f})", va="center", fontsize=8)
-    ax.set_ylim(len(srcs) - 0.5, -0.5)
-    ax.set_yticks([])
-    ax.set_xlim(0, dur)
-    ax.set_xlabel("time (s)")
-    if title:
-        axes[0].set_title(title, fontsize=10)
+        axes[2].barh(row, s["dur"], left=s["start"], color=f"C{TYPES.index(s['type'])}", alpha=0.8)
+        axes[2].text(s["start"] + 0.03, row, f"{label}  ({s['gain_db']} dB, pan {s['pan']:+.1f})", va="center", fontsize=8)
+    axes[2].set(ylim=(len(srcs) - 0.5, -0.5), yticks=[], xlim=(0, dur), xlabel="time (s)")
+    axes[0].set_title(title or "", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -911,18 +903,13 @@ def plot_story(wav, plan, path, title=None):
 
 SPLIT_SEEDS = {"train": 0, "val": 10_000_000, "test": 20_000_000, "listen": 30_000_000}  # disjoint (+ seed * 100M)
 SHARD = 500   # dialogues per shard file
-_codec = None   # a dataset worker's codec
-
-def _worker_init():
-    global _codec
-    torch.set_num_threads(1)   # one process per core: torch must not oversubscribe them
-    _codec = AudioCodec()
 
 def _simulate(job):
     """Worker: (split, seed) -> (dialogue as JSON text, [raw log-mel (T, 64) float16 per audio])."""
     split, seed = job
     dialogue, audios = (make_listening_dialogue if split == "listen" else make_dialogue)(seed)
-    return json.dumps(dialogue), [_codec.encode_raw(a).to(torch.float16) for a in audios]
+    codec = AudioCodec()
+    return json.dumps(dialogue), [codec.encode_raw(a).to(torch.float16) for a in audios]
 
 def write_dataset(out, n, n_eval=None, seed=0, workers=None, n_listen=0):
     """Simulate n train dialogues, n_listen listening dialogues (split "listen") and n_eval val and
@@ -934,7 +921,7 @@ def write_dataset(out, n, n_eval=None, seed=0, workers=None, n_listen=0):
     os.makedirs(out, exist_ok=True)
     counts, seeds, train_text, train_raw = {}, {}, [], []
     t0 = time.time()
-    with mp.Pool(workers or os.cpu_count(), initializer=_worker_init) as pool:
+    with mp.Pool(workers or os.cpu_count(), torch.set_num_threads, (1,)) as pool:   # a process per core, 1 thread each
         for split, count in (("train", n), ("listen", n_listen), ("val", n_eval), ("test", n_eval)):
             if count == 0:
                 continue
@@ -947,18 +934,16 @@ def write_dataset(out, n, n_eval=None, seed=0, workers=None, n_listen=0):
                 audio.append(latents)
                 if split == "train" and i < 2000:
                     train_text += [t["text"] for t in json.loads(text)["turns"]]
-                if split == "train" and i < 1000:
-                    train_raw += [x.float() for x in latents]
+                    train_raw += [x.float() for x in latents] if i < 1000 else []
                 if len(dialogues) == SHARD or i == count - 1:
-                    path = os.path.join(out, f"{split}_{i // SHARD:04d}.pt")
-                    torch.save({"dialogues": dialogues, "audio": audio}, path)
+                    torch.save({"dialogues": dialogues, "audio": audio}, os.path.join(out, f"{split}_{i // SHARD:04d}.pt"))
                     dialogues, audio = [], []
     rate = (n + n_listen + 2 * n_eval) / (time.time() - t0)
-    codec = AudioCodec().fit(train_raw)
     tok = BPETokenizer()
     tok.train(train_text, vocab_size=1024)
     tok.save(os.path.join(out, "tokenizer.json"))
-    meta = {"counts": counts, "sr": SR, "seeds": seeds, "shard_size": SHARD, "codec": codec.state_dict()}
+    meta = {"counts": counts, "sr": SR, "seeds": seeds, "shard_size": SHARD,
+            "codec": AudioCodec().fit(train_raw).state_dict()}
     with open(os.path.join(out, "meta.json"), "w") as f:
         json.dump(meta, f)
     return rate
@@ -971,20 +956,17 @@ def write_demo(out, seeds=(1, 2, 3)):
         dialogue, audios = make_dialogue(seed)
         turns, md = dialogue["turns"], [f"# Dialogue {k} (seed {seed})", ""]
         for i, t in enumerate(turns):
-            if "audio" in t:   # a user's clip is described by the plan of the assistant turn after it
-                name, plan = f"dialogue_{k}_audio_{t['audio']}", t.get("plan") or turns[i + 1]["plan"]
-                sf.write(os.path.join(out, name + ".wav"), audios[t["audio"]].T, SR)
-                plot_story(audios[t["audio"]], plan, os.path.join(out, name + ".png"),
-                           title=f"dialogue {k}, audio {t['audio']} ({t['role']})")
             if t["role"] == "user":
                 md += [f"**user:** {t['text']}", "", f"intent: `{json.dumps(t['intent'])}`", ""]
-                md += [f"(the user supplies audio `{name}.wav`)", "", f"![]({name}.png)", ""] if "audio" in t else []
-            elif "tool" in t:
-                md += ["**assistant** (tool calls: the chain of thought):", "", "```", t["text"], "```", "",
-                       "**tool** (the studio's plan):", "", "```", t["tool"], "```", "", f"audio: `{name}.wav`", "",
-                       f"![]({name}.png)", ""]
-            else:
-                md += ["**assistant:**", "", "```", t["text"], "```", ""]
+            else:   # an audio turn's text is its tool calls (the chain of thought), its "tool" the studio's plan
+                md += ["**assistant** (tool calls):" if "tool" in t else "**assistant:**", "", "```", t["text"], "```", ""]
+                md += ["**tool** (the studio's plan):", "", "```", t["tool"], "```", ""] if "tool" in t else []
+            if "audio" in t:   # a user's clip is described by the plan of the assistant turn after it
+                name = f"dialogue_{k}_audio_{t['audio']}"
+                sf.write(os.path.join(out, name + ".wav"), audios[t["audio"]].T, SR)
+                plot_story(audios[t["audio"]], t.get("plan") or turns[i + 1]["plan"], os.path.join(out, name + ".png"),
+                           title=f"dialogue {k}, audio {t['audio']} ({t['role']})")
+                md += [f"audio: `{name}.wav`", "", f"![]({name}.png)", ""]
         with open(os.path.join(out, f"dialogue_{k}.md"), "w") as f:
             f.write("\n".join(md))
     print(f"wrote {len(seeds)} dialogues (markdown, wav, png) to {out}/")
@@ -992,10 +974,8 @@ def write_demo(out, seeds=(1, 2, 3)):
 def main(argv):
     """python simulate_data.py DATA_DIR | python simulate_data.py --demo OUT_DIR"""
     if len(argv) == 1 and not argv[0].startswith("-"):
-        t0 = time.time()
         rate = write_dataset(argv[0], n=N_TRAIN, n_listen=N_LISTEN)   # exactly train.py's dataset
-        print(f"simulated {N_TRAIN} train + {N_LISTEN} listen + val + test dialogues at {rate:.1f} dialogues/s "
-              f"({time.time() - t0:.1f} s in all, with BPE and codec statistics) -> {argv[0]}/")
+        print(f"simulated {N_TRAIN} train + {N_LISTEN} listen + val + test dialogues ({rate:.1f} / s) -> {argv[0]}/")
     elif len(argv) == 2 and argv[0] == "--demo" and not argv[1].startswith("-"):
         write_demo(argv[1])
     else:
