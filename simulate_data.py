@@ -873,8 +873,6 @@ def make_listening_dialogue(seed):
 # -----------------------------------------------------------------------------
 # Part 6: pictures -- spectrograms of both channels over the plan's timeline
 
-TYPE_COLORS = {"speech": "tab:blue", "sfx": "tab:orange", "ambience": "tab:green", "music": "tab:purple"}
-
 def plot_story(wav, plan, path, title=None):
     """Save a PNG: the log-mel spectrogram (the codec's view) of the left and right channels of
     wav (2, N), and beneath them the plan (or None) as a timeline, one row per source."""
@@ -882,25 +880,19 @@ def plot_story(wav, plan, path, title=None):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     raw = AudioCodec().encode_raw(wav).numpy()          # (T, 64): 32 left mels ++ 32 right mels
-    dur = wav.shape[-1] / SR
+    dur, vmax = wav.shape[-1] / SR, raw.max()
     srcs = sorted(plan["sources"], key=lambda s: (s["start"], s["id"])) if plan else []
     fig, axes = plt.subplots(3, 1, figsize=(10, 5.5 + 0.3 * len(srcs)), sharex=True,
                              gridspec_kw={"height_ratios": [2, 2, 0.6 + 0.35 * max(1, len(srcs))]})
-    vmax = raw.max()
     for ax, ch, name in ((axes[0], raw[:, :32], "left"), (axes[1], raw[:, 32:], "right")):
         ax.imshow(ch.T, origin="lower", aspect="auto", extent=(0, dur, 0, 32), cmap="magma", vmin=vmax - 12, vmax=vmax)
         ax.set_ylabel(f"{name}\nmel band")
-    ax = axes[2]
     for row, s in enumerate(srcs):
         label = f"{s['id']} {s['voice']}: {s['text']}" if s["type"] == "speech" else f"{s['id']} {s['sound']}"
-        ax.barh(row, s["dur"], left=s["start"], color=TYPE_COLORS[s["type"]], alpha=0.8)
-        ax.text(s["start"] + 0.03, row, f"{label}  ({s['gain_db']} dB, pan {s['pan']:+.1f})", va="center", fontsize=8)
-    ax.set_ylim(len(srcs) - 0.5, -0.5)
-    ax.set_yticks([])
-    ax.set_xlim(0, dur)
-    ax.set_xlabel("time (s)")
-    if title:
-        axes[0].set_title(title, fontsize=10)
+        axes[2].barh(row, s["dur"], left=s["start"], color=f"C{TYPES.index(s['type'])}", alpha=0.8)
+        axes[2].text(s["start"] + 0.03, row, f"{label}  ({s['gain_db']} dB, pan {s['pan']:+.1f})", va="center", fontsize=8)
+    axes[2].set(ylim=(len(srcs) - 0.5, -0.5), yticks=[], xlim=(0, dur), xlabel="time (s)")
+    axes[0].set_title(title or "", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -911,18 +903,13 @@ def plot_story(wav, plan, path, title=None):
 
 SPLIT_SEEDS = {"train": 0, "val": 10_000_000, "test": 20_000_000, "listen": 30_000_000}  # disjoint (+ seed * 100M)
 SHARD = 500   # dialogues per shard file
-_codec = None   # a dataset worker's codec
-
-def _worker_init():
-    global _codec
-    torch.set_num_threads(1)   # one process per core: torch must not oversubscribe them
-    _codec = AudioCodec()
 
 def _simulate(job):
     """Worker: (split, seed) -> (dialogue as JSON text, [raw log-mel (T, 64) float16 per audio])."""
     split, seed = job
     dialogue, audios = (make_listening_dialogue if split == "listen" else make_dialogue)(seed)
-    return json.dumps(dialogue), [_codec.encode_raw(a).to(torch.float16) for a in audios]
+    codec = AudioCodec()
+    return json.dumps(dialogue), [codec.encode_raw(a).to(torch.float16) for a in audios]
 
 def write_dataset(out, n, n_eval=None, seed=0, workers=None, n_listen=0):
     """Simulate n train dialogues, n_listen listening dialogues (split "listen") and n_eval val and
@@ -934,7 +921,7 @@ def write_dataset(out, n, n_eval=None, seed=0, workers=None, n_listen=0):
     os.makedirs(out, exist_ok=True)
     counts, seeds, train_text, train_raw = {}, {}, [], []
     t0 = time.time()
-    with mp.Pool(workers or os.cpu_count(), initializer=_worker_init) as pool:
+    with mp.Pool(workers or os.cpu_count(), torch.set_num_threads, (1,)) as pool:   # a process per core, 1 thread each
         for split, count in (("train", n), ("listen", n_listen), ("val", n_eval), ("test", n_eval)):
             if count == 0:
                 continue
@@ -947,18 +934,16 @@ def write_dataset(out, n, n_eval=None, seed=0, workers=None, n_listen=0):
                 audio.append(latents)
                 if split == "train" and i < 2000:
                     train_text += [t["text"] for t in json.loads(text)["turns"]]
-                if split == "train" and i < 1000:
-                    train_raw += [x.float() for x in latents]
+                    train_raw += [x.float() for x in latents] if i < 1000 else []
                 if len(dialogues) == SHARD or i == count - 1:
-                    path = os.path.join(out, f"{split}_{i // SHARD:04d}.pt")
-                    torch.save({"dialogues": dialogues, "audio": audio}, path)
+                    torch.save({"dialogues": dialogues, "audio": audio}, os.path.join(out, f"{split}_{i // SHARD:04d}.pt"))
                     dialogues, audio = [], []
     rate = (n + n_listen + 2 * n_eval) / (time.time() - t0)
-    codec = AudioCodec().fit(train_raw)
     tok = BPETokenizer()
     tok.train(train_text, vocab_size=1024)
     tok.save(os.path.join(out, "tokenizer.json"))
-    meta = {"counts": counts, "sr": SR, "seeds": seeds, "shard_size": SHARD, "codec": codec.state_dict()}
+    meta = {"counts": counts, "sr": SR, "seeds": seeds, "shard_size": SHARD,
+            "codec": AudioCodec().fit(train_raw).state_dict()}
     with open(os.path.join(out, "meta.json"), "w") as f:
         json.dump(meta, f)
     return rate
@@ -971,20 +956,17 @@ def write_demo(out, seeds=(1, 2, 3)):
         dialogue, audios = make_dialogue(seed)
         turns, md = dialogue["turns"], [f"# Dialogue {k} (seed {seed})", ""]
         for i, t in enumerate(turns):
-            if "audio" in t:   # a user's clip is described by the plan of the assistant turn after it
-                name, plan = f"dialogue_{k}_audio_{t['audio']}", t.get("plan") or turns[i + 1]["plan"]
-                sf.write(os.path.join(out, name + ".wav"), audios[t["audio"]].T, SR)
-                plot_story(audios[t["audio"]], plan, os.path.join(out, name + ".png"),
-                           title=f"dialogue {k}, audio {t['audio']} ({t['role']})")
             if t["role"] == "user":
                 md += [f"**user:** {t['text']}", "", f"intent: `{json.dumps(t['intent'])}`", ""]
-                md += [f"(the user supplies audio `{name}.wav`)", "", f"![]({name}.png)", ""] if "audio" in t else []
-            elif "tool" in t:
-                md += ["**assistant** (tool calls: the chain of thought):", "", "```", t["text"], "```", "",
-                       "**tool** (the studio's plan):", "", "```", t["tool"], "```", "", f"audio: `{name}.wav`", "",
-                       f"![]({name}.png)", ""]
-            else:
-                md += ["**assistant:**", "", "```", t["text"], "```", ""]
+            else:   # an audio turn's text is its tool calls (the chain of thought), its "tool" the studio's plan
+                md += ["**assistant** (tool calls):" if "tool" in t else "**assistant:**", "", "```", t["text"], "```", ""]
+                md += ["**tool** (the studio's plan):", "", "```", t["tool"], "```", ""] if "tool" in t else []
+            if "audio" in t:   # a user's clip is described by the plan of the assistant turn after it
+                name = f"dialogue_{k}_audio_{t['audio']}"
+                sf.write(os.path.join(out, name + ".wav"), audios[t["audio"]].T, SR)
+                plot_story(audios[t["audio"]], t.get("plan") or turns[i + 1]["plan"], os.path.join(out, name + ".png"),
+                           title=f"dialogue {k}, audio {t['audio']} ({t['role']})")
+                md += [f"audio: `{name}.wav`", "", f"![]({name}.png)", ""]
         with open(os.path.join(out, f"dialogue_{k}.md"), "w") as f:
             f.write("\n".join(md))
     print(f"wrote {len(seeds)} dialogues (markdown, wav, png) to {out}/")
@@ -992,10 +974,8 @@ def write_demo(out, seeds=(1, 2, 3)):
 def main(argv):
     """python simulate_data.py DATA_DIR | python simulate_data.py --demo OUT_DIR"""
     if len(argv) == 1 and not argv[0].startswith("-"):
-        t0 = time.time()
         rate = write_dataset(argv[0], n=N_TRAIN, n_listen=N_LISTEN)   # exactly train.py's dataset
-        print(f"simulated {N_TRAIN} train + {N_LISTEN} listen + val + test dialogues at {rate:.1f} dialogues/s "
-              f"({time.time() - t0:.1f} s in all, with BPE and codec statistics) -> {argv[0]}/")
+        print(f"simulated {N_TRAIN} train + {N_LISTEN} listen + val + test dialogues ({rate:.1f} / s) -> {argv[0]}/")
     elif len(argv) == 2 and argv[0] == "--demo" and not argv[1].startswith("-"):
         write_demo(argv[1])
     else:
@@ -1018,18 +998,12 @@ def band_shape(f, lo, hi):
     """Magnitude response of a smooth band-pass (4th-order Butterworth-like edges) at f Hz."""
     return 1 / np.sqrt(1 + (lo / np.maximum(f, 1.0)) ** 8) / np.sqrt(1 + (f / hi) ** 8)
 
-@functools.lru_cache(maxsize=256)
-def _band_mask(nf, lo, hi, tilt):
-    f = np.fft.rfftfreq(nf, 1 / SR)
-    return band_shape(f, lo, hi) * (np.maximum(f, 20.0) / 1000.0) ** tilt
-
-def band_noise(rng, n, lo, hi, tilt=0.0):
-    """Noise band-limited to about [lo, hi] Hz, unit RMS -> (n,): Gaussian Fourier coefficients
-    shaped by band_shape (tilt > 0 brightens), one inverse FFT of a fast length."""
+def band_noise(rng, n, lo, hi):
+    """Noise band-limited to about [lo, hi] Hz, unit RMS -> (n,) float32: Gaussian Fourier
+    coefficients shaped by band_shape, one inverse FFT of a fast length."""
     nf = n if n % 1600 == 0 else 1 << (n - 1).bit_length()   # plan lengths (0.1 s grid) are fast already
-    mask = _band_mask(nf, lo, hi, tilt)
-    spec = (rng.standard_normal(len(mask)) + 1j * rng.standard_normal(len(mask))) * mask
-    x = np.fft.irfft(spec, nf)[:n]
+    mask = band_shape(np.fft.rfftfreq(nf, 1 / SR), lo, hi)
+    x = np.fft.irfft((rng.standard_normal(len(mask)) + 1j * rng.standard_normal(len(mask))) * mask, nf)[:n]
     return (x / rms(x)).astype(np.float32)
 
 @functools.lru_cache(maxsize=None)
@@ -1047,22 +1021,25 @@ def decay_env(n, attack, tau):
     t = np.arange(n) / SR
     return (np.minimum(t / attack, 1.0) * np.exp(-np.maximum(t - attack, 0.0) / tau)).astype(np.float32)
 
-@functools.lru_cache(maxsize=None)
-def _ramp(n):
-    return (np.sin(np.linspace(0, np.pi / 2, n)) ** 2).astype(np.float32)
-
 def fade(x, t_in=0.005, t_out=0.01):
     """Short raised-cosine fades at both ends, so no source starts or stops with a click."""
-    n_in, n_out = max(1, int(t_in * SR)), max(1, int(t_out * SR))
+    up, down = ((np.sin(np.linspace(0, np.pi / 2, max(1, int(t * SR)))) ** 2).astype(np.float32) for t in (t_in, t_out))
     x = x.copy()
-    x[:n_in] *= _ramp(n_in)
-    x[-n_out:] *= _ramp(n_out)[::-1]
+    x[:len(up)] *= up
+    x[-len(down):] *= down[::-1]
     return x
+
+def add_events(out, onsets, event):
+    """Add an event at each onset (s) into out, clipped at the end -> out. event: an array, or a
+    function i -> the i-th event, called in onset order (so each event may draw from the rng)."""
+    for i, t0 in enumerate(onsets):
+        e = event(i) if callable(event) else event
+        i0 = int(t0 * SR)
+        out[i0:i0 + len(e)] += e[:len(out) - i0]
+    return out
 
 def smooth(x, width):
     """Moving Hann-window average along the last axis (edges padded), width in control frames."""
-    if width < 2:
-        return x
     w = np.hanning(width + 2)[1:-1]
     w /= w.sum()
     xp = np.pad(x, [(0, 0)] * (x.ndim - 1) + [(width, width)], mode="edge")
@@ -1083,31 +1060,28 @@ def upsample(x, n):
 def harmonic_stack(f0, amps, n):
     """Additive synthesis sum_k A_k(t) sin(k phase(t)): f0 (C,) Hz, amps (K, C) at control rate
     -> (n,). sin(k phase) by the Chebyshev recurrence, amplitudes blended once per block: fast."""
-    phase = 2 * np.pi * np.cumsum(upsample(f0, n).astype(np.float64)) / SR
     blocks = -(-n // CTRL)
-    ph = np.zeros(blocks * CTRL)
-    ph[:n] = np.mod(phase, 2 * np.pi)
-    ph = ph.reshape(blocks, CTRL).astype(np.float32)   # (blocks, CTRL): sample j of control block c
-    amps = amps.astype(np.float32)
-    two_cos, s_prev, s, tmp = 2 * np.cos(ph), np.zeros_like(ph), np.sin(ph), np.empty_like(ph)
+    phase = np.mod(2 * np.pi * np.cumsum(upsample(f0, n).astype(np.float64)) / SR, 2 * np.pi)
+    ph = np.pad(phase, (0, blocks * CTRL - n)).reshape(blocks, CTRL).astype(np.float32)   # sample j of block c
+    two_cos, s_prev, s = 2 * np.cos(ph), np.zeros_like(ph), np.sin(ph)
     acc0, acc1 = np.zeros_like(ph), np.zeros_like(ph)
-    for k in range(amps.shape[0]):   # sin((k+1)x) = 2 cos(x) sin(kx) - sin((k-1)x), in place
-        acc0 += np.multiply(amps[k, :blocks, None], s, out=tmp)
-        acc1 += np.multiply(amps[k, 1:blocks + 1, None], s, out=tmp)
-        np.multiply(two_cos, s, out=tmp)
-        tmp -= s_prev
-        s_prev, s, tmp = s, tmp, s_prev
+    for a in amps.astype(np.float32):   # sin((k+1)x) = 2 cos(x) sin(kx) - sin((k-1)x)
+        acc0 += a[:blocks, None] * s
+        acc1 += a[1:blocks + 1, None] * s
+        s_prev, s = s, two_cos * s - s_prev
     w = np.arange(CTRL, dtype=np.float32) / CTRL
     return (acc0 * (1 - w) + acc1 * w).reshape(-1)[:n]
 
-def formant_gain(fk, formants, bandwidths):
-    """Gain of a cascade of resonators (the vocal tract) at harmonic frequencies fk (K, C);
-    formants (F, C) Hz, bandwidths (F,) Hz."""
-    g = np.ones_like(fk)
-    for F, B in zip(formants, bandwidths):
-        F = F[None, :]
+def formant_tone(f0, formants, bandwidths, tilt, n, top=np.inf, harmonics=None, amp=1.0):
+    """Source-filter synthesis -> (n,): the harmonics of f0 (C,) Hz below `top` Hz (or the first
+    `harmonics`), the k-th at k^-tilt (the source), times the gain of a cascade of resonators
+    (the tract) at `formants` (F, C) or (F, 1) Hz with `bandwidths` (F,) Hz, times amp (C,)."""
+    k = np.arange(1, (harmonics or int(top / f0.min())) + 1)[:, None]
+    fk = k * f0   # (K, C): the harmonics' frequencies over time
+    g = 1.0
+    for F, B in zip(np.asarray(formants), bandwidths):
         g = g * F ** 2 / np.sqrt((F ** 2 - fk ** 2) ** 2 + (B * fk) ** 2)
-    return g
+    return harmonic_stack(f0, g * k ** -tilt * amp * (fk < top), n)
 
 
 # --- speech: phonemes, the words' phoneme codes, the formant synthesizer -------------------
@@ -1156,7 +1130,7 @@ def _assign_word_codes():
     shapes = ["CVC", "CVCV", "CVCVC"]
     codes, taken = {}, set()
     for word in VOCAB:
-        groups = sum(1 for i, c in enumerate(word) if c in "aeiouy" and (i == 0 or word[i - 1] not in "aeiouy"))
+        groups = len(re.findall("[aeiouy]+", word))          # vowel groups: about the syllables
         groups -= word.endswith("e") and groups > 1          # silent final e: "home" is one syllable
         level = 0 if groups <= 1 else 1 + int(rng.integers(2))
         for attempt in range(10_000):   # when the short codes run out, a longer shape
@@ -1196,10 +1170,7 @@ def synth_speech(voice, text, rng):
     t = idx * CTRL / SR
     f0 = v.f0 * (1 + 0.06 - 0.12 * t / max(end, 1e-3)) * (1 + smooth(accent, 15)) \
         * (1 + 0.02 * (random_curve(rng, C * CTRL, 4, CTRL) - 0.5))
-    k = np.arange(1, int(4000 / f0.min()) + 1)[:, None]
-    fk = k * f0[None, :]
-    A = formant_gain(fk, F, np.array([90, 110, 170]) * v.formant) * k ** -v.tilt * av[None, :] * (fk < 4000)
-    x = harmonic_stack(f0, A, n)
+    x = formant_tone(f0, F, np.array([90, 110, 170]) * v.formant, v.tilt, n, top=4000, amp=av)
     voiced = upsample(av, n)
     x /= rms(x[voiced > 0.5]) if np.any(voiced > 0.5) else rms(x)
     x += v.breath * bank_noise(rng, n, 1000, 5000) * voiced
@@ -1207,39 +1178,24 @@ def synth_speech(voice, text, rng):
         p = PHONEMES[ph]
         if p["kind"] == "fricative":
             m = int(d * SR)
-            seg = bank_noise(rng, m, *p["band"]) * p["amp"] * fade(np.ones(m, np.float32), 0.015, 0.015)
+            add_events(x, [t0], bank_noise(rng, m, *p["band"]) * p["amp"] * fade(np.ones(m, np.float32), 0.015, 0.015))
         elif p["kind"] == "plosive":   # closure (silence), then a 15 ms burst and 20 ms aspiration
             m = int(0.035 * SR)
-            seg = bank_noise(rng, m, *p["band"]) * p["amp"] * decay_env(m, 0.001, 0.012)
-            t0 = t0 + d - 0.035
-        else:
-            continue
-        i0 = int(t0 * SR)
-        x[i0:i0 + len(seg)] += seg[:n - i0]
+            add_events(x, [t0 + d - 0.035], bank_noise(rng, m, *p["band"]) * p["amp"] * decay_env(m, 0.001, 0.012))
     return fade(0.1 * x / rms(x[: int(end * SR)])).astype(np.float32)
 
 
 # --- sound effects: fn(rng, n) -> mono (n,), n its fixed length; the rng varies pitch, timing, texture
 
-def _events(out, onsets, make):
-    """Add make(i) at each onset (s) into out, clipped at the end."""
-    for i, t0 in enumerate(onsets):
-        e = make(i)
-        i0 = int(t0 * SR)
-        out[i0:i0 + len(e)] += e[:len(out) - i0]
-    return out
-
 def dog_bark(rng, n):
     """Two 'woofs': a falling harmonic tone through an open-vowel tract, plus rough noise."""
+    m = int(0.17 * SR)
     def woof(i):
-        m = int(0.17 * SR)
-        C = m // CTRL + 2
-        f0 = np.linspace(1, 0.7, C) * rng.uniform(430, 620)
-        k = np.arange(1, 13)[:, None]
-        F = np.array([[700.0], [1500.0], [2600.0]]) * rng.uniform(0.9, 1.1) * np.ones(C)
-        tone = harmonic_stack(f0, formant_gain(k * f0, F, [250, 300, 400]) * k ** -0.7, m)
+        f0 = np.linspace(1, 0.7, m // CTRL + 2) * rng.uniform(430, 620)
+        F = np.array([[700.0], [1500.0], [2600.0]]) * rng.uniform(0.9, 1.1)
+        tone = formant_tone(f0, F, [250, 300, 400], 0.7, m, harmonics=12)
         return (tone / rms(tone) + 0.6 * band_noise(rng, m, 400, 3500)) * decay_env(m, 0.006, 0.05)
-    return _events(np.zeros(n, np.float32), [0.0, rng.uniform(0.24, 0.30)], woof)
+    return add_events(np.zeros(n, np.float32), [0.0, rng.uniform(0.24, 0.30)], woof)
 
 def knock(rng, n):
     """Three knocks on wood: two damped low modes and a short click."""
@@ -1248,13 +1204,11 @@ def knock(rng, n):
     def hit(i):
         body = np.sin(2 * np.pi * f1 * t) * np.exp(-t / 0.02) + 0.6 * np.sin(2 * np.pi * f2 * t) * np.exp(-t / 0.012)
         return rng.uniform(0.8, 1.0) * (body + 0.5 * band_noise(rng, len(t), 1000, 4000) * np.exp(-t / 0.004))
-    gap = rng.uniform(0.13, 0.17)
-    return _events(np.zeros(n, np.float32), [0.0, gap, 2 * gap], hit)
+    return add_events(np.zeros(n, np.float32), np.arange(3) * rng.uniform(0.13, 0.17), hit)
 
 def bell(rng, n):
     """A struck bell: long-ringing inharmonic partials, the low ones longest, and a bright strike."""
-    f = rng.uniform(450, 800)
-    t = np.arange(n) / SR
+    f, t = rng.uniform(450, 800), np.arange(n) / SR
     ratios = np.array([0.5, 1.0, 1.19, 1.5, 2.0, 2.52, 2.67, 3.01])[:, None]
     amps = np.array([0.4, 1.0, 0.6, 0.35, 0.5, 0.25, 0.2, 0.15])[:, None]
     x = (amps * np.sin(2 * np.pi * f * ratios * t) * np.exp(-t / (0.8 / ratios ** 0.6))).sum(0)
@@ -1262,41 +1216,33 @@ def bell(rng, n):
 
 def footsteps(rng, n):
     """Four steps: a low thud and a scuff of grit, at a walking pace."""
-    pace = rng.uniform(0.26, 0.3)
+    m = int(0.15 * SR)
     def step(i):
-        m = int(0.15 * SR)
         return rng.uniform(0.7, 1.0) * (band_noise(rng, m, 60, 350) * decay_env(m, 0.002, 0.03)
                                         + 0.4 * band_noise(rng, m, 1500, 4000) * decay_env(m, 0.001, 0.012))
-    return _events(np.zeros(n, np.float32), pace * np.arange(4) + rng.uniform(0, 0.02, 4), step)
+    return add_events(np.zeros(n, np.float32), rng.uniform(0.26, 0.3) * np.arange(4) + rng.uniform(0, 0.02, 4), step)
 
 def glass_break(rng, n):
     """A bright crash, then shards tinkling: many short high sine pings at random times."""
     x = band_noise(rng, n, 2500, 7800) * decay_env(n, 0.001, 0.06)
+    onsets = np.minimum(rng.exponential(0.15, 30), 0.6)
+    amp, f, tau = rng.uniform([0.15, 2500, 0.01], [0.5, 7000, 0.05], (30, 3)).T   # each shard's level, pitch, ring
     t = np.arange(int(0.2 * SR)) / SR
-    def ping(i):
-        return rng.uniform(0.15, 0.5) * np.sin(2 * np.pi * rng.uniform(2500, 7000) * t) * np.exp(-t / rng.uniform(0.01, 0.05))
-    return _events(x, np.minimum(rng.exponential(0.15, 30), 0.6), ping)
+    return add_events(x, onsets, lambda i: amp[i] * np.sin(2 * np.pi * f[i] * t) * np.exp(-t / tau[i]))
 
 def car_horn(rng, n):
     """Two brassy harmonic tones a major third apart, held steady (the beating is the 'honk')."""
-    C = n // CTRL + 2
     f1 = rng.uniform(360, 440)
-    k = np.arange(1, 16)[:, None]
-    x = 0
-    for f in (f1, f1 * 1.26):
-        f0 = np.full(C, f)
-        F = np.array([[1000.0], [2000.0], [3000.0]]) * np.ones(C)
-        x = x + harmonic_stack(f0, formant_gain(k * f0, F, [400, 500, 600]) * k ** -0.6, n)
+    x = sum(formant_tone(np.full(n // CTRL + 2, f), [[1000.0], [2000.0], [3000.0]], [400, 500, 600], 0.6, n, harmonics=15)
+            for f in (f1, f1 * 1.26))
     return fade(x, 0.015, 0.03)
 
 def bird_chirp(rng, n):
     """Three quick upward whistled sweeps, high up (2-5 kHz)."""
     def chirp(i):
-        m = int(0.09 * SR)
-        f = np.linspace(rng.uniform(2000, 3000), rng.uniform(3800, 5000), m)
-        return np.sin(2 * np.pi * np.cumsum(f) / SR) * np.sin(np.linspace(0, np.pi, m)) ** 2
-    gap = rng.uniform(0.15, 0.2)
-    return _events(np.zeros(n, np.float32), [0.0, gap, 2 * gap], chirp)
+        f = np.linspace(rng.uniform(2000, 3000), rng.uniform(3800, 5000), int(0.09 * SR))
+        return np.sin(2 * np.pi * np.cumsum(f) / SR) * np.sin(np.linspace(0, np.pi, len(f))) ** 2
+    return add_events(np.zeros(n, np.float32), np.arange(3) * rng.uniform(0.15, 0.2), chirp)
 
 def thunder(rng, n):
     """A crack, then a long low rumble whose loudness rolls at random."""
@@ -1306,20 +1252,16 @@ def thunder(rng, n):
 
 def clock_tick(rng, n):
     """Tick ... tock: four short clicks, exactly 0.25 s apart, alternating in pitch."""
-    f = rng.uniform(2500, 3500)
-    def click(i):
-        m = int(0.03 * SR)
-        t = np.arange(m) / SR
-        lo, hi = (2500, 6000) if i % 2 == 0 else (1500, 4000)
+    f, t = rng.uniform(2500, 3500), np.arange(int(0.03 * SR)) / SR
+    def click(i):   # tick (even i) higher than tock
         ring = np.sin(2 * np.pi * f * (1 - 0.25 * (i % 2)) * t) * np.exp(-t / 0.006)
-        return band_noise(rng, m, lo, hi) * np.exp(-t / 0.003) + 0.5 * ring
-    return _events(np.zeros(n, np.float32), 0.25 * np.arange(4), click)
+        return band_noise(rng, len(t), *[(2500, 6000), (1500, 4000)][i % 2]) * np.exp(-t / 0.003) + 0.5 * ring
+    return add_events(np.zeros(n, np.float32), 0.25 * np.arange(4), click)
 
 def applause(rng, n):
     """Many hands: a dense random train of short noisy claps (FFT convolution), swelling and dying."""
     count = int(rng.uniform(150, 220))
-    imp = np.zeros(n)
-    np.add.at(imp, rng.integers(0, n - int(0.05 * SR), count), rng.uniform(0.3, 1.0, count))
+    imp = np.bincount(rng.integers(0, n - int(0.05 * SR), count), rng.uniform(0.3, 1.0, count), minlength=n)
     m = int(0.02 * SR)
     kernel = band_noise(rng, m, 800, 3500) * decay_env(m, 0.0005, 0.005)
     x = np.fft.irfft(np.fft.rfft(imp, n + m) * np.fft.rfft(kernel, n + m), n + m)[:n]
@@ -1327,40 +1269,32 @@ def applause(rng, n):
 
 def whistle(rng, n):
     """A person whistling: a nearly pure tone that rises then falls, with vibrato and breath."""
-    C = n // CTRL + 2
-    t = np.arange(C) * CTRL / SR
+    t = np.arange(n // CTRL + 2) * CTRL / SR
     f = rng.uniform(1500, 2300) * (1 + 0.15 * np.sin(np.pi * t / (n / SR)) + 0.015 * np.sin(2 * np.pi * 6 * t))
-    x = harmonic_stack(f, np.array([[1.0], [0.05]]) * np.ones(C), n)
+    x = harmonic_stack(f, np.array([[1.0], [0.05]]) * np.ones(len(t)), n)
     return fade(x + 0.05 * band_noise(rng, n, 1000, 4000), 0.03, 0.06)
 
 def door_creak(rng, n):
     """Stick-slip friction: a buzzy, low, wandering pitch through wooden resonances, stuttering."""
-    C = n // CTRL + 2
-    f0 = 60 + 90 * random_curve(rng, C * CTRL, 4, CTRL)
-    k = np.arange(1, int(4000 / 60) + 1)[:, None]
-    F = np.array([[900.0], [1700.0], [2800.0]]) * rng.uniform(0.85, 1.15) * np.ones(C)
-    x = harmonic_stack(f0, formant_gain(k * f0, F, [150, 200, 250]) * k ** -0.3 * (k * f0 < 7000), n)
+    f0 = 60 + 90 * random_curve(rng, (n // CTRL + 2) * CTRL, 4, CTRL)
+    F = np.array([[900.0], [1700.0], [2800.0]]) * rng.uniform(0.85, 1.15)
+    x = formant_tone(f0, F, [150, 200, 250], 0.3, n, top=7000, harmonics=66)
     return fade(x * (0.2 + random_curve(rng, n, 8)) ** 2, 0.05, 0.1)
 
 def phone_ring(rng, n):
     """An old telephone: two bursts of a dual tone, trilled at 20 Hz."""
     t = np.arange(int(0.4 * SR)) / SR
     f = rng.uniform(900, 1100)
-    def ring(i):
-        trill = 0.5 + 0.5 * np.sign(np.sin(2 * np.pi * 20 * t))
-        return fade((np.sin(2 * np.pi * f * t) + np.sin(2 * np.pi * 1.25 * f * t)) * trill)
-    return _events(np.zeros(n, np.float32), [0.0, 0.55], ring)
+    trill = 0.5 + 0.5 * np.sign(np.sin(2 * np.pi * 20 * t))
+    ring = fade((np.sin(2 * np.pi * f * t) + np.sin(2 * np.pi * 1.25 * f * t)) * trill)
+    return add_events(np.zeros(n, np.float32), [0.0, 0.55], ring)
 
 def cat_meow(rng, n):
     """Mee-ow: a high pitch rising then falling while the 'mouth' glides from i through a to u."""
-    C = n // CTRL + 2
-    s = np.linspace(0, 1, C)
+    s = np.linspace(0, 1, n // CTRL + 2)
     f0 = rng.uniform(420, 520) * (1 + 0.5 * np.sin(np.pi * s ** 0.7))
-    F = np.stack([np.interp(s, [0, 0.4, 1], [300, 900, 400]), np.interp(s, [0, 0.4, 1], [2300, 1500, 1000]),
-                  np.full(C, 3000.0)]) * 1.3
-    k = np.arange(1, int(7000 / f0.min()) + 1)[:, None]
-    x = harmonic_stack(f0, formant_gain(k * f0, F, [150, 200, 300]) * k ** -0.8 * (k * f0 < 7000), n)
-    return fade(x, 0.05, 0.15)
+    F = np.stack([np.interp(s, [0, 0.4, 1], f) for f in ([300, 900, 400], [2300, 1500, 1000], [3000] * 3)]) * 1.3
+    return fade(formant_tone(f0, F, [150, 200, 300], 0.8, n, top=7000), 0.05, 0.15)
 
 SFX = {   # name -> (fixed length in s, synthesizer)
     "dog_bark": (0.5, dog_bark), "knock": (0.5, knock), "bell": (1.5, bell), "footsteps": (1.2, footsteps),
@@ -1378,40 +1312,33 @@ TEX_F = np.fft.rfftfreq(TEX_N, 1 / SR)   # the texture's bin frequencies, Hz
 def noise_texture(rng, shape, n):
     """shape (frames, bins) magnitudes -> noise (n,): Gaussian Fourier coefficients times the shape,
     inverse FFT per frame, sine window, 50 % overlap-add (its squares sum to 1)."""
-    frames = shape.shape[0]
     spec = shape.astype(np.float32) * (rng.standard_normal(shape.shape, dtype=np.float32)
                                        + 1j * rng.standard_normal(shape.shape, dtype=np.float32))
     x = np.fft.irfft(spec, TEX_N, axis=-1) * np.sin(np.pi * (np.arange(TEX_N) + 0.5) / TEX_N)
-    out = np.zeros((frames + 1, TEX_HOP))
-    out[:frames] += x[:, :TEX_HOP]
-    out[1:] += x[:, TEX_HOP:]
-    return out.reshape(-1)[TEX_HOP:TEX_HOP + n].astype(np.float32)
+    return (x[1:, :TEX_HOP] + x[:-1, TEX_HOP:]).reshape(-1)[:n].astype(np.float32)
 
 def rain(rng, n):
     """Hiss of many drops (bright noise over a soft low wash), plus close drops as sharp clicks."""
-    f = TEX_F
-    shape = (band_shape(f, 800, 7500) * (np.maximum(f, 20) / 1000) ** -0.3 + 0.3 * band_shape(f, 60, 300))
+    shape = band_shape(TEX_F, 800, 7500) * (np.maximum(TEX_F, 20) / 1000) ** -0.3 + 0.3 * band_shape(TEX_F, 60, 300)
     x = noise_texture(rng, shape[None, :] * (0.9 + 0.2 * random_curve(rng, n + 2 * TEX_HOP, 3, TEX_HOP))[:, None], n)
     x /= rms(x)
     m = int(0.01 * SR)
     drop = band_noise(rng, m, 2000, 7000) * decay_env(m, 0.0005, 0.002)
-    return _events(x, rng.uniform(0, n / SR, int(n / SR * 40)), lambda i: rng.uniform(0.3, 1.2) * drop)
+    return add_events(x, rng.uniform(0, n / SR, int(n / SR * 40)), lambda i: rng.uniform(0.3, 1.2) * drop)
 
 def wind(rng, n):
     """Low roaring noise in slow random gusts, with a faint whistling resonance at the peaks."""
-    f = TEX_F
     g1, g2 = (random_curve(rng, n + 2 * TEX_HOP, rate, TEX_HOP)[:, None] for rate in (0.8, 1.2))
     fw = rng.uniform(600, 900)
-    shape = (band_shape(f, 80, 500) * (0.3 + g1) + 0.6 * band_shape(f, 300, 1200) * g2
-             + 3.0 * band_shape(f, fw - 40, fw + 40) * g2 ** 2)
+    shape = (band_shape(TEX_F, 80, 500) * (0.3 + g1) + 0.6 * band_shape(TEX_F, 300, 1200) * g2
+             + 3.0 * band_shape(TEX_F, fw - 40, fw + 40) * g2 ** 2)
     return noise_texture(rng, shape, n)
 
 def crowd(rng, n):
     """Babble: six talkers, each noise with two vowel-like formant peaks, on and off at syllable rate."""
-    f, talkers = TEX_F, 6
-    F1 = rng.uniform(300, 800, talkers)[:, None]
-    F2 = rng.uniform(900, 2500, talkers)[:, None]
-    masks = 1 / (1 + ((f - F1) / 150) ** 2) + 0.7 / (1 + ((f - F2) / 250) ** 2)      # (talkers, bins)
+    talkers = 6
+    F1, F2 = rng.uniform(300, 800, (talkers, 1)), rng.uniform(900, 2500, (talkers, 1))   # two formants each, Hz
+    masks = 1 / (1 + ((TEX_F - F1) / 150) ** 2) + 0.7 / (1 + ((TEX_F - F2) / 250) ** 2)      # (talkers, bins)
     syll = np.stack([random_curve(rng, n + 2 * TEX_HOP, rng.uniform(6, 10), TEX_HOP) for _ in range(talkers)]) ** 2
     return noise_texture(rng, syll.T @ masks, n)
 
@@ -1435,30 +1362,27 @@ PIANO_ENV = _k ** -1.3 * np.exp(-_t * _k ** 0.5 / 0.5) * np.minimum(1, _t / 0.00
 
 def piano(rng, n):
     """Piano: struck notes of 8 slightly inharmonic partials; each pitch synthesized once."""
-    notes = _melody(rng, n, [0.5, 1, 1, 2])
     @functools.lru_cache(maxsize=None)
     def note(f):
         return fade((np.sin(PIANO_PARTIALS * np.float32(f)) * PIANO_ENV).sum(0), 0.001, 0.05)   # float32 throughout
     out = np.zeros(n, np.float32)
-    for t0, _, f in notes:
-        _events(out, [t0], lambda i: note(f))
+    for t0, _, f in _melody(rng, n, [0.5, 1, 1, 2]):
+        add_events(out, [t0], note(f))
         if rng.random() < 0.3:   # now and then a bass note an octave below
-            _events(out, [t0], lambda i: 0.5 * note(f / 2))
+            add_events(out, [t0], 0.5 * note(f / 2))
     return out
 
 def flute(rng, n):
     """Flute: legato notes, almost a pure tone with weak overtones, vibrato, and breath noise."""
-    notes = _melody(rng, n, [1, 1, 2, 3])
     C = n // CTRL + 2
     tc = np.arange(C) * CTRL / SR
     f0, gate = np.zeros(C), np.zeros(C)
-    for t0, length, f in notes:
+    for t0, length, f in _melody(rng, n, [1, 1, 2, 3]):
         sel = (tc >= t0) & (tc < t0 + length)
         f0[sel] = 2 * f
         gate[sel & (tc < t0 + length - 0.05)] = 1   # a short breath between notes
-    f0 = smooth(f0, 6) * (1 + 0.01 * np.sin(2 * np.pi * 5 * tc))
-    gate = smooth(gate, 8)
-    x = harmonic_stack(f0, np.array([1.0, 0.3, 0.1, 0.04])[:, None] * gate[None, :], n)
+    f0, gate = smooth(f0, 6) * (1 + 0.01 * np.sin(2 * np.pi * 5 * tc)), smooth(gate, 8)
+    x = harmonic_stack(f0, np.array([1.0, 0.3, 0.1, 0.04])[:, None] * gate, n)
     return x + 0.08 * band_noise(rng, n, 1000, 4000) * upsample(gate, n)
 
 AMBIENCES = {"rain": rain, "wind": wind, "crowd": crowd}
