@@ -350,10 +350,9 @@ class AudioChatModel(nn.Module):
         return "flex" if self.wte.weight.is_cuda else "sdpa"
 
     def embed(self, tokens, audio, t, span_id, prev=None, starts=None):
-        """tokens: (B, L) long, audio: (B, L, latent) noisy patches, t: (B, L) noise levels,
-        span_id: (B, L), prev: (B, D) the embedding of the token before this chunk (None: nothing),
-        starts: (B, L) bool, True where a packed document begins -> (inputs (B, L, D), the last
-        token's embedding (B, D)).
+        """tokens, audio, t, span_id: (B, L, ...) as in forward; prev: (B, D) the embedding of the token
+        before this chunk (None: nothing); starts: (B, L) bool, True where a packed document begins
+        -> (inputs (B, L, D), the last token's embedding (B, D)).
 
         A text token is its embedding. An audio token is its projected patch rescaled to the text
         embeddings' mean norm (the paper: otherwise the model learns to ignore audio), plus the
