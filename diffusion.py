@@ -17,7 +17,7 @@ uses (DDPM-style, v target); its sampler is DPM-Solver++ on a Karras schedule wi
     loss, ce, mse = transfusion_forcing_loss(model, batch, null_id)        # batch: train.collate
     audio = sample_audio(model, cache, n_tokens=100, steps=25, sampler="dpmpp", cfg_scale=3.0)
 
-Read all of it: it is the paper's method in ~180 lines (minRF's rf.py is the model to follow).
+Read all of it: it is the paper's method (minRF's rf.py is the model to follow).
 """
 import math
 
@@ -35,9 +35,7 @@ def shift_noise_level(t, shift):
     """Move noise levels towards noise: the level whose signal-to-noise ratio (alpha / sigma)^2
     is shift^2 times smaller, t' = (2 / pi) atan(shift tan(pi t / 2)); shift 1 leaves t alone.
     The "shifted schedule" of simple diffusion (Hoogeboom et al. 2023) and SD3's timestep shift:
-    neighbouring audio frames are nearly the same, so a noise level that would drown one frame
-    leaves the span easy to guess from its neighbours, and the model learns little there about
-    what the plan asks for. Training at shifted levels spends more steps where it must read the plan."""
+    neighbouring frames are alike, so at low levels a span is guessed from itself, not the plan."""
     alpha, sigma = alpha_sigma(t)
     return (2 / math.pi) * torch.atan2(shift * sigma, alpha.clamp(min=0))  # atan2: exact at t = 1
 
@@ -207,12 +205,10 @@ def check_sampling(sampler, steps):
 def sample_audio(model, cache, n_tokens, steps=50, sampler="dpmpp", cfg_scale=3.0, generator=None):
     """Generate one audio span after the cached prefix (which ends with <|audio|>); commit it.
 
-    cache: the model's KVCache holding the prefix. With cfg_scale != 1 it holds 2B rows:
-    rows [:B] the conditional prefix, rows [B:] the same prefix with its plain text replaced by
-    <|null|> (same length), so that both branches run in ONE forward per step (batched CFG).
-    With cfg_scale == 1 it holds B conditional rows. The prefix's keys and values were computed
-    once; each of the `steps` denoiser calls runs only the n_tokens new audio tokens against them
-    (the prefix cache: nothing before the span attends to it, so its K/V never change).
+    cache: the model's KVCache holding the prefix in B conditional rows, then (cfg_scale != 1) in B
+    rows with its plain text replaced by <|null|>, so that both branches run in ONE forward per step
+    (batched CFG). Each of the `steps` denoiser calls runs only the n_tokens new audio tokens against
+    the cached prefix (nothing before the span attends to it, so its keys and values never change).
     Returns x0: (B, n_tokens, latent) and leaves the clean span (t = 0) committed in every row,
     ready for the next text turn. ValueError for steps < 1, an unknown sampler, or odd rows with CFG.
     """
@@ -223,7 +219,6 @@ def sample_audio(model, cache, n_tokens, steps=50, sampler="dpmpp", cfg_scale=3.
         raise ValueError(f"cfg_scale {cfg_scale} needs conditional and unconditional rows, got {rows} rows")
     B = rows // 2 if guided else rows
     dev = model.wte.weight.device
-    latent = model.config.latent_dim
     # the token ids of audio positions are never read (the audio embedding replaces them)
     tokens = torch.zeros(rows, n_tokens, dtype=torch.long, device=dev)
     span_id = torch.zeros(rows, n_tokens, dtype=torch.long, device=dev)  # one span: all see each other
@@ -235,7 +230,7 @@ def sample_audio(model, cache, n_tokens, steps=50, sampler="dpmpp", cfg_scale=3.
         v = v.float()
         return cfg(v[:B], v[B:], cfg_scale) if guided else v
 
-    noise = rand((B, n_tokens, latent), generator, dev, normal=True)
+    noise = rand((B, n_tokens, model.config.latent_dim), generator, dev, normal=True)
     x0 = SAMPLERS[sampler](v_fn, noise, steps)
     clean = torch.cat([x0, x0]) if guided else x0
     model.extend(cache, tokens, clean, torch.zeros(rows, n_tokens, device=dev), span_id, layers="all", commit=True)

@@ -14,13 +14,10 @@ audio position, the velocity v of that same patch (see diffusion.py for the conv
 The ablation variant `dense` is one shared stack of U + G layers with both heads on top.
 
 Attention follows Transfusion: causal everywhere, plus full bidirectional attention inside each
-audio span. The rule is written once (`mask_rule`) and served by three interchangeable backends:
-`math` (explicit masked softmax, to read), `sdpa` (PyTorch's fused kernel with a dense boolean
-mask; on packed training rows, one document at a time, so the blocks between documents are never
-computed) and `flex` (FlexAttention with a block mask, compiled on CUDA, which skips every fully
-masked block). Positions are rotary (RoPE): attention sees how far back a token is, wherever
-the turn sits in the dialogue. Decoding uses one key/value cache for both text and audio
-(`new_cache`, `extend`).
+audio span. The rule is written once (`mask_rule`) and served by three interchangeable backends
+(`attend`): `math` to read, `sdpa` and `flex` for speed. Positions are rotary (RoPE): attention sees
+how far back a token is, wherever the turn sits in the dialogue. Decoding uses one key/value cache
+for both text and audio (`new_cache`, `extend`).
 
     model = AudioChatModel(ModelConfig(vocab_size=1024))
     text_logits, v_pred = model(tokens, audio, t, span_id)      # training: the whole sequence
@@ -228,10 +225,8 @@ class DiffusionHead(nn.Module):
     their noise-level embedding -> v: (B, L, latent), the velocity of each patch.
 
     A one-block MLP per token that also sees the noisy patch it denoises (MAR's denoising MLP,
-    reduced): the transformer says what the patch should hold, read from the plan and the
-    context; the head weighs that against x_t at this noise level. With a bare linear read-out
-    the noisy patch would have to travel through every layer, in a residual stream no wider than
-    the patch, beside everything the layers read from the plan."""
+    reduced): the transformer says what the patch should hold, the head weighs that against x_t
+    (with a bare linear read-out the noisy patch would have to be carried through every layer)."""
 
     def __init__(self, config):
         super().__init__()
@@ -252,7 +247,7 @@ class DiffusionHead(nn.Module):
 # The key/value cache used for decoding
 
 class KVCache:
-    """Keys and values of every committed token, per layer: k[i], v[i] of shape (B, H, T_i, hd).
+    """Keys and values of every committed token, per layer: kv[i] = (k, v), each (B, H, T_i, hd).
 
     SCT decodes text through the U understanding layers only, so the G generation layers can lag
     behind: `pending` (B, P, D) holds the layer-U hidden states of the P tokens they have not seen
@@ -262,29 +257,22 @@ class KVCache:
 
     def __init__(self, n_layer, batch_size):
         self.batch_size = batch_size
-        self.k = [None] * n_layer
-        self.v = [None] * n_layer
-        self.pending = None
-        self.pending_span = None
+        self.kv = [None] * n_layer   # None until a chunk reaches layer i
+        self.pending = self.pending_span = None
         self.last = None  # (B, D) the last committed token's input embedding (for token shift)
 
     def __len__(self):
         """Number of committed tokens (all of them are in the understanding layers)."""
-        return 0 if self.k[0] is None else self.k[0].size(2)
-
-    def past(self, i):
-        return None if self.k[i] is None else (self.k[i], self.v[i])
+        return 0 if self.kv[0] is None else self.kv[0][0].size(2)
 
     def add_pending(self, h, span_id):
         """h: (B, n, D) layer-U states of a committed chunk, span_id: (B, n)."""
-        if self.pending is None:
-            self.pending, self.pending_span = h, span_id
-            return
-        # the pending tokens are run later as ONE chunk, where equal span ids attend both ways:
-        # shift this chunk's span ids past the pending ones so that separate spans stay separate
-        offset = self.pending_span.max().clamp(min=-1) + 1
-        self.pending = torch.cat([self.pending, h], 1)
-        self.pending_span = torch.cat([self.pending_span, torch.where(span_id >= 0, span_id + offset, span_id)], 1)
+        if self.pending is not None:
+            # the pending tokens are run later as ONE chunk, where equal span ids attend both ways:
+            # shift this chunk's span ids past the pending ones so that separate spans stay separate
+            span_id = torch.where(span_id >= 0, span_id + self.pending_span.max().clamp(min=-1) + 1, span_id)
+            h, span_id = torch.cat([self.pending, h], 1), torch.cat([self.pending_span, span_id], 1)
+        self.pending, self.pending_span = h, span_id
 
 
 # -----------------------------------------------------------------------------
@@ -313,10 +301,11 @@ class ModelConfig:
             raise ValueError(f"unknown arch {self.arch!r}: use {' or '.join(ARCHS)}")
         if self.attn not in ATTN_BACKENDS:
             raise ValueError(f"unknown attn {self.attn!r}: use {', '.join(ATTN_BACKENDS)}")
-        if min(self.n_layer, self.n_head, self.n_embd, self.block_size, self.vocab_size, self.latent_dim) < 1 or self.n_gen_layer < 0:
+        if min(self.n_layer, self.n_head, self.n_embd, self.block_size, self.vocab_size, self.latent_dim) < 1 \
+                or self.n_gen_layer < 0:
             raise ValueError("n_layer, n_head, n_embd, block_size must be >= 1 and n_gen_layer >= 0")
         if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}: every head needs the same width")
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}: heads share one width")
         if (self.n_embd // self.n_head) % 2:
             raise ValueError(f"n_embd={self.n_embd} / n_head={self.n_head} gives heads of odd width "
                              f"{self.n_embd // self.n_head}: rotary positions turn channel pairs, so it must be even")
@@ -349,12 +338,10 @@ class AudioChatModel(nn.Module):
             nn.init.zeros_(self.shift.weight)  # start as the plain transformer
 
     def _init_weights(self, module):
-        if isinstance(module, nn.Linear):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
 
     @property
     def backend(self):
@@ -363,18 +350,16 @@ class AudioChatModel(nn.Module):
         return "flex" if self.wte.weight.is_cuda else "sdpa"
 
     def embed(self, tokens, audio, t, span_id, prev=None, starts=None):
-        """tokens: (B, L) long, audio: (B, L, latent) noisy patches, t: (B, L) noise levels,
-        span_id: (B, L), prev: (B, D) the embedding of the token before this chunk (None: nothing),
-        starts: (B, L) bool, True where a packed document begins -> (inputs (B, L, D), the last
-        token's embedding (B, D)).
+        """tokens, audio, t, span_id: (B, L, ...) as in forward; prev: (B, D) the embedding of the token
+        before this chunk (None: nothing); starts: (B, L) bool, True where a packed document begins
+        -> (inputs (B, L, D), the last token's embedding (B, D)).
 
         A text token is its embedding. An audio token is its projected patch rescaled to the text
         embeddings' mean norm (the paper: otherwise the model learns to ignore audio), plus the
-        embeddings of its noise level and of its time in its span (not in the paper: where the
-        patch sits in its clip, which "applause at 1.1 s" needs and rotary positions do not say).
-        Token shift (not in the paper; RWKV's): each input also gets a learned map of the previous
-        token's embedding, so one layer can copy "the token after the one just written" -- what
-        writing a plan from a request needs -- without a two-layer induction circuit.
+        embeddings of its noise level and of its time in its span (not in the paper: where in its
+        clip the patch sits, which rotary positions do not say). Token shift (RWKV's, not the
+        paper's): each input also gets a learned map of the previous token's embedding, so one
+        layer can copy "the token after the one just written" without a two-layer induction circuit.
         """
         text = self.wte(tokens)
         text_norm = self.wte.weight.norm(dim=1).mean().detach()  # a target scale, not a gradient path
@@ -455,27 +440,25 @@ class AudioChatModel(nn.Module):
         within = transfusion_mask(span_id)  # (B, n, n)
         backend = "math" if self.backend == "math" else "sdpa"  # see extend() for why not flex
         for i in blocks:
-            past = cache.past(i)
+            past = cache.kv[i]
             seen = past[0].size(2) if past is not None else 0   # this layer's cache: the chunk's first position
             mask = torch.cat([within.new_ones(B, n, seen), within], dim=2)
             x, kv = self.blocks[i](x, mask, backend, self.rope(torch.arange(seen, seen + n, device=x.device)), past)
             if commit:  # kv already holds the cached keys and values followed by the chunk's
-                cache.k[i], cache.v[i] = kv
+                cache.kv[i] = kv
         return x
 
     def extend(self, cache, tokens, audio, t, span_id, layers="all", commit=True):
-        """Run a chunk of n new tokens after everything in the cache.
+        """Run a chunk of n new tokens after everything in the cache; its outputs equal a full forward's.
 
         tokens, audio, t, span_id: as in forward, with L = n. The chunk sees every committed token
         and, inside itself, follows the Transfusion rule (an audio span must be given whole, in one
         chunk). layers="text": only the layers the text head needs (SCT: the U understanding
-        layers; the cheap text path), returns (text_logits (B, n, V), None). layers="all": every
-        layer, returns (text_logits, v_pred (B, n, latent)). commit=False leaves the cache as it
-        was (a diffusion step on the span being sampled); commit=True appends the chunk.
-        Text decoding feeds chunks of one token through layers="text"; audio sampling runs only the
-        span's n tokens per diffusion step against the cached prefix (the prefix cache). Chunks use
-        `sdpa` (or `math`), never flex: their mask is almost dense, and compiled flex would
-        recompile for every cache length. Cached outputs equal a full forward.
+        layers), returns (text_logits (B, n, V), None). layers="all": every layer, returns
+        (text_logits, v_pred (B, n, latent)). commit=False leaves the cache as it was (a diffusion
+        step on the span being sampled); commit=True appends the chunk. Chunks use `sdpa` (or
+        `math`), never flex: their mask is almost dense, and compiled flex would recompile for
+        every cache length. ValueError for a chunk that does not fit the cache or block_size.
         """
         B, n = tokens.shape
         if B != cache.batch_size:
@@ -509,8 +492,6 @@ class AudioChatModel(nn.Module):
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         """AdamW; weight decay on 2-D weights only (matrices, embeddings), not on norms and biases."""
         params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        # the fused kernel is faster on CUDA; the default elsewhere
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=(device_type == "cuda"))

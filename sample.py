@@ -14,14 +14,12 @@ How a turn runs (the same sequence layout as training, tokenizer.encode_dialogue
   1. the user's words are appended to the KV cache;
   2. the tool calls (chain of thought) are decoded greedily, token by token, through the
      understanding layers only (SCT's cheap text path), until the model hands them to the tool;
-  3. the studio (simulate_data.run_calls) lays them out; its plan is fed back as the tool's
-     message, an audio span of the plan's duration is opened, and the audio is
-     sampled with DPM-Solver++ (or DDIM) and classifier-free guidance: the cache holds two rows,
-     the dialogue and the same dialogue with its words replaced by <|null|>, so both branches run
-     in one batch, and the prefix's keys/values are computed once, not once per step;
+  3. the studio (simulate_data.run_calls) lays them out; its plan is fed back as the tool's message,
+     an audio span of the plan's duration is opened, and the audio is sampled after the cached
+     prefix with DPM-Solver++ (or DDIM) and classifier-free guidance (diffusion.sample_audio);
   4. the clean audio is committed to the cache, so the next edit conditions on it, as in training.
 
-Read line by line: Chat (_feed, _decode, _audio_turn, understand). Skim: load_audio / resample,
+Read line by line: Chat (_feed, _decode, generate, understand). Skim: load_audio / resample,
 save_turn and the command line.
 """
 import json
@@ -33,10 +31,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tokenizer import SR, HOP, PATCH, AudioCodec
+from tokenizer import SR, HOP, PATCH, SPECIAL_TOKENS, AudioCodec
 from simulate_data import MAX_DURATION, PlanError, parse_calls, plan_to_text, plot_story, run_calls
 from diffusion import SAMPLERS, check_sampling, sample_audio
-from train import load_checkpoint, opt, parse_config, pick_device
+from train import load_checkpoint, one_line, opt, parse_config, pick_device
 
 
 # -----------------------------------------------------------------------------
@@ -74,18 +72,19 @@ def load_audio(audio):
         try:
             wav, sr = sf.read(audio, dtype="float32", always_2d=True)
         except Exception as e:
-            raise ValueError(f"cannot read {audio!r} as audio ({(str(e).splitlines() or [''])[0][:100]})")
+            raise ValueError(f"cannot read {audio!r} as audio ({one_line(e)})")
         wav = wav.T
     else:
         wav, sr = np.asarray(audio), SR
         if np.issubdtype(wav.dtype, np.integer):   # PCM samples: scale to [-1, 1] as a wav reader would
             wav = wav / float(np.iinfo(wav.dtype).max)
-        if not (np.issubdtype(wav.dtype, np.floating) or np.issubdtype(wav.dtype, np.integer)):
+        if not np.issubdtype(wav.dtype, np.floating):
             raise ValueError(f"expected a wav path or an array of real samples, got {type(audio).__name__} of {wav.dtype}")
         wav = wav.astype(np.float32)
-        if wav.ndim not in (1, 2):
-            raise ValueError(f"expected mono or stereo audio, got shape {tuple(wav.shape)}")
-        wav = wav[None] if wav.ndim == 1 else (wav if wav.shape[0] <= 2 else wav.T)
+        if wav.ndim == 1:
+            wav = wav[None]
+        elif wav.ndim == 2 and wav.shape[0] > 2:   # (N, C): channels last
+            wav = wav.T
     if wav.ndim != 2 or wav.shape[0] not in (1, 2) or wav.shape[1] == 0:
         raise ValueError(f"expected mono or stereo audio, got shape {tuple(wav.shape)}")
     if not np.isfinite(wav).all():
@@ -108,16 +107,13 @@ def load_audio(audio):
 
 @dataclass
 class Turn:
-    """What one assistant turn produced: its text (tool calls or answer), the studio's plan (or
-    None), the stereo audio (2, N) at SR (or None), an error message and its PlanError kind
-    (simulate_data.PLAN_ERROR_KINDS) when the studio refused the calls, and the wall-clock
-    seconds the turn took."""
-    text: str
-    plan: dict = None
-    wav: np.ndarray = None
-    error: str = None
-    failure: str = None
-    seconds: float = 0.0
+    """What one assistant turn produced."""
+    text: str                # the tool calls, or the answer
+    plan: dict = None        # the studio's plan, or None
+    wav: np.ndarray = None   # stereo (2, N) at SR, or None
+    error: str = None        # the message, when the studio refused the calls
+    failure: str = None      # and that PlanError's kind (simulate_data.PLAN_ERROR_KINDS)
+    seconds: float = 0.0     # wall-clock time of the turn
 
 class Chat:
     """One dialogue with the model. generate(instruction) starts a story, edit(instruction) changes
@@ -140,8 +136,7 @@ class Chat:
         self.seed, self.plan = seed, None   # the studio's layout seed and the current story's plan
         # row 0: the dialogue; row 1 (with guidance): the same dialogue with every word -> <|null|>
         self.cache = model.new_cache(2 if self.guided else 1)
-        self.ids = {name: tok.special(name) for name in ("<|user|>", "<|assistant|>", "<|tool|>", "<|end|>", "<|audio|>",
-                                                           "<|/audio|>", "<|null|>", "<|pad|>")}
+        self.ids = {name: tok.special(name) for name in SPECIAL_TOKENS}
 
     @classmethod
     def from_checkpoint(cls, path, device="auto", **kwargs):
@@ -161,24 +156,28 @@ class Chat:
         -> the text logits of the last position, (V,)."""
         rows = [ids] + ([[self.ids["<|null|>"] if p else i for i, p in zip(ids, plain)]] if self.guided else [])
         tokens = torch.tensor(rows, device=self.device)
-        B, n = tokens.shape
+        (B, n), dev = tokens.shape, self.device
         self._check_room(n)
-        logits, _ = self.model.extend(self.cache, tokens, torch.zeros(B, n, self.model.config.latent_dim, device=self.device),
-                                      torch.zeros(B, n, device=self.device), torch.full((B, n), -1, device=self.device),
-                                      layers=layers)
+        logits, _ = self.model.extend(self.cache, tokens, torch.zeros(B, n, self.model.config.latent_dim, device=dev),
+                                      torch.zeros(B, n, device=dev), torch.full((B, n), -1, device=dev), layers=layers)
         return logits[0, -1]
 
-    def _user_words(self, text, then):
-        """The user's words as ids, checked before anything enters the dialogue: ValueError if they
-        are empty or not text, or if they and `then` more tokens would not fit in the dialogue."""
+    def _say(self, *names):
+        """Append special tokens, by name, as one chunk. -> the last one's text logits, (V,)."""
+        return self._feed([self.ids[name] for name in names], [False] * len(names))
+
+    def _user(self, text, then):
+        """Open a user turn: <|user|> and the user's words. ValueError, before anything enters the
+        dialogue, if the words are empty or not text, or if they and `then` more tokens would not fit."""
         if not isinstance(text, str) or not text.strip():
             raise ValueError(f"the request is empty: say what you want (got {text!r})")
         try:
-            ids = self.tok.encode_ordinary(text)
+            words = self.tok.encode_ordinary(text)
         except UnicodeError as e:
             raise ValueError(f"the request is not valid text ({e.reason})") from None
-        self._check_room(len(ids) + then)
-        return ids
+        self._check_room(len(words) + then)
+        self._say("<|user|>")
+        self._feed(words, [True] * len(words))
 
     def _feed_audio(self, z):
         """Commit a clean audio span z: (T // PATCH, 128) (the user's clip) to the cache."""
@@ -200,21 +199,19 @@ class Chat:
             if special:
                 return self.tok.decode(out), next_id
             out.append(next_id)
-        self._feed([self.ids["<|end|>"]], [False])
+        self._say("<|end|>")
         return self.tok.decode(out), self.ids["<|end|>"]
 
-    # ---- the three turns ----
+    # ---- the turns ----
 
     @torch.no_grad()
-    def _audio_turn(self, instruction):
-        """A story or an edit turn (the same template: the calls say which). -> Turn; ValueError
-        for an empty instruction or a full dialogue."""
+    def generate(self, instruction):
+        """A story from an instruction, or (as `edit`) a change to the last story: tool calls, the
+        studio's plan, then audio that hears any earlier audio. -> Turn; ValueError for an empty
+        instruction or a full dialogue."""
         start = time.time()
-        words = self._user_words(instruction, then=3)   # <|user|>, <|end|>, <|assistant|>
-        self._feed([self.ids["<|user|>"]], [False])
-        self._feed(words, [True] * len(words))
-        logits = self._feed([self.ids["<|end|>"], self.ids["<|assistant|>"]], [False, False])
-        text, stop = self._decode(logits)
+        self._user(instruction, then=3)   # <|user|>, <|end|>, <|assistant|>
+        text, stop = self._decode(self._say("<|end|>", "<|assistant|>"))
         try:
             if stop != self.ids["<|tool|>"]:
                 raise PlanError("the model wrote no tool calls for the studio", "syntax")
@@ -222,7 +219,7 @@ class Chat:
         except PlanError as e:   # close the turn with no audio; the story stays as it was
             close = {self.ids["<|tool|>"]: ["<|end|>"], self.ids["<|audio|>"]: ["<|/audio|>", "<|end|>"]}.get(stop)
             if close:
-                self._feed([self.ids[c] for c in close], [False] * len(close))
+                self._say(*close)
             return Turn(text=text, error=f"the studio refused the calls: {e}", failure=e.kind, seconds=time.time() - start)
         tool = self.tok.encode_ordinary(plan_to_text(plan))
         n_tokens = round(plan["duration"] * SR / HOP) // PATCH
@@ -230,19 +227,12 @@ class Chat:
         self._feed(tool + [self.ids["<|audio|>"]], [True] * len(tool) + [False])
         z = sample_audio(self.model, self.cache, n_tokens, steps=self.steps, sampler=self.sampler,
                          cfg_scale=self.cfg_scale, generator=self.generator)[0]
-        self._feed([self.ids["<|/audio|>"], self.ids["<|end|>"]], [False, False])
+        self._say("<|/audio|>", "<|end|>")
         self.plan = plan
         wav = self.codec.decode(AudioCodec.unpatchify(z.float().cpu())).numpy()
         return Turn(text=text, plan=plan, wav=wav, seconds=time.time() - start)
 
-    def generate(self, instruction):
-        """A story from an instruction: tool calls, the studio's plan, then audio. -> Turn."""
-        return self._audio_turn(instruction)
-
-    def edit(self, instruction):
-        """Change the last story as asked: calls that change it, the updated plan, then audio that
-        hears the previous audio. -> Turn."""
-        return self._audio_turn(instruction)
+    edit = generate   # the same turn: the tool calls say whether they start a story or change it
 
     @torch.no_grad()
     def understand(self, audio, request="Who says what, and when?"):
@@ -251,15 +241,12 @@ class Chat:
         audio or an empty request, before anything enters the dialogue."""
         start = time.time()
         z = AudioCodec.patchify(self.codec.encode(load_audio(audio)))
-        words = self._user_words(request, then=len(z) + 5)   # <|user|>, the clip in its markers, <|end|>, <|assistant|>
-        self._feed([self.ids["<|user|>"]], [False])
-        self._feed(words, [True] * len(words))
-        self._feed([self.ids["<|audio|>"]], [False])
+        self._user(request, then=len(z) + 5)   # <|user|>, the clip in its markers, <|end|>, <|assistant|>
+        self._say("<|audio|>")
         self._feed_audio(z)
-        logits = self._feed([self.ids["<|/audio|>"], self.ids["<|end|>"], self.ids["<|assistant|>"]], [False] * 3)
-        text, stop = self._decode(logits)
+        text, stop = self._decode(self._say("<|/audio|>", "<|end|>", "<|assistant|>"))
         if stop == self.ids["<|audio|>"]:  # an answer is text only: close the span the model opened
-            self._feed([self.ids["<|/audio|>"], self.ids["<|end|>"]], [False, False])
+            self._say("<|/audio|>", "<|end|>")
         return Turn(text=text, seconds=time.time() - start)
 
 
@@ -270,23 +257,22 @@ def save_turn(turn, out_dir, name):
     """Write name.wav, name.json (the plan) and name.png (spectrograms + plan timeline). -> paths."""
     import soundfile as sf
     os.makedirs(out_dir, exist_ok=True)
-    paths = []
+    base, paths = os.path.join(out_dir, name), []
     if turn.plan is not None:
-        paths.append(os.path.join(out_dir, name + ".json"))
-        with open(paths[-1], "w") as f:
+        paths.append(base + ".json")
+        with open(base + ".json", "w") as f:
             json.dump(turn.plan, f, indent=1)
     if turn.wav is not None:
-        paths.append(os.path.join(out_dir, name + ".wav"))
-        sf.write(paths[-1], turn.wav.T, SR)
-        paths.append(os.path.join(out_dir, name + ".png"))
-        plot_story(turn.wav, turn.plan, paths[-1], title=name)
+        paths += [base + ".wav", base + ".png"]
+        sf.write(base + ".wav", turn.wav.T, SR)
+        plot_story(turn.wav, turn.plan, base + ".png", title=name)
     return paths
 
 def report(turn, out_dir, name):
-    if turn.error:
-        print(f"[{name}] {turn.error}\n  model wrote: {turn.text[:300]}")
-    else:
-        print(f"[{name}] {turn.text}" + (f"\n  studio: " + plan_to_text(turn.plan).replace("\n", "\n          ") if turn.plan else ""))
+    """Print a turn (the model's text and the studio's plan, or the refusal) and save its files."""
+    print(f"[{name}] {turn.error}\n  model wrote: {turn.text[:300]}" if turn.error else f"[{name}] {turn.text}")
+    if turn.plan:
+        print("  studio: " + plan_to_text(turn.plan).replace("\n", "\n          "))
     for path in save_turn(turn, out_dir, name):
         print(f"  wrote {path}")
 
@@ -316,13 +302,11 @@ def main(argv):
         sys.exit("error: --understand asks about a clip on its own: leave out --prompt and --edit")
     chat = Chat.from_checkpoint(config.ckpt, config.device, sampler=config.sampler, steps=config.steps,
                                 cfg_scale=config.cfg, seed=config.seed)
-    k = 0
     try:
         if config.understand:
-            report(chat.understand(config.understand, config.request), config.out_dir, f"turn_{k}")
-            return
+            return report(chat.understand(config.understand, config.request), config.out_dir, "turn_0")
         if config.prompt:
-            report(chat.generate(config.prompt), config.out_dir, f"turn_{k}")
+            report(chat.generate(config.prompt), config.out_dir, "turn_0")
             for k, instruction in enumerate(config.edit or [], start=1):
                 report(chat.edit(instruction), config.out_dir, f"turn_{k}")
             return
@@ -330,6 +314,7 @@ def main(argv):
         sys.exit(f"error: {e}")
     print("AudioChat-mini. Type a story request; '/edit TEXT' edits it, '/understand FILE [REQUEST]' "
           "asks about a wav, '/quit' ends.")
+    k = 0
     while True:
         try:
             line = input("you> ").strip()

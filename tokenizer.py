@@ -4,11 +4,9 @@ The two tokenizers of AudioChat-mini, and the chat template that interleaves the
 1. `BPETokenizer`: byte-level BPE for the text (minbpe style). Ids 0..255 are raw bytes, then one
    id per learned merge, then the special tokens of SPECIAL_TOKENS (roles, turn end, audio span
    start/end, the null token for classifier-free guidance, padding).
-2. `AudioCodec`: stereo waveform <-> continuous frames at 40 Hz (the paper's latent rate). Each
-   channel becomes a log-mel vector; left and right are stacked (as the paper stacks its
-   per-channel VAE latents), normalised, and grouped into patches of PATCH frames, one model token
-   per patch. Decoding inverts the mel filterbank and runs Griffin-Lim. The codec is fixed, not
-   learned, so nothing has to be trained before the model.
+2. `AudioCodec`: stereo waveform <-> normalised log-mel frames at 40 Hz (the paper's latent rate),
+   grouped into patches of PATCH frames, one model token per patch. It is fixed, not learned, so
+   nothing has to be trained before the model.
 3. `encode_dialogue`: one dialogue (text + audio, chat order) -> one token sequence with the
    per-token fields the model and the loss read.
 
@@ -38,6 +36,7 @@ N_MELS = 32                   # mel bands per channel
 PATCH = 2                     # frames per model token
 LATENT_DIM = PATCH * 2 * N_MELS  # 128 floats per audio token (2 frames x (L mels ++ R mels))
 MAX_LOG_MEL = math.log(N_FFT ** 2)  # no full-scale signal has more mel power: the decoder clamps here
+CODEC_FORMAT = {"sr": SR, "frame_rate": FRAME_RATE, "n_fft": N_FFT, "n_mels": N_MELS, "patch": PATCH}
 SPECIAL_TOKENS = ["<|user|>", "<|assistant|>", "<|tool|>", "<|end|>", "<|audio|>", "<|/audio|>", "<|null|>", "<|pad|>"]
 
 # -----------------------------------------------------------------------------
@@ -73,13 +72,13 @@ class BPETokenizer:
         self._build()
 
     def _build(self):
-        """Derive the byte strings of every id, the special ids, and an empty chunk cache."""
+        """Derive the byte strings of every id (special tokens too), the special ids, and an empty chunk cache."""
         self.vocab = {i: bytes([i]) for i in range(256)}
         for (a, b), idx in self.merges.items():  # dicts keep insertion order = merge order
             self.vocab[idx] = self.vocab[a] + self.vocab[b]
         first = 256 + len(self.merges)
         self.special_ids = {s: first + i for i, s in enumerate(SPECIAL_TOKENS)}
-        self.special_strings = {i: s for s, i in self.special_ids.items()}
+        self.vocab.update({i: s.encode("utf-8") for s, i in self.special_ids.items()})
         self.special_pattern = re.compile("(" + "|".join(re.escape(s) for s in SPECIAL_TOKENS) + ")")
         self.cache = {}    # chunk -> ids: dialogues repeat the same few hundred chunks endlessly
 
@@ -93,16 +92,14 @@ class BPETokenizer:
             raise KeyError(f"unknown special token {name!r}; the special tokens are {SPECIAL_TOKENS}")
         return self.special_ids[name]
 
-    def train(self, texts, vocab_size=1024, verbose=False):
+    def train(self, texts, vocab_size=1024):
         """Learn vocab_size - 256 - len(SPECIAL_TOKENS) merges from an iterable of strings.
-        Each distinct chunk is stored once with its count, and pair statistics are weighted by
-        that count: the simulated dialogues repeat a small vocabulary, so a few MB of text shrink
-        to a few thousand distinct chunks and training takes seconds. Training stops early once
-        every chunk is a single token (a small closed vocabulary), leaving vocab_size below the
-        number asked for."""
+        Each distinct chunk is stored once, its pair statistics weighted by its count (fast on a
+        small vocabulary). Stops early once every chunk is a single token, leaving vocab_size below
+        the number asked for. ValueError for a vocab_size too small for the bytes and specials."""
         n_merges = vocab_size - 256 - len(SPECIAL_TOKENS)
         if n_merges < 0:
-            raise ValueError(f"vocab_size {vocab_size} is below the {256 + len(SPECIAL_TOKENS)} ids of bytes + special tokens")
+            raise ValueError(f"vocab_size {vocab_size} is below the {256 + len(SPECIAL_TOKENS)} ids of bytes and specials")
         counts = Counter()
         for text in texts:
             for part in self.special_pattern.split(text):
@@ -111,7 +108,6 @@ class BPETokenizer:
         chunks = [list(c.encode("utf-8")) for c in counts]
         weights = list(counts.values())
         self.merges = {}
-        self._build()
         for i in range(n_merges):
             stats = Counter()
             for ids, w in zip(chunks, weights):
@@ -123,9 +119,6 @@ class BPETokenizer:
             idx = 256 + i
             chunks = [merge(ids, pair, idx) if len(ids) > 1 else ids for ids in chunks]
             self.merges[pair] = idx
-            self.vocab[idx] = self.vocab[pair[0]] + self.vocab[pair[1]]
-            if verbose:
-                print(f"merge {i + 1}/{n_merges}: {pair} -> {idx} {self.vocab[idx]!r} ({stats[pair]} occurrences)")
         self._build()
 
     def _encode_chunk(self, chunk):
@@ -157,16 +150,13 @@ class BPETokenizer:
 
     def decode(self, ids):
         """Ids -> text. Exact inverse of encode; a byte sequence that is not valid UTF-8 (only
-        possible for ids a model made up) decodes with U+FFFD replacement characters."""
+        possible for ids a model made up) decodes with U+FFFD replacement characters.
+        ValueError for an id outside the vocabulary."""
         parts = []
-        for i in ids:
-            i = int(i)
-            if i in self.special_strings:
-                parts.append(self.special_strings[i].encode("utf-8"))
-            elif i in self.vocab:
-                parts.append(self.vocab[i])
-            else:
+        for i in map(int, ids):
+            if i not in self.vocab:
                 raise ValueError(f"token id {i} is outside the vocabulary (size {self.vocab_size})")
+            parts.append(self.vocab[i])
         return b"".join(parts).decode("utf-8", errors="replace")
 
     def state_dict(self):
@@ -176,7 +166,7 @@ class BPETokenizer:
     @classmethod
     def from_state_dict(cls, d):
         if d.get("special_tokens") != SPECIAL_TOKENS:
-            raise ValueError(f"tokenizer was saved with special tokens {d.get('special_tokens')}, this code uses {SPECIAL_TOKENS}")
+            raise ValueError(f"tokenizer has special tokens {d.get('special_tokens')}, not this code's {SPECIAL_TOKENS}")
         tok = cls()
         tok.merges = {(int(a), int(b)): 256 + i for i, (a, b) in enumerate(d["merges"])}
         tok._build()
@@ -195,17 +185,12 @@ class BPETokenizer:
 # -----------------------------------------------------------------------------
 # Part 2: the audio codec
 
-def mel_filterbank(n_mels=N_MELS, n_fft=N_FFT, sr=SR, fmin=0.0, fmax=SR / 2):
-    """(n_mels, n_fft // 2 + 1) triangular filters, equally spaced on the HTK mel scale
-    mel = 2595 log10(1 + f / 700), each peaking at 1 on its centre frequency."""
-    def hz_to_mel(f):
-        return 2595.0 * np.log10(1.0 + f / 700.0)
-
-    def mel_to_hz(m):
-        return 700.0 * (10.0 ** (m / 2595.0) - 1.0)
-
-    freqs = np.linspace(0, sr / 2, n_fft // 2 + 1)
-    edges = mel_to_hz(np.linspace(hz_to_mel(fmin), hz_to_mel(fmax), n_mels + 2))
+def mel_filterbank():
+    """(N_MELS, N_FFT // 2 + 1) triangular filters from 0 to SR / 2, equally spaced on the HTK mel
+    scale mel = 2595 log10(1 + f / 700), each peaking at 1 on its centre frequency."""
+    freqs = np.linspace(0, SR / 2, N_FFT // 2 + 1)
+    mels = np.linspace(0.0, 2595.0 * np.log10(1.0 + SR / 2 / 700.0), N_MELS + 2)
+    edges = 700.0 * (10.0 ** (mels / 2595.0) - 1.0)   # back to Hz
     lo, mid, hi = edges[:-2, None], edges[1:-1, None], edges[2:, None]
     fb = np.maximum(0.0, np.minimum((freqs - lo) / (mid - lo), (hi - freqs) / (hi - mid)))
     return torch.tensor(fb, dtype=torch.float32)
@@ -218,17 +203,14 @@ class AudioCodec:
     normalises each of the 64 dimensions to zero mean / unit variance with statistics fit on
     the training set, so the diffusion model sees unit-scale data.
 
-    This is the seam where a learned VAE would go: the paper encodes each channel with a
-    DAC-style VAE at 40 Hz and stacks the L/R latents. Swapping in such a model means replacing
-    encode_raw / decode_raw; shapes, rates, normalisation and patches stay as they are. A fixed
-    log-mel codec needs no training, but loses phase (recovered by Griffin-Lim, with its typical
-    slight "phasiness") and fine spectral detail (32 bands)."""
+    This is where a learned VAE would go (the paper: a DAC-style VAE per channel at 40 Hz, L/R
+    latents stacked): swapping one in replaces encode_raw / decode_raw only. The fixed log-mel
+    codec needs no training, but loses phase (Griffin-Lim recovers one) and fine spectral detail."""
 
-    def __init__(self, mean=None, std=None, gl_iters=32):
+    def __init__(self, mean=None, std=None):
         self.mel_fb = mel_filterbank()                  # (32, 513)
         self.mel_pinv = torch.linalg.pinv(self.mel_fb)  # (513, 32), computed once on the CPU
         self.window = torch.hann_window(N_FFT)
-        self.gl_iters = gl_iters
         self.mean = None if mean is None else torch.as_tensor(mean, dtype=torch.float32)
         self.std = None if std is None else torch.as_tensor(std, dtype=torch.float32)
 
@@ -254,7 +236,7 @@ class AudioCodec:
         if x.dim() not in (2, 3) or x.shape[-2] != 2:
             raise ValueError(f"expected a stereo waveform shaped (2, N) or (B, 2, N), got {tuple(x.shape)}")
         if x.shape[-1] < N_FFT:
-            raise ValueError(f"audio of {x.shape[-1]} samples is too short: the codec needs at least {N_FFT} ({N_FFT / SR * 1000:.0f} ms)")
+            raise ValueError(f"audio too short: {x.shape[-1]} samples, the codec needs {N_FFT} ({N_FFT * 1000 // SR} ms)")
         T = x.shape[-1] // HOP
         power = self._stft(x)[..., :T].abs() ** 2                          # (..., 2, 513, T)
         mel = torch.einsum("mf,...cft->...tcm", self.mel_fb.to(x.device), power)  # (..., T, 2, 32)
@@ -288,7 +270,7 @@ class AudioCodec:
             power = power * target / ((power @ fb.T) @ fb + 1e-10)
         return power
 
-    def griffin_lim(self, mag, length):
+    def griffin_lim(self, mag, length, n_iter=32):
         """Magnitudes (..., 513, T + 1) -> waveform (..., length), by fast Griffin-Lim (Perraudin
         et al. 2013): alternate between "a signal with this phase" and "the STFT of that signal",
         with momentum 0.99. Initial phase from a fixed generator, so decoding is deterministic."""
@@ -297,7 +279,7 @@ class AudioCodec:
         angles = torch.complex(torch.cos(phase), torch.sin(phase))
         rebuilt = torch.zeros_like(angles)
         momentum = 0.99
-        for _ in range(self.gl_iters):
+        for _ in range(n_iter):
             prev = rebuilt
             rebuilt = self._stft(self._istft(mag * angles, length))
             angles = rebuilt - (momentum / (1 + momentum)) * prev
@@ -308,7 +290,7 @@ class AudioCodec:
 
     def fit(self, raws):
         """Per-dimension mean / std over all frames of a list of raw (T, 64) tensors."""
-        frames = torch.cat([torch.as_tensor(r).cpu().reshape(-1, 2 * N_MELS).double() for r in raws])  # float64: MPS has none
+        frames = torch.cat([torch.as_tensor(r).cpu().reshape(-1, 2 * N_MELS).double() for r in raws])  # MPS has no float64
         self.mean = frames.mean(0).float()
         self.std = frames.std(0).clamp(min=1e-3).float()  # a dimension that never moves must not divide by 0
         return self
@@ -353,15 +335,13 @@ class AudioCodec:
     def state_dict(self):
         if self.mean is None:
             raise RuntimeError("AudioCodec has no normalisation statistics to save: call fit() first")
-        return {"sr": SR, "frame_rate": FRAME_RATE, "n_fft": N_FFT, "n_mels": N_MELS, "patch": PATCH,
-                "mean": self.mean.tolist(), "std": self.std.tolist()}
+        return {**CODEC_FORMAT, "mean": self.mean.tolist(), "std": self.std.tolist()}
 
     @classmethod
     def from_state_dict(cls, d):
-        ours = {"sr": SR, "frame_rate": FRAME_RATE, "n_fft": N_FFT, "n_mels": N_MELS, "patch": PATCH}
-        theirs = {k: d.get(k) for k in ours}
-        if theirs != ours:
-            raise ValueError(f"codec statistics were computed with {theirs}, this code uses {ours}")
+        theirs = {k: d.get(k) for k in CODEC_FORMAT}
+        if theirs != CODEC_FORMAT:
+            raise ValueError(f"codec statistics were computed with {theirs}, this code uses {CODEC_FORMAT}")
         return cls(mean=d["mean"], std=d["std"])
 
 
@@ -369,7 +349,8 @@ class AudioCodec:
 # Part 3: the chat template
 #
 # One dialogue = one sequence, turns in chat order:
-#   <|user|>{text}[<|audio|>{audio}<|/audio|>]<|end|><|assistant|>{calls or answer}[<|tool|>{plan}<|audio|>{audio}<|/audio|>]<|end|>
+#   <|user|>{text}[<|audio|>{audio}<|/audio|>]<|end|>
+#   <|assistant|>{calls or answer}[<|tool|>{plan}<|audio|>{audio}<|/audio|>]<|end|>
 # e.g. a story turn:
 #   <|user|>Tell a story: ava says "the old dog runs home", then a dog barks.<|end|><|assistant|>new_story()
 #   speak(ava, "the old dog runs home")

@@ -48,7 +48,7 @@ class TrainConfig:
     out_dir: str = opt("out", "where ckpt.pt, log.csv and loss.png go")
     data_dir: str = opt("data", "dataset written by simulate_data.py (simulated here if missing)")
     n_dialogues: int = opt(simulate_data.N_TRAIN, "training dialogues to simulate when data_dir holds none", lo=1)
-    n_listen: int = opt(simulate_data.N_LISTEN, "understanding-only training dialogues (2-6 clips each) to simulate with them", lo=0)
+    n_listen: int = opt(simulate_data.N_LISTEN, "understanding-only dialogues (2-6 clips each) to simulate with them", lo=0)
     init_from: str = opt("scratch", "start from scratch, or resume from out_dir/ckpt.pt", choices=("scratch", "resume"))
     preset: str = opt("auto", "defaults sized for the machine (flags still win)", choices=("auto", "cpu", "gpu"))
     # model (ModelConfig)
@@ -58,7 +58,7 @@ class TrainConfig:
     n_gen_layer: int = opt(2, "G: generation layers on top (the diffusion head reads layer U+G)", lo=0)
     n_head: int = opt(4, "attention heads (n_embd / n_head must be even: rotary positions)", lo=1)
     n_embd: int = opt(128, "model width", lo=2)
-    block_size: int = opt(1024, "longest packed sequence, in tokens (a simulated dialogue has ~560 on average)", lo=16)
+    block_size: int = opt(1024, "longest packed sequence, in tokens", lo=16)
     dropout: float = opt(0.0, "dropout probability", lo=0.0, hi=0.99)
     token_shift: bool = opt(True, "mix the previous token's embedding into each input (model.AudioChatModel.embed)")
     # optimisation
@@ -74,7 +74,7 @@ class TrainConfig:
     # Audio Transfusion Forcing
     lambda_audio: float = opt(5.0, "weight of the audio v-MSE against the text cross-entropy", lo=0.0)
     cfg_drop_p: float = opt(0.1, "probability of dropping a sample's text to <|null|> (for CFG)", lo=0.0, hi=1.0)
-    noise_shift: float = opt(3.0, "train at noise levels shifted towards noise (diffusion.shift_noise_level; 1 = off)", lo=0.01, hi=100.0)
+    noise_shift: float = opt(3.0, "noise-level shift in training (diffusion.shift_noise_level; 1 = off)", lo=0.01, hi=100.0)
     # logging and evaluation
     eval_interval: int = opt(200, "steps between validation and checkpoint", lo=1)
     eval_iters: int = opt(8, "validation batches", lo=1)
@@ -97,11 +97,9 @@ def accepted(f):
     m = f.metadata
     if m.get("choices"):
         return " | ".join(map(str, m["choices"]))
-    if m.get("lo") is not None and m.get("hi") is not None:
-        return f"{m['lo']}..{m['hi']}"
-    if m.get("lo") is not None:
-        return f">= {m['lo']}"
-    return ""
+    if m.get("lo") is None:
+        return ""
+    return f">= {m['lo']}" if m.get("hi") is None else f"{m['lo']}..{m['hi']}"
 
 def parse_config(cls, argv, presets=None):
     """Command-line flags -> a cls instance: `--key=value` or `--key value`, a bare `--flag` for a
@@ -125,9 +123,8 @@ def parse_config(cls, argv, presets=None):
             sys.exit(f"error: unknown argument {arg!r} (python {prog} --help lists them)")
         kind = known[key].type
         if kind is bool and not eq:
-            overrides[key] = True
-            continue
-        if not eq:
+            value = "true"
+        elif not eq:
             if not args or args[0].startswith("--"):
                 sys.exit(f"error: --{key} needs a value: --{key}=...")
             value = args.pop(0)
@@ -148,9 +145,7 @@ def parse_config(cls, argv, presets=None):
         preset = overrides.get("preset", config.preset)
         if preset == "auto":
             preset = "gpu" if torch.cuda.is_available() else "cpu"
-        if preset not in presets:
-            sys.exit(f"error: --preset={preset} is not accepted: use auto, {', '.join(presets)}")
-        for key, value in presets[preset].items():
+        for key, value in presets.get(preset, {}).items():   # an unknown preset is refused below, with the other flags
             setattr(config, key, value)
     for key, value in overrides.items():
         setattr(config, key, value)
@@ -170,22 +165,22 @@ def parse_config(cls, argv, presets=None):
             sys.exit(f"error: --{f.name}={value} is not accepted: use {accepted(f)} ({m['help']})")
     return config
 
+def one_line(e):
+    """An exception as one short line, for an error message: its type and its message's first line."""
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}"
+
 def pick_device(name):
     """'auto' -> cuda, then mps, then cpu; a named device that this machine lacks exits with one line."""
-    if name != "auto":
-        try:
-            kind = torch.device(name).type
-        except RuntimeError:
-            sys.exit(f"error: --device={name} is not a device: use auto, cpu, cuda, cuda:N or mps")
-        if (kind == "cuda" and not torch.cuda.is_available()) or (kind == "mps" and not torch.backends.mps.is_available()) \
-                or kind not in ("cpu", "cuda", "mps"):
-            sys.exit(f"error: --device={name} is not available on this machine (--device=auto picks one that is)")
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}  # in that order
+    if name == "auto":
+        return next(kind for kind, ok in available.items() if ok)
+    try:
+        kind = torch.device(name).type
+    except RuntimeError:
+        sys.exit(f"error: --device={name} is not a device: use auto, cpu, cuda, cuda:N or mps")
+    if not available.get(kind):
+        sys.exit(f"error: --device={name} is not available on this machine (--device=auto picks one that is)")
+    return name
 
 
 # -----------------------------------------------------------------------------
@@ -198,9 +193,8 @@ def load_tokenizers(data_dir):
             codec = AudioCodec.from_state_dict(json.load(f)["codec"])
         return BPETokenizer.load(os.path.join(data_dir, "tokenizer.json")), codec
     except (OSError, ValueError, KeyError, TypeError) as e:
-        sys.exit(f"error: {data_dir!r} holds no readable dataset ({type(e).__name__}: {e}); "
+        sys.exit(f"error: {data_dir!r} holds no readable dataset ({one_line(e)}); "
                  f"delete it, or give another --data_dir, to simulate one")
-
 
 def load_dataset(data_dir, split, tok, codec, required=True):
     """Every dialogue of one split as an encode_dialogue sequence (dict of tensors, see tokenizer.py)."""
@@ -222,20 +216,17 @@ def user_audio(seq):
     return (span >= 0) & ~seq["span_is_target"][span.clamp(min=0)]
 
 def text_only(seq):
-    """Stage 1 of the curriculum: a dialogue (encode_dialogue dict) with its audio spans cut out;
-    the <|audio|> and <|/audio|> markers stay, so the turns keep their shape. The answer about a
-    user-supplied clip is not learned here: without the clip it could only be guessed.
-    Why: audio is ~70% of a dialogue's tokens, so on text alone the same compute shows the model
-    ~3x more dialogues to learn to copy requests into plans from (the paper also trains in stages)."""
-    is_audio = seq["span_id"] >= 0
+    """Stage 1 of the curriculum: a dialogue (encode_dialogue dict) with its audio spans cut out,
+    their <|audio|> and <|/audio|> markers kept, and the answer about a user's clip not learned
+    (without the clip it could only be guessed). Audio is most of a dialogue's tokens, so on text
+    alone the same compute shows more dialogues (the paper trains in stages too)."""
     text_target = seq["text_target"].clone()
     heard = user_audio(seq)
     if heard.any():   # the user's clip comes last (simulate_data.make_dialogue): mask from there on
         text_target[int(heard.nonzero()[0]):] = False
-    keep = ~is_audio
-    return {"tokens": seq["tokens"][keep], "audio": seq["audio"][keep], "span_id": seq["span_id"][keep],
-            "span_is_target": seq["span_is_target"][:0], "text_target": text_target[keep],
-            "is_plain_text": seq["is_plain_text"][keep]}
+    keep = seq["span_id"] < 0
+    text = {key: seq[key][keep] for key in ("tokens", "audio", "span_id", "is_plain_text")}
+    return dict(text, text_target=text_target[keep], span_is_target=seq["span_is_target"][:0])
 
 def pack(seqs, block_size, seed):
     """First-fit packing of whole dialogues into rows of at most block_size tokens -> list of rows,
@@ -244,7 +235,7 @@ def pack(seqs, block_size, seed):
     order = torch.randperm(len(seqs), generator=torch.Generator().manual_seed(seed)).tolist()
     fits = [i for i in order if len(seqs[i]["tokens"]) <= block_size]
     if len(fits) < len(order):
-        print(f"note: {len(order) - len(fits)} of {len(seqs)} dialogues are longer than block_size={block_size} and are left out")
+        print(f"note: {len(order) - len(fits)} of {len(seqs)} dialogues exceed block_size={block_size} and are left out")
     rows, room = [], []
     for i in fits:
         n = len(seqs[i]["tokens"])
@@ -260,8 +251,8 @@ def pack(seqs, block_size, seed):
 
 def collate(rows, pad_id):
     """rows: list of B rows, each a list of tokenizer.encode_dialogue dicts packed one after the
-    other into that row (train.py chooses the packing; [[seq] for seq in seqs] gives one dialogue
-    per row). Returns a dict of (B, ...) tensors, padded at the end of each row to the longest:
+    other into that row ([[seq] for seq in seqs]: one dialogue per row). Returns a dict of (B, ...)
+    tensors, padded at the end of each row to the longest:
 
         tokens (B, L) long          text ids; audio positions and padding hold pad_id
         audio (B, L, latent)        clean latents at audio positions, 0 elsewhere
@@ -270,10 +261,9 @@ def collate(rows, pad_id):
                                     user (conditioning); padded with False, S >= 1
         text_target (B, L) bool     True where tokens[:, i + 1] is a learned assistant token
         is_plain_text (B, L) bool   words that classifier-free guidance may drop to <|null|>
-        doc_id (B, L) long          which dialogue of the row each token belongs to; -1 for padding
+        doc_id (B, L) long          which dialogue of the row each token belongs to (the mask keeps
+                                    them apart); -1 for padding
         is_pad (B, L) bool          padding at the end of a row
-
-    The mask keeps the dialogues of a row apart (doc_id) and positions restart at each one.
     """
     L = max(sum(len(d["tokens"]) for d in row) for row in rows)
     S = max(1, max(sum(len(d["span_is_target"]) for d in row) for row in rows))
@@ -286,7 +276,6 @@ def collate(rows, pad_id):
         "text_target": torch.zeros(B, L, dtype=torch.bool),
         "is_plain_text": torch.zeros(B, L, dtype=torch.bool),
         "doc_id": torch.full((B, L), -1, dtype=torch.long),
-        "is_pad": torch.ones(B, L, dtype=torch.bool),
     }
     for b, row in enumerate(rows):
         i = n_spans = 0
@@ -298,8 +287,8 @@ def collate(rows, pad_id):
             batch["span_id"][b, i:i + n] = torch.where(d["span_id"] >= 0, d["span_id"] + n_spans, -1)
             batch["span_is_target"][b, n_spans:n_spans + s] = d["span_is_target"]
             batch["doc_id"][b, i:i + n] = doc
-            batch["is_pad"][b, i:i + n] = False
             i, n_spans = i + n, n_spans + s
+    batch["is_pad"] = batch["doc_id"] < 0
     return batch
 
 def get_batch(seqs, rows, batch_size, generator, pad_id, device):
@@ -329,42 +318,34 @@ def ensure_dataset(config):
 # checkpoints: atomic writes, one format read by sample.py and eval.py
 
 def model_config(config, vocab_size, latent_dim=LATENT_DIM):
-    """TrainConfig -> the ModelConfig it trains (ValueError, naming the flags, for a shape that cannot work)."""
-    return ModelConfig(vocab_size=vocab_size, latent_dim=latent_dim, n_layer=config.n_layer, n_gen_layer=config.n_gen_layer,
-                       n_head=config.n_head, n_embd=config.n_embd, block_size=config.block_size, dropout=config.dropout,
-                       arch=config.arch, attn=config.attn, token_shift=config.token_shift)
+    """TrainConfig -> the ModelConfig it trains, from the flags of the same names (ValueError, naming the
+    flags, for a shape that cannot work)."""
+    flags = {f.name: getattr(config, f.name) for f in fields(ModelConfig) if f.name not in ("vocab_size", "latent_dim")}
+    return ModelConfig(vocab_size=vocab_size, latent_dim=latent_dim, **flags)
 
 def save_checkpoint(path, model, optimizer, model_config, config, tok, codec, iter_num, val):
     """Everything needed to sample, evaluate or resume, written atomically (a crash mid-write
     leaves the previous checkpoint intact). val: the last validation (see `validate`)."""
-    ckpt = {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "model_args": asdict(model_config),
-        "config": asdict(config),
-        "tokenizer": tok.state_dict(),
-        "codec": codec.state_dict(),
-        "iter_num": iter_num,
-        "val": val,
-    }
-    tmp = path + ".tmp"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+    ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "model_args": asdict(model_config),
+            "config": asdict(config), "tokenizer": tok.state_dict(), "codec": codec.state_dict(),
+            "iter_num": iter_num, "val": val}
+    torch.save(ckpt, path + ".tmp")
+    os.replace(path + ".tmp", path)
 
 def read_checkpoint(path, device="cpu"):
     """-> the checkpoint dict. A missing, unreadable or foreign file is one clear error, never a traceback."""
     if os.path.isdir(path):
         raise SystemExit(f"error: {path!r} is a folder; a checkpoint is a file such as {os.path.join(path, 'ckpt.pt')!r}")
     if not os.path.isfile(path):
-        raise SystemExit(f"error: no checkpoint at {path!r} (train one with: python train.py --out_dir={os.path.dirname(path) or '.'})")
+        raise SystemExit(f"error: no checkpoint at {path!r} (train.py --out_dir={os.path.dirname(path) or '.'} writes one)")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
-        ckpt = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}"
+        raise SystemExit(f"error: {path!r} is not a readable AudioChat-mini checkpoint ({one_line(e)})")
     keys = {"model", "optimizer", "model_args", "config", "tokenizer", "codec", "iter_num"}
-    if not isinstance(ckpt, dict) or not keys <= set(ckpt):
-        reason = ckpt if isinstance(ckpt, str) else f"it lacks {sorted(keys - set(ckpt)) if isinstance(ckpt, dict) else keys}"
-        raise SystemExit(f"error: {path!r} is not a readable AudioChat-mini checkpoint ({reason})")
+    missing = keys - set(ckpt) if isinstance(ckpt, dict) else keys
+    if missing:
+        raise SystemExit(f"error: {path!r} is not an AudioChat-mini checkpoint (it lacks {sorted(missing)})")
     return ckpt
 
 def load_checkpoint(path, device="cpu"):
@@ -376,8 +357,7 @@ def load_checkpoint(path, device="cpu"):
         tok = BPETokenizer.from_state_dict(ckpt["tokenizer"])
         codec = AudioCodec.from_state_dict(ckpt["codec"])
     except Exception as e:
-        raise SystemExit(f"error: {path!r} is not an AudioChat-mini checkpoint of this version "
-                         f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]})")
+        raise SystemExit(f"error: {path!r} is not an AudioChat-mini checkpoint of this version ({one_line(e)})")
     return model.to(device).eval(), tok, codec, ckpt
 
 
@@ -400,21 +380,21 @@ def plot_losses(log_path, png_path):
     for ax, key, title in [(axes[0], "ce", "text cross-entropy"), (axes[1], "mse", "audio v-MSE")]:
         for prefix, style, label in (("", "-", "train"), ("val_", "o-", "val")):
             pts = [(int(r["iter"]), float(r[prefix + key])) for r in rows if r[prefix + key] and float(r[prefix + key]) > 0]
-            ax.plot(*zip(*pts), style, label=label, lw=1) if pts else None
+            if pts:
+                ax.plot(*zip(*pts), style, label=label, lw=1)
         ax.set(title=title, xlabel="step", yscale="log")
         ax.legend()
-    last = [r for r in rows if r["val_x0_t0"]][-1:]
-    if last:
+    validated = [r for r in rows if r["val_x0_t0"]]
+    if validated:
         centers = [(k + 0.5) / X0_BINS for k in range(X0_BINS)]
-        axes[2].plot(centers, [float(last[0][f"val_x0_t{k}"]) for k in range(X0_BINS)], "o-")
+        axes[2].plot(centers, [float(validated[-1][f"val_x0_t{k}"]) for k in range(X0_BINS)], "o-")
     axes[2].set(title="x0-hat error / data power, last validation", xlabel="noise level t", ylim=(0, None))
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
 
 def step_generator(seed, step, rank):
-    """The random source of one training step: a pure function of (seed, step, rank), so a resumed
-    run draws exactly the batches and noise an uninterrupted run would have drawn."""
+    """The random source of one training step: a pure function of (seed, step, rank), so resuming is exact."""
     return torch.Generator().manual_seed(seed * 1_000_003 + step * 1_009 + rank)
 
 def learning_rate(config, it):
@@ -434,23 +414,26 @@ def autocast_for(device):
     return (torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda")
             else torch.autocast("cpu", enabled=False))
 
+def batch_loss(model, seqs, rows, config, tok, generator, device, cfg_drop_p, per_token=False):
+    """Draw a batch of packed rows with `generator` -> transfusion_forcing_loss on it, under autocast_for(device)."""
+    batch = get_batch(seqs, rows, config.batch_size, generator, tok.special("<|pad|>"), device)
+    with autocast_for(device):
+        return transfusion_forcing_loss(model, batch, null_id=tok.special("<|null|>"), lambda_audio=config.lambda_audio,
+                                        cfg_drop_p=cfg_drop_p, noise_shift=config.noise_shift, generator=generator,
+                                        per_token=per_token)
+
 @torch.no_grad()
-def validate(model, seqs, rows, config, tok, device, autocast):
+def validate(model, seqs, rows, config, tok, device):
     """Mean loss, ce and mse over config.eval_iters fixed validation batches (no CFG dropout), and
-    x0_err: per noise-level bin, the x0-hat error relative to the data's power. With
-    x0 = alpha x_t - sigma v, an x0 error is sigma times the v error, so it is
-    sum(sigma^2 v-MSE) / sum(x0^2) over the target audio tokens whose t falls in the bin (NaN if
-    none did). Near t = 1 it says how much of a clip the model draws from the plan alone.
+    x0_err: per noise-level bin, sum(sigma^2 v-MSE) / sum(x0^2) over the target audio tokens whose
+    t falls in it (x0 = alpha x_t - sigma v, so an x0 error is sigma times the v error; NaN for an
+    empty bin). Near t = 1 it says how much of a clip the model draws from the plan alone.
     -> {"loss", "ce", "mse": float, "x0_err": [X0_BINS floats]}."""
     model.eval()
     totals, err, power = torch.zeros(3), torch.zeros(X0_BINS), torch.zeros(X0_BINS)
     for k in range(config.eval_iters):
         g = step_generator(config.seed + 1, k, 0)  # the same batches at every validation
-        batch = get_batch(seqs, rows, config.batch_size, g, tok.special("<|pad|>"), device)
-        with autocast:
-            *losses, per = transfusion_forcing_loss(model, batch, lambda_audio=config.lambda_audio,
-                                                    null_id=tok.special("<|null|>"), cfg_drop_p=0.0,
-                                                    noise_shift=config.noise_shift, generator=g, per_token=True)
+        *losses, per = batch_loss(model, seqs, rows, config, tok, g, device, cfg_drop_p=0.0, per_token=True)
         totals += torch.tensor([float(x) for x in losses])
         target = per["is_target"]
         t = per["t"][target].float().cpu()
@@ -462,8 +445,8 @@ def validate(model, seqs, rows, config, tok, device, autocast):
     return {"loss": loss, "ce": ce, "mse": mse, "x0_err": (err / power).tolist()}  # 0 / 0 = NaN: an empty bin
 
 def check_config(config, device):
-    """Refuse, with one line each, what the flags alone show cannot work: a model shape, flex
-    attention off CUDA (FlexAttention has no backward there), a resume that would go backwards."""
+    """Refuse, with one line each, what the flags alone show cannot work: a model shape, or flex
+    attention off CUDA (FlexAttention has no backward there)."""
     try:
         model_config(config, vocab_size=1)
     except ValueError as e:
@@ -516,8 +499,8 @@ def train(config):
     train_rows = pack(train_seqs, config.block_size, config.seed)
     val_rows = pack(val_seqs, config.block_size, config.seed)
     if not train_rows or not val_rows:
-        longest = min(len(s["tokens"]) for s in (val_seqs if train_rows else train_seqs))
-        raise SystemExit(f"error: no dialogue fits in --block_size={config.block_size} (the shortest has {longest} tokens)")
+        shortest = min(len(s["tokens"]) for s in (val_seqs if train_rows else train_seqs))
+        raise SystemExit(f"error: no dialogue fits in --block_size={config.block_size} (the shortest has {shortest} tokens)")
     mconf = model_config(config, tok.vocab_size, train_seqs[0]["audio"].shape[-1])
     model = AudioChatModel(mconf).to(device)
     optimizer = model.configure_optimizers(config.weight_decay, config.learning_rate, (0.9, 0.95), device.split(":")[0])
@@ -538,9 +521,8 @@ def train(config):
         text_seqs = [t for t in map(text_only, train_seqs) if t["text_target"].any()]  # listening dialogues: nothing
         text_rows = pack(text_seqs, config.block_size, config.seed)
 
-    n_params = sum(p.numel() for p in model.parameters())
     if master:
-        print(f"{config.arch} model: {n_params / 1e6:.2f}M parameters on {device}; "
+        print(f"{config.arch} model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}; "
               f"{len(train_seqs)} train dialogues packed in {len(train_rows)} rows of <= {config.block_size} tokens")
     raw_model = model
     if config.compile:
@@ -551,11 +533,10 @@ def train(config):
         # generation layers and the diffusion head out of the graph (model.forward's layers="text")
         model = DistributedDataParallel(model, device_ids=[int(device.split(":")[1])] if device.startswith("cuda") else None,
                                         find_unused_parameters=config.text_iters > iter_num)
-    autocast = autocast_for(device)
 
     def validation_row(it, **extra):
         nonlocal val
-        val = validate(raw_model, val_seqs, val_rows, config, tok, device, autocast)
+        val = validate(raw_model, val_seqs, val_rows, config, tok, device)
         return {"iter": it, "val_loss": val["loss"], "val_ce": val["ce"], "val_mse": val["mse"],
                 **{f"val_x0_t{k}": e for k, e in enumerate(val["x0_err"])}, **extra}
 
@@ -581,21 +562,16 @@ def train(config):
             group["lr"] = lr
         g = step_generator(config.seed, it, rank)
         stage = (text_seqs, text_rows) if it < config.text_iters else (train_seqs, train_rows)
-        batch = get_batch(*stage, config.batch_size, g, tok.special("<|pad|>"), device)
-        with autocast:
-            loss, ce, mse = transfusion_forcing_loss(model, batch, lambda_audio=config.lambda_audio,
-                                                     null_id=tok.special("<|null|>"), cfg_drop_p=config.cfg_drop_p,
-                                                     noise_shift=config.noise_shift, generator=g)
+        loss, ce, mse = batch_loss(model, *stage, config, tok, g, device, config.cfg_drop_p)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
-        loss, ce, mse = loss.detach(), ce.detach(), mse.detach()
         row.update(lr=lr, loss=loss.item(), ce=ce.item(), mse=mse.item(), elapsed_s=round(time.time() - t0, 2))
         log_rows.append(row)
         if it % config.log_interval == 0:
-            bar.set_postfix(ce=f"{float(ce):.3f}", mse=f"{float(mse):.3f}", lr=f"{lr:.1e}")
+            bar.set_postfix(ce=f"{row['ce']:.3f}", mse=f"{row['mse']:.3f}", lr=f"{lr:.1e}")
     if master:
         row = validation_row(config.max_iters, elapsed_s=round(time.time() - t0, 2))
         checkpoint(config.max_iters, row)
