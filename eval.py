@@ -467,10 +467,8 @@ def _judge_scenes(seed, n_edits=2):
     rng = np.random.default_rng(seed)
     user, designer, plan, scenes = UserAgent(), DesignerAgent(), None, []
     for _ in range(100):   # the agents may ask for the impossible (a line that no longer fits): ask again
-        if scenes:
-            intent = user.edit_intent(plan, rng, pick(rng, [k for k in EDIT_KINDS if k != "multi"]))
-        else:
-            intent = user.story_intent(rng)
+        intent = (user.edit_intent(plan, rng, pick(rng, [k for k in EDIT_KINDS if k != "multi"])) if scenes
+                  else user.story_intent(rng))
         try:
             plan = run_calls(designer.respond(plan, intent), plan, seed)
         except PlanError:
@@ -485,10 +483,12 @@ class Judge(nn.Module):
     """Raw log-mel frames (B, T, 64) -> per-frame class logits (B, T, C): residual 1-D convolutions with
     growing dilation (~1.7 s of context: a dog's two woofs, a voice among its neighbours) on
     standardised frames, then a 1x1 convolution. `embed` pools the last features over time (mean ++
-    std): the clip embedding KAD compares, as kadtk compares PANNs or CLAP embeddings."""
+    std): the clip embedding KAD compares, as kadtk compares PANNs or CLAP embeddings. It lives on the CPU
+    (load_or_train_judge puts it there), as do the waveforms it hears."""
 
     def __init__(self, width=96, dilations=(1, 2, 4, 8, 16, 1)):
         super().__init__()
+        self.args = {"width": width, "dilations": list(dilations)}   # saved with the weights, to rebuild it
         self.register_buffer("mean", torch.zeros(2 * N_MELS))
         self.register_buffer("std", torch.ones(2 * N_MELS))
         self.inp = nn.Conv1d(2 * N_MELS, width, 3, padding=1)
@@ -508,13 +508,13 @@ class Judge(nn.Module):
     @torch.no_grad()
     def probs(self, wav):
         """wav (2, N) -> frame probabilities (T, C) numpy, T = N // HOP; None (no audio) -> None."""
-        return None if wav is None else torch.sigmoid(self(FRONT_END.encode_raw(wav)[None].to(self.mean.device)))[0].cpu().numpy()
+        return None if wav is None else torch.sigmoid(self(FRONT_END.encode_raw(wav)[None]))[0].numpy()
 
     @torch.no_grad()
     def embed(self, wav):
         """wav (2, N) -> clip embedding (2 * width,): hidden features, mean ++ std over time."""
-        h = self.features(FRONT_END.encode_raw(wav)[None].to(self.mean.device))[0]
-        return torch.cat([h.mean(-1), h.std(-1)]).cpu()
+        h = self.features(FRONT_END.encode_raw(wav)[None])[0]
+        return torch.cat([h.mean(-1), h.std(-1)])
 
 @torch.no_grad()
 def frame_f1(judge, scenes, threshold=0.5):
@@ -541,9 +541,8 @@ def crop_of(raws, labels, crop, g, mix_p=0.0):
     return x, y
 
 def train_judge(n_stories=500, steps=1500, batch_size=16, crop=160, lr=3e-3, mix_p=0.5, width=96, seed=0, verbose=True):
-    """Simulate n_stories stories (4 scenes each, all cores), hold out 10 % of them, and train a Judge with
-    FLAM's loss (-log sigmoid(y * logit), y = +-1) on crop_of's crops -> (judge, {"frameF1": held-out F1 in %, ...})."""
-    t0 = time.time()
+    """Simulate n_stories stories (4 scenes each, all cores), hold out 10 % of them, and train a Judge with FLAM's
+    loss (-log sigmoid(y * logit), y = +-1) on crop_of's crops -> (judge, {"frameF1": held-out frame F1 in %})."""
     torch.manual_seed(seed)
     with mp.Pool(os.cpu_count(), initializer=torch.set_num_threads, initargs=(1,)) as pool:
         stories = pool.map(_judge_scenes, range(JUDGE_SEEDS, JUDGE_SEEDS + n_stories), chunksize=4)
@@ -570,9 +569,7 @@ def train_judge(n_stories=500, steps=1500, batch_size=16, crop=160, lr=3e-3, mix
         optimizer.step()
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
-    judge.eval()
-    return judge, {"frameF1": frame_f1(judge, val), "train_s": round(time.time() - t0, 1), "scenes": len(train),
-                   "heldout_scenes": len(val)}
+    return judge.eval(), {"frameF1": frame_f1(judge, val)}
 
 def load_or_train_judge(path="out/judge.pt", verbose=True, **train_kwargs):
     """The judge cached at path, else (also when it was made for another inventory of sounds and
@@ -591,11 +588,9 @@ def load_or_train_judge(path="out/judge.pt", verbose=True, **train_kwargs):
         print(f"training the judge (FLAM-lite) for these sounds and voices once; it is cached in {path}")
     judge, judge.info = train_judge(verbose=verbose, **train_kwargs)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    args = {"width": judge.inp.out_channels, "dilations": [c.dilation[0] for c in judge.convs]}
-    torch.save({"model": judge.state_dict(), "args": args, "classes": CLASSES, "info": judge.info}, path + ".tmp")
+    torch.save({"model": judge.state_dict(), "args": judge.args, "classes": CLASSES, "info": judge.info}, path + ".tmp")
     os.replace(path + ".tmp", path)
     return judge
-
 
 # -----------------------------------------------------------------------------
 # Part 3: the systems (skim)
