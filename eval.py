@@ -793,32 +793,34 @@ def system_names(paths):
     return names
 
 def fmt(x, digits=1):
+    """A number as a table cell, `digits` decimals; None (not applicable, nothing to measure) -> "–"."""
     return "–" if x is None else f"{x:.{digits}f}"
 
 def result_tables(results):
     """eval.json -> the paper's tables and the models' diagnostics: [(title, header, rows of cells)]."""
-    systems, models, listening = results["systems"], results["val"], results["listening"]
-    counts = next(iter(systems.values()))["editing"]
+    systems, models, listening, n = results["systems"], results["val"], results["listening"], results["n"]
+    story, edits = ({k: r[part] for k, r in systems.items()} for part in ("storytelling", "editing"))
+    counts = {kind: e["n"] for kind, e in next(iter(edits.values())).items()}   # edit turns per kind, as every system saw
     tasks = [t for t in ("transcribe", "describe") if any(t in p for p in listening.values())]
     return [
-        (f"Storytelling (paper Table 2), {results['n']} dialogues",
+        (f"Storytelling (paper Table 2), {n} dialogues",
          ["system", "multiFLAM ↑", "KAD ↓", "planValidity ↑", "planRecall ↑", "latency_s ↓", "rtf ↓"],
          [[k, fmt(s["multiFLAM"]), fmt(s["KAD"], 2), fmt(s["planValidity"]), fmt(s["planRecall"]), fmt(s["latency_s"], 2),
-           fmt(s["rtf"], 2)] for k, s in ((k, r["storytelling"]) for k, r in systems.items())]),
+           fmt(s["rtf"], 2)] for k, s in story.items()]),
         ("Editing (paper Table 1)", ["system", "KAD ↓", "deltaMultiFLAM ↓", "editFLAM ↑", "planValidity ↑"],
          [[k, fmt(e["KAD"], 2), fmt(e["deltaMultiFLAM"]), fmt(e["editFLAM"]), fmt(e["planValidity"])]
-          for k, e in ((k, r["editing"]["overall"]) for k, r in systems.items())]),
-        ("Editing per sub-task: editFLAM ↑ / deltaMultiFLAM ↓", ["system"] + [f"{k} (n={counts[k]['n']})" for k in EDIT_KINDS],
-         [[k] + [f"{fmt(r['editing'][e]['editFLAM'])} / {fmt(r['editing'][e]['deltaMultiFLAM'])}" for e in EDIT_KINDS]
-          for k, r in systems.items()]),
+          for k, e in ((k, e["overall"]) for k, e in edits.items())]),
+        ("Editing per sub-task: editFLAM ↑ / deltaMultiFLAM ↓", ["system", *(f"{e} (n={counts[e]})" for e in EDIT_KINDS)],
+         [[k, *(f"{fmt(r[e]['editFLAM'])} / {fmt(r[e]['deltaMultiFLAM'])}" for e in EDIT_KINDS)] for k, r in edits.items()]),
         ("Understanding (paper Table 3)", ["system", "tcpWER ↓", "captionMultiFLAM ↑"],
          [[k, fmt(r["understanding"]["tcpWER"]), fmt(r["understanding"]["captionMultiFLAM"])] for k, r in systems.items()]),
-        (f"Why the models' plans fail: story / edit turns per PlanError kind (of {results['n']} / {counts['overall']['n']})",
+        (f"Why the models' plans fail: story / edit turns per PlanError kind (of {n} / {counts['overall']})",
          ["system", *PLAN_ERROR_KINDS],
-         [[k, *[f"{systems[k]['storytelling']['planFailures'][e]} / {systems[k]['editing']['overall']['planFailures'][e]}"
-                for e in PLAN_ERROR_KINDS]] for k in models]),
-        ("The checkpoint's last validation (train.py): x̂₀ error = σ² v-MSE / mean x₀² of audio spans at noise level t in "
-         "[0.8, 1] (1 = no better than x̂₀ = 0, the average sound)", ["system", "val CE ↓", "val v-MSE ↓", "x̂₀ error ↓"],
+         [[k, *(f"{story[k]['planFailures'][e]} / {edits[k]['overall']['planFailures'][e]}" for e in PLAN_ERROR_KINDS)]
+          for k in models]),
+        ("The checkpoint's last validation (train.py): x̂₀ error = σ² v-MSE / mean x₀² of audio spans at noise level "
+         "t in [0.8, 1] (1 = no better than x̂₀ = 0, the average sound)",
+         ["system", "val CE ↓", "val v-MSE ↓", "x̂₀ error ↓"],
          [[k, fmt(v and v["ce"], 3), fmt(v and v["mse"], 3), fmt(v and v["x0_err"][-1], 2)] for k, v in models.items()]),
         ("Does the model listen? Cross-entropy of the true answer (nats per token) with the clip / with the average "
          "sound in its place: equal = the answer ignores the audio", ["system", *tasks],
@@ -826,8 +828,8 @@ def result_tables(results):
                 for t in tasks]] for k, p in listening.items()]),
         ("Requests as people write them (eval.HELDOUT, wording no template uses), through sample.Chat",
          ["system", "story plans naming every asked source ↑", "edits making the asked change ↑"],
-         [[k, f"{fmt(h['storySources'])} (n={h['n'][0]})", f"{fmt(h['editsDone'])} (n={h['n'][1]})"] for k, h in results["heldout"].items()])]
-
+         [[k, f"{fmt(h['storySources'])} (n={h['n'][0]})", f"{fmt(h['editsDone'])} (n={h['n'][1]})"]
+          for k, h in results["heldout"].items()])]
 def table_note(results):
     return (f"Rates in %. Judge (FLAM-lite) held-out frame F1: {results['judge']['frameF1']:.1f} %. KAD against the ground "
             "truth's audio (judge embeddings). Ground-truth and cascade latency time only the simulator's rendering; the "
@@ -839,7 +841,7 @@ def markdown(title, header, rows):
             + ["| " + " | ".join(row) + " |" for row in rows])
 
 def plot(results, path):
-    """eval.png: a bar chart per main metric, one bar per system."""
+    """eval.png: a bar chart per main metric, one bar per system, its value written on it."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -850,9 +852,8 @@ def plot(results, path):
     fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
     for ax, (section, key, title) in zip(axes.flat, panels):
         values = [(r[section]["overall"] if section == "editing" else r[section])[key] for r in results["systems"].values()]
-        ax.bar(range(len(names)), [v or 0 for v in values], color=[f"C{i}" for i in range(len(names))])
-        for i, v in enumerate(values):
-            ax.text(i, v or 0, fmt(v, 2 if key == "KAD" else 1), ha="center", va="bottom", fontsize=8)
+        bars = ax.bar(range(len(names)), [v or 0 for v in values], color=[f"C{i}" for i in range(len(names))])
+        ax.bar_label(bars, [fmt(v, 2 if key == "KAD" else 1) for v in values], fontsize=8)
         ax.set_xticks(range(len(names)), names, rotation=25, ha="right", fontsize=8)
         ax.set_title(title, fontsize=10)
     fig.tight_layout()
@@ -872,31 +873,30 @@ pre { white-space: pre-wrap; word-break: break-all; font-size: 0.78em; }
 """
 
 def report_cell(title, turn, media_dir, stem):
-    """One system's turn: its calls and the studio's plan (or its answer), a player and the picture
-    (written into media_dir) -> HTML."""
+    """One system's turn (a sample.Turn) -> HTML: its text (tool calls, or an answer) and the studio's plan, then
+    where it made audio a player and the picture of it, written into media_dir as stem.wav and stem.png."""
     import soundfile as sf
-    if turn is None:
-        return f'<div class="system"><h4>{escape(title)}</h4><p>(no answer: this system does not understand audio)</p></div>'
     text = turn.text + ("\n\nstudio:\n" + plan_to_text(turn.plan) if turn.plan else "")
-    parts = [f'<div class="system"><h4>{escape(title)}</h4><pre>{escape(text)}</pre>']
+    html = f'<div class="system"><h4>{escape(title)}</h4><pre>{escape(text)}</pre>'
     if turn.error:
-        parts.append(f'<p class="error">{escape(turn.error)}: no audio</p>')
+        html += f'<p class="error">{escape(turn.error)}: no audio</p>'
     if turn.wav is not None:
         sf.write(os.path.join(media_dir, stem + ".wav"), turn.wav.T, SR, subtype="PCM_16")
         plot_story(turn.wav, turn.plan, os.path.join(media_dir, stem + ".png"))
-        base = os.path.basename(media_dir)
-        parts.append(f'<audio controls preload="none" src="{base}/{stem}.wav"></audio><img loading="lazy" src="{base}/{stem}.png">')
-    return "".join(parts) + "</div>"
+        src = f"{os.path.basename(media_dir)}/{stem}"
+        html += f'<audio controls preload="none" src="{src}.wav"></audio><img loading="lazy" src="{src}.png">'
+    return html + "</div>"
 
 def write_report(results, showcase, ckpt_paths, out_dir):
     """out_dir/report.html (+ out_dir/report/): showcase is [(Episode, {system: run})] with the runs of
     ground_truth, audiochat and cascade. -> the page's path."""
     media = os.path.join(out_dir, "report")
     os.makedirs(media, exist_ok=True)
-    html = [f"<!doctype html><html><head><meta charset='utf-8'><title>AudioChat-mini report</title><style>{REPORT_CSS}</style>"
-            f"</head><body><h1>AudioChat-mini on StoryGen-Eval-toy</h1><p>{results['n']} test dialogues; checkpoint(s): "
-            f"{escape(', '.join(ckpt_paths))}. Each dialogue: a story, one or two edits (each conditioned on the system's "
-            "own previous audio), and an understanding request about a fresh clip.</p><h2>Results</h2>"]
+    html = ["<!doctype html><html><head><meta charset='utf-8'><title>AudioChat-mini report</title>"
+            f"<style>{REPORT_CSS}</style></head><body><h1>AudioChat-mini on StoryGen-Eval-toy</h1><p>{results['n']} test "
+            f"dialogues; checkpoint(s): {escape(', '.join(ckpt_paths))}. Each dialogue: a story, one or two edits (each "
+            "conditioned on the system's own previous audio), and an understanding request about a fresh clip.</p>"
+            "<h2>Results</h2>"]
     for title, header, rows in result_tables(results):
         html += [f"<h3>{escape(title)}</h3><table><tr>" + "".join(f"<th>{escape(h)}</th>" for h in header) + "</tr>"]
         html += ["<tr>" + "".join(f"<td>{escape(c)}</td>" for c in row) + "</tr>" for row in rows] + ["</table>"]
@@ -919,7 +919,7 @@ def write_report(results, showcase, ckpt_paths, out_dir):
         clip = Turn(ep.request, ep.scene, render(ep.scene, ep.scene_seed))
         html.append(report_cell("the clip (and its true plan)", clip, media, f"d{d}_clip"))
         html += [f"<div class='system'><h4>{escape(title)}</h4><pre>{escape(runs[name]['answer'].text)}</pre></div>"
-                 for name, title in systems[:2]] + ["</div>"]
+                 for name, title in systems[:2]] + ["</div>"]   # the cascade understands no audio: no answer
     path = os.path.join(out_dir, "report.html")
     with open(path, "w") as f:
         f.write("\n".join(html + ["</body></html>"]))
