@@ -592,6 +592,7 @@ def load_or_train_judge(path="out/judge.pt", verbose=True, **train_kwargs):
     os.replace(path + ".tmp", path)
     return judge
 
+
 # -----------------------------------------------------------------------------
 # Part 3: the systems (skim)
 #
