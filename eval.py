@@ -467,10 +467,8 @@ def _judge_scenes(seed, n_edits=2):
     rng = np.random.default_rng(seed)
     user, designer, plan, scenes = UserAgent(), DesignerAgent(), None, []
     for _ in range(100):   # the agents may ask for the impossible (a line that no longer fits): ask again
-        if scenes:
-            intent = user.edit_intent(plan, rng, pick(rng, [k for k in EDIT_KINDS if k != "multi"]))
-        else:
-            intent = user.story_intent(rng)
+        intent = (user.edit_intent(plan, rng, pick(rng, [k for k in EDIT_KINDS if k != "multi"])) if scenes
+                  else user.story_intent(rng))
         try:
             plan = run_calls(designer.respond(plan, intent), plan, seed)
         except PlanError:
@@ -485,10 +483,12 @@ class Judge(nn.Module):
     """Raw log-mel frames (B, T, 64) -> per-frame class logits (B, T, C): residual 1-D convolutions with
     growing dilation (~1.7 s of context: a dog's two woofs, a voice among its neighbours) on
     standardised frames, then a 1x1 convolution. `embed` pools the last features over time (mean ++
-    std): the clip embedding KAD compares, as kadtk compares PANNs or CLAP embeddings."""
+    std): the clip embedding KAD compares, as kadtk compares PANNs or CLAP embeddings. It lives on the CPU
+    (load_or_train_judge puts it there), as do the waveforms it hears."""
 
     def __init__(self, width=96, dilations=(1, 2, 4, 8, 16, 1)):
         super().__init__()
+        self.args = {"width": width, "dilations": list(dilations)}   # saved with the weights, to rebuild it
         self.register_buffer("mean", torch.zeros(2 * N_MELS))
         self.register_buffer("std", torch.ones(2 * N_MELS))
         self.inp = nn.Conv1d(2 * N_MELS, width, 3, padding=1)
@@ -508,13 +508,13 @@ class Judge(nn.Module):
     @torch.no_grad()
     def probs(self, wav):
         """wav (2, N) -> frame probabilities (T, C) numpy, T = N // HOP; None (no audio) -> None."""
-        return None if wav is None else torch.sigmoid(self(FRONT_END.encode_raw(wav)[None].to(self.mean.device)))[0].cpu().numpy()
+        return None if wav is None else torch.sigmoid(self(FRONT_END.encode_raw(wav)[None]))[0].numpy()
 
     @torch.no_grad()
     def embed(self, wav):
         """wav (2, N) -> clip embedding (2 * width,): hidden features, mean ++ std over time."""
-        h = self.features(FRONT_END.encode_raw(wav)[None].to(self.mean.device))[0]
-        return torch.cat([h.mean(-1), h.std(-1)]).cpu()
+        h = self.features(FRONT_END.encode_raw(wav)[None])[0]
+        return torch.cat([h.mean(-1), h.std(-1)])
 
 @torch.no_grad()
 def frame_f1(judge, scenes, threshold=0.5):
@@ -541,9 +541,8 @@ def crop_of(raws, labels, crop, g, mix_p=0.0):
     return x, y
 
 def train_judge(n_stories=500, steps=1500, batch_size=16, crop=160, lr=3e-3, mix_p=0.5, width=96, seed=0, verbose=True):
-    """Simulate n_stories stories (4 scenes each, all cores), hold out 10 % of them, and train a Judge with
-    FLAM's loss (-log sigmoid(y * logit), y = +-1) on crop_of's crops -> (judge, {"frameF1": held-out F1 in %, ...})."""
-    t0 = time.time()
+    """Simulate n_stories stories (4 scenes each, all cores), hold out 10 % of them, and train a Judge with FLAM's
+    loss (-log sigmoid(y * logit), y = +-1) on crop_of's crops -> (judge, {"frameF1": held-out frame F1 in %})."""
     torch.manual_seed(seed)
     with mp.Pool(os.cpu_count(), initializer=torch.set_num_threads, initargs=(1,)) as pool:
         stories = pool.map(_judge_scenes, range(JUDGE_SEEDS, JUDGE_SEEDS + n_stories), chunksize=4)
@@ -570,9 +569,7 @@ def train_judge(n_stories=500, steps=1500, batch_size=16, crop=160, lr=3e-3, mix
         optimizer.step()
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
-    judge.eval()
-    return judge, {"frameF1": frame_f1(judge, val), "train_s": round(time.time() - t0, 1), "scenes": len(train),
-                   "heldout_scenes": len(val)}
+    return judge.eval(), {"frameF1": frame_f1(judge, val)}
 
 def load_or_train_judge(path="out/judge.pt", verbose=True, **train_kwargs):
     """The judge cached at path, else (also when it was made for another inventory of sounds and
@@ -591,8 +588,7 @@ def load_or_train_judge(path="out/judge.pt", verbose=True, **train_kwargs):
         print(f"training the judge (FLAM-lite) for these sounds and voices once; it is cached in {path}")
     judge, judge.info = train_judge(verbose=verbose, **train_kwargs)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    args = {"width": judge.inp.out_channels, "dilations": [c.dilation[0] for c in judge.convs]}
-    torch.save({"model": judge.state_dict(), "args": args, "classes": CLASSES, "info": judge.info}, path + ".tmp")
+    torch.save({"model": judge.state_dict(), "args": judge.args, "classes": CLASSES, "info": judge.info}, path + ".tmp")
     os.replace(path + ".tmp", path)
     return judge
 
@@ -798,32 +794,34 @@ def system_names(paths):
     return names
 
 def fmt(x, digits=1):
+    """A number as a table cell, `digits` decimals; None (not applicable, nothing to measure) -> "–"."""
     return "–" if x is None else f"{x:.{digits}f}"
 
 def result_tables(results):
     """eval.json -> the paper's tables and the models' diagnostics: [(title, header, rows of cells)]."""
-    systems, models, listening = results["systems"], results["val"], results["listening"]
-    counts = next(iter(systems.values()))["editing"]
+    systems, models, listening, n = results["systems"], results["val"], results["listening"], results["n"]
+    story, edits = ({k: r[part] for k, r in systems.items()} for part in ("storytelling", "editing"))
+    counts = {kind: e["n"] for kind, e in next(iter(edits.values())).items()}   # edit turns per kind, as every system saw
     tasks = [t for t in ("transcribe", "describe") if any(t in p for p in listening.values())]
     return [
-        (f"Storytelling (paper Table 2), {results['n']} dialogues",
+        (f"Storytelling (paper Table 2), {n} dialogues",
          ["system", "multiFLAM ↑", "KAD ↓", "planValidity ↑", "planRecall ↑", "latency_s ↓", "rtf ↓"],
          [[k, fmt(s["multiFLAM"]), fmt(s["KAD"], 2), fmt(s["planValidity"]), fmt(s["planRecall"]), fmt(s["latency_s"], 2),
-           fmt(s["rtf"], 2)] for k, s in ((k, r["storytelling"]) for k, r in systems.items())]),
+           fmt(s["rtf"], 2)] for k, s in story.items()]),
         ("Editing (paper Table 1)", ["system", "KAD ↓", "deltaMultiFLAM ↓", "editFLAM ↑", "planValidity ↑"],
          [[k, fmt(e["KAD"], 2), fmt(e["deltaMultiFLAM"]), fmt(e["editFLAM"]), fmt(e["planValidity"])]
-          for k, e in ((k, r["editing"]["overall"]) for k, r in systems.items())]),
-        ("Editing per sub-task: editFLAM ↑ / deltaMultiFLAM ↓", ["system"] + [f"{k} (n={counts[k]['n']})" for k in EDIT_KINDS],
-         [[k] + [f"{fmt(r['editing'][e]['editFLAM'])} / {fmt(r['editing'][e]['deltaMultiFLAM'])}" for e in EDIT_KINDS]
-          for k, r in systems.items()]),
+          for k, e in ((k, e["overall"]) for k, e in edits.items())]),
+        ("Editing per sub-task: editFLAM ↑ / deltaMultiFLAM ↓", ["system", *(f"{e} (n={counts[e]})" for e in EDIT_KINDS)],
+         [[k, *(f"{fmt(r[e]['editFLAM'])} / {fmt(r[e]['deltaMultiFLAM'])}" for e in EDIT_KINDS)] for k, r in edits.items()]),
         ("Understanding (paper Table 3)", ["system", "tcpWER ↓", "captionMultiFLAM ↑"],
          [[k, fmt(r["understanding"]["tcpWER"]), fmt(r["understanding"]["captionMultiFLAM"])] for k, r in systems.items()]),
-        (f"Why the models' plans fail: story / edit turns per PlanError kind (of {results['n']} / {counts['overall']['n']})",
+        (f"Why the models' plans fail: story / edit turns per PlanError kind (of {n} / {counts['overall']})",
          ["system", *PLAN_ERROR_KINDS],
-         [[k, *[f"{systems[k]['storytelling']['planFailures'][e]} / {systems[k]['editing']['overall']['planFailures'][e]}"
-                for e in PLAN_ERROR_KINDS]] for k in models]),
-        ("The checkpoint's last validation (train.py): x̂₀ error = σ² v-MSE / mean x₀² of audio spans at noise level t in "
-         "[0.8, 1] (1 = no better than x̂₀ = 0, the average sound)", ["system", "val CE ↓", "val v-MSE ↓", "x̂₀ error ↓"],
+         [[k, *(f"{story[k]['planFailures'][e]} / {edits[k]['overall']['planFailures'][e]}" for e in PLAN_ERROR_KINDS)]
+          for k in models]),
+        ("The checkpoint's last validation (train.py): x̂₀ error = σ² v-MSE / mean x₀² of audio spans at noise level "
+         "t in [0.8, 1] (1 = no better than x̂₀ = 0, the average sound)",
+         ["system", "val CE ↓", "val v-MSE ↓", "x̂₀ error ↓"],
          [[k, fmt(v and v["ce"], 3), fmt(v and v["mse"], 3), fmt(v and v["x0_err"][-1], 2)] for k, v in models.items()]),
         ("Does the model listen? Cross-entropy of the true answer (nats per token) with the clip / with the average "
          "sound in its place: equal = the answer ignores the audio", ["system", *tasks],
@@ -831,8 +829,8 @@ def result_tables(results):
                 for t in tasks]] for k, p in listening.items()]),
         ("Requests as people write them (eval.HELDOUT, wording no template uses), through sample.Chat",
          ["system", "story plans naming every asked source ↑", "edits making the asked change ↑"],
-         [[k, f"{fmt(h['storySources'])} (n={h['n'][0]})", f"{fmt(h['editsDone'])} (n={h['n'][1]})"] for k, h in results["heldout"].items()])]
-
+         [[k, f"{fmt(h['storySources'])} (n={h['n'][0]})", f"{fmt(h['editsDone'])} (n={h['n'][1]})"]
+          for k, h in results["heldout"].items()])]
 def table_note(results):
     return (f"Rates in %. Judge (FLAM-lite) held-out frame F1: {results['judge']['frameF1']:.1f} %. KAD against the ground "
             "truth's audio (judge embeddings). Ground-truth and cascade latency time only the simulator's rendering; the "
@@ -844,7 +842,7 @@ def markdown(title, header, rows):
             + ["| " + " | ".join(row) + " |" for row in rows])
 
 def plot(results, path):
-    """eval.png: a bar chart per main metric, one bar per system."""
+    """eval.png: a bar chart per main metric, one bar per system, its value written on it."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -855,9 +853,8 @@ def plot(results, path):
     fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
     for ax, (section, key, title) in zip(axes.flat, panels):
         values = [(r[section]["overall"] if section == "editing" else r[section])[key] for r in results["systems"].values()]
-        ax.bar(range(len(names)), [v or 0 for v in values], color=[f"C{i}" for i in range(len(names))])
-        for i, v in enumerate(values):
-            ax.text(i, v or 0, fmt(v, 2 if key == "KAD" else 1), ha="center", va="bottom", fontsize=8)
+        bars = ax.bar(range(len(names)), [v or 0 for v in values], color=[f"C{i}" for i in range(len(names))])
+        ax.bar_label(bars, [fmt(v, 2 if key == "KAD" else 1) for v in values], fontsize=8)
         ax.set_xticks(range(len(names)), names, rotation=25, ha="right", fontsize=8)
         ax.set_title(title, fontsize=10)
     fig.tight_layout()
@@ -877,31 +874,30 @@ pre { white-space: pre-wrap; word-break: break-all; font-size: 0.78em; }
 """
 
 def report_cell(title, turn, media_dir, stem):
-    """One system's turn: its calls and the studio's plan (or its answer), a player and the picture
-    (written into media_dir) -> HTML."""
+    """One system's turn (a sample.Turn) -> HTML: its text (tool calls, or an answer) and the studio's plan, then
+    where it made audio a player and the picture of it, written into media_dir as stem.wav and stem.png."""
     import soundfile as sf
-    if turn is None:
-        return f'<div class="system"><h4>{escape(title)}</h4><p>(no answer: this system does not understand audio)</p></div>'
     text = turn.text + ("\n\nstudio:\n" + plan_to_text(turn.plan) if turn.plan else "")
-    parts = [f'<div class="system"><h4>{escape(title)}</h4><pre>{escape(text)}</pre>']
+    html = f'<div class="system"><h4>{escape(title)}</h4><pre>{escape(text)}</pre>'
     if turn.error:
-        parts.append(f'<p class="error">{escape(turn.error)}: no audio</p>')
+        html += f'<p class="error">{escape(turn.error)}: no audio</p>'
     if turn.wav is not None:
         sf.write(os.path.join(media_dir, stem + ".wav"), turn.wav.T, SR, subtype="PCM_16")
         plot_story(turn.wav, turn.plan, os.path.join(media_dir, stem + ".png"))
-        base = os.path.basename(media_dir)
-        parts.append(f'<audio controls preload="none" src="{base}/{stem}.wav"></audio><img loading="lazy" src="{base}/{stem}.png">')
-    return "".join(parts) + "</div>"
+        src = f"{os.path.basename(media_dir)}/{stem}"
+        html += f'<audio controls preload="none" src="{src}.wav"></audio><img loading="lazy" src="{src}.png">'
+    return html + "</div>"
 
 def write_report(results, showcase, ckpt_paths, out_dir):
     """out_dir/report.html (+ out_dir/report/): showcase is [(Episode, {system: run})] with the runs of
     ground_truth, audiochat and cascade. -> the page's path."""
     media = os.path.join(out_dir, "report")
     os.makedirs(media, exist_ok=True)
-    html = [f"<!doctype html><html><head><meta charset='utf-8'><title>AudioChat-mini report</title><style>{REPORT_CSS}</style>"
-            f"</head><body><h1>AudioChat-mini on StoryGen-Eval-toy</h1><p>{results['n']} test dialogues; checkpoint(s): "
-            f"{escape(', '.join(ckpt_paths))}. Each dialogue: a story, one or two edits (each conditioned on the system's "
-            "own previous audio), and an understanding request about a fresh clip.</p><h2>Results</h2>"]
+    html = ["<!doctype html><html><head><meta charset='utf-8'><title>AudioChat-mini report</title>"
+            f"<style>{REPORT_CSS}</style></head><body><h1>AudioChat-mini on StoryGen-Eval-toy</h1><p>{results['n']} test "
+            f"dialogues; checkpoint(s): {escape(', '.join(ckpt_paths))}. Each dialogue: a story, one or two edits (each "
+            "conditioned on the system's own previous audio), and an understanding request about a fresh clip.</p>"
+            "<h2>Results</h2>"]
     for title, header, rows in result_tables(results):
         html += [f"<h3>{escape(title)}</h3><table><tr>" + "".join(f"<th>{escape(h)}</th>" for h in header) + "</tr>"]
         html += ["<tr>" + "".join(f"<td>{escape(c)}</td>" for c in row) + "</tr>" for row in rows] + ["</table>"]
@@ -924,7 +920,7 @@ def write_report(results, showcase, ckpt_paths, out_dir):
         clip = Turn(ep.request, ep.scene, render(ep.scene, ep.scene_seed))
         html.append(report_cell("the clip (and its true plan)", clip, media, f"d{d}_clip"))
         html += [f"<div class='system'><h4>{escape(title)}</h4><pre>{escape(runs[name]['answer'].text)}</pre></div>"
-                 for name, title in systems[:2]] + ["</div>"]
+                 for name, title in systems[:2]] + ["</div>"]   # the cascade understands no audio: no answer
     path = os.path.join(out_dir, "report.html")
     with open(path, "w") as f:
         f.write("\n".join(html + ["</body></html>"]))
@@ -973,16 +969,13 @@ def evaluate(config):
 # -----------------------------------------------------------------------------
 # Part 5: the speed bench (python eval.py --bench) (skim)
 #
-# Each row is a ratio of two timings taken side by side in one run on the current device:
-#   training    a training step against the same layers trained as a plain causal LM, both under the
-#               same per-document mask: the ratio is what Transfusion adds;
-#   decoding    sample.Chat's greedy decoding (KV cache) against re-running the text layers per token;
-#   audio span  diffusion.sample_audio after a cached prefix, as sample.Chat samples, against re-running
-#               the whole sequence at every denoiser step;
-#   samplers    DPM-Solver++ at a few step counts against DDIM-150, scored by the judge (with --ckpt);
-#   end to end  a story turn of sample.Chat and its real-time factor, next to the simulator (with --ckpt).
-# The inputs are the first test dialogues of --data_dir, encoded as in training. Without --ckpt the
-# model is a randomly initialised one of train.py's preset size: speed does not depend on weights.
+# The README's Performance table, timed in one run on the current device: each figure sets a fast path beside
+# its baseline, written here (a training step beside the same layers trained as a plain causal LM, under the
+# same per-document mask; decoding and audio sampling through their caches beside re-running everything), or
+# is a real-time factor (a story turn of sample.Chat; the toy cascade's simulator). The inputs are the first
+# test dialogues of --data_dir, encoded as in training. Without --ckpt the model is a randomly initialised one
+# of train.py's preset size (speed does not depend on weights), and the rows that need a trained model (the
+# samplers, scored by the judge; end to end) are skipped.
 
 BENCH_DIALOGUES, DECODE_TOKENS, SAMPLER_STORIES, E2E_STORIES = 16, 100, 4, 3
 SAMPLER_RUNS = (("ddim", 150), ("dpmpp", 10), ("dpmpp", 15), ("dpmpp", 25))
@@ -1014,9 +1007,9 @@ def causal_lm_loss(model, tokens, doc_id):
     return F.cross_entropy(model.text_head(x)[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
 
 def bench_training(model, seqs, tok, batch_size, device, repeats):
-    """Tokens per second of a training step (forward, backward, AdamW; bf16 autocast on CUDA) of a fresh
-    model of model's shape on rows packed as train.py packs them: transfusion_forcing_loss against
-    causal_lm_loss, on the same tokens and document mask."""
+    """Seconds per training step (forward, backward, AdamW; bf16 autocast on CUDA) of a fresh model of model's
+    shape on rows packed as train.py packs them, with transfusion_forcing_loss and with causal_lm_loss on the
+    same tokens and document mask -> {"audiochat_s", "causal_lm_s", "slowdown": their ratio, "batch": [B, L], "attn"}."""
     torch.manual_seed(0)
     model = AudioChatModel(model.config).to(device)
     rows = sorted(pack(seqs, model.config.block_size, 0), key=lambda r: -sum(len(seqs[i]["tokens"]) for i in r))
@@ -1031,15 +1024,9 @@ def bench_training(model, seqs, tok, batch_size, device, repeats):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    (B, L), n = batch["tokens"].shape, int((~batch["is_pad"]).sum())
-    out = {"batch": B, "seq_len": L, "tokens_per_step": n, "attn": model.backend,
-           **{k: {"tokens_per_s": n / median_time(lambda: step(fn), device, repeats)} for k, fn in losses.items()}}
-    out["slowdown"] = out["causal_lm"]["tokens_per_s"] / out["audiochat"]["tokens_per_s"]
-    print("\n".join(markdown(f"Training step: {B} x {L} tokens ({n} not padding), {model.backend} attention, one document mask",
-                             ["model", "tokens/s", "time vs causal LM"],
-                             [[k, f"{out[k]['tokens_per_s']:.0f}", f"{x:.2f}x"]
-                              for k, x in (("audiochat", out["slowdown"]), ("causal_lm", 1))])))
-    return out
+    s = {f"{k}_s": median_time(lambda: step(fn), device, repeats) for k, fn in losses.items()}
+    return {**s, "slowdown": s["audiochat_s"] / s["causal_lm_s"], "batch": list(batch["tokens"].shape),
+            "attn": model.backend}
 
 @torch.no_grad()
 def recompute_decode(model, prompt, n, stop):
@@ -1057,21 +1044,19 @@ def recompute_decode(model, prompt, n, stop):
     return ids[len(prompt):]
 
 def bench_decoding(model, tok, codec, ep, seq, device, repeats):
-    """Tokens per second of sample.Chat's decoding (a story request, then a token per step through the KV
-    cache, no guidance row) against recompute_decode after the same ids (train.load_dataset's, to the
-    first <|assistant|>). A random model of model's shape writes: it ends no plan, so it samples no audio."""
+    """Seconds of sample.Chat's greedy decoding of a story request (a token per step through the KV cache, no
+    guidance row) and of recompute_decode after the same ids (train.load_dataset's, to the first <|assistant|>),
+    by a random model of model's shape: it ends no plan, so it samples no audio
+    -> {"kv_cache_s", "recompute_s", "speedup": their ratio, "tokens": [in the request, decoded]}."""
     torch.manual_seed(0)
     twin = AudioChatModel(model.config).to(device).eval()
     prompt = seq["tokens"][:int((seq["tokens"] == tok.special("<|assistant|>")).nonzero()[0]) + 1].tolist()
-    n = len(recompute_decode(twin, prompt, DECODE_TOKENS, {tok.special(s) for s in ("<|tool|>", "<|audio|>", "<|end|>")}))   # Chat's tokens
-    chat = lambda: Chat(twin, tok, codec, cfg_scale=1.0, max_new_tokens=DECODE_TOKENS).generate(ep.story["text"])  # noqa: E731
-    out = {"prompt_tokens": len(prompt), "new_tokens": n, "kv_cache_tokens_per_s": n / median_time(chat, device, repeats),
-           "recompute_tokens_per_s": n / median_time(lambda: recompute_decode(twin, prompt, n, ()), device, repeats)}
-    out["speedup"] = out["kv_cache_tokens_per_s"] / out["recompute_tokens_per_s"]
-    print("\n".join(markdown(f"Greedy decoding: {n} tokens after a {len(prompt)}-token request, batch 1", ["path", "tokens/s"],
-                             [["KV cache (sample.Chat.generate)", f"{out['kv_cache_tokens_per_s']:.0f} ({out['speedup']:.1f}x)"],
-                              ["recompute (forward over the whole sequence)", f"{out['recompute_tokens_per_s']:.0f}"]])))
-    return out
+    stop = {tok.special(s) for s in ("<|tool|>", "<|audio|>", "<|end|>")}   # where Chat's decoding stops
+    n = len(recompute_decode(twin, prompt, DECODE_TOKENS, stop))
+    s = {"kv_cache_s": median_time(lambda: Chat(twin, tok, codec, cfg_scale=1.0, max_new_tokens=DECODE_TOKENS)
+                                   .generate(ep.story["text"]), device, repeats),   # a new Chat: a new dialogue
+         "recompute_s": median_time(lambda: recompute_decode(twin, prompt, n, ()), device, repeats)}
+    return {**s, "speedup": s["recompute_s"] / s["kv_cache_s"], "tokens": [len(prompt), n]}
 
 def prefix_rows(seq, span, null_id, device):
     """An encode_dialogue sequence before its audio span `span` (its <|audio|> included) as sample.Chat's
@@ -1079,7 +1064,7 @@ def prefix_rows(seq, span, null_id, device):
     the second row has its words replaced by <|null|> (classifier-free guidance); else R = 1."""
     where = (seq["span_id"] == span).nonzero()[:, 0]
     T, tokens = int(where[0]), seq["tokens"][:int(where[0])]
-    tokens = torch.stack([tokens] + ([torch.where(seq["is_plain_text"][:T], null_id, tokens)] if null_id is not None else []))
+    tokens = torch.stack([tokens] if null_id is None else [tokens, torch.where(seq["is_plain_text"][:T], null_id, tokens)])
     R = len(tokens)
     return [z.to(device) for z in (tokens, seq["audio"][None, :T].expand(R, -1, -1), torch.zeros(R, T),
                                    seq["span_id"][None, :T].expand(R, -1))], len(where)
@@ -1104,26 +1089,25 @@ def sample_after(model, prefix, n, steps, sampler, cfg_scale, generator, cached=
     return SAMPLERS[sampler](v_fn, rand((1, n, model.config.latent_dim), generator, tokens.device, normal=True), steps)
 
 def bench_prefix_cache(model, tok, seqs, config, device, repeats):
-    """Seconds to sample each assistant audio span of one test dialogue (the story, then its edits, each
-    after all said and heard before it) with and without the prefix cache, at config's sampler, steps
-    and guidance. A step still runs the span through every layer: the saving is <= (context + audio) / audio."""
-    seq = max(seqs, key=lambda s: int(s["span_is_target"].sum()))   # the dialogue with the most edits
+    """Seconds to sample each assistant audio span of the test dialogue with the most (the story, then its edits,
+    each after all said and heard before it) with the prefix cache and without, at config's sampler, steps and
+    guidance -> {"rows": [{"context_tokens", "audio_tokens", "cached_s", "recompute_s", "speedup"}], turn by turn}.
+    A step still runs the span through every layer: the saving is <= (context + audio) / audio."""
+    seq = max(seqs, key=lambda s: int(s["span_is_target"].sum()))
     null_id, rows = tok.special("<|null|>") if config.cfg != 1 else None, []
-    for k, span in enumerate(seq["span_is_target"].nonzero()[:, 0].tolist()):
+    for span in seq["span_is_target"].nonzero()[:, 0].tolist():
         prefix, n = prefix_rows(seq, span, null_id, device)
-        s = {f"{name}_s": median_time(lambda: sample_after(model, prefix, n, config.steps, config.sampler, config.cfg,
-                                                           torch.Generator(device).manual_seed(0), cached), device, repeats)
-             for name, cached in (("cached", True), ("recompute", False))}
-        rows.append({"turn": f"edit {k}" if k else "story", "context_tokens": prefix[0].shape[1], "audio_tokens": n, **s,
-                     "speedup": s["recompute_s"] / s["cached_s"]})
-    print("\n".join(markdown(f"Sampling one audio span: {config.sampler} {config.steps} steps, CFG {config.cfg:g}",
-                             ["turn", "context tokens", "audio tokens", "prefix cache s", "recompute s", "speed-up"],
-                             [[r["turn"], str(r["context_tokens"]), str(r["audio_tokens"]), f"{r['cached_s']:.3f}",
-                               f"{r['recompute_s']:.3f}", f"{r['speedup']:.1f}x"] for r in rows])))
-    return {"sampler": config.sampler, "steps": config.steps, "cfg": config.cfg, "rows": rows}
+        def seconds(cached):   # the same noise each call: the same x0 either way
+            return median_time(lambda: sample_after(model, prefix, n, config.steps, config.sampler, config.cfg,
+                                                    torch.Generator(device).manual_seed(0), cached), device, repeats)
+        cached_s, recompute_s = seconds(True), seconds(False)
+        rows.append({"context_tokens": prefix[0].shape[1], "audio_tokens": n, "cached_s": cached_s,
+                     "recompute_s": recompute_s, "speedup": recompute_s / cached_s})
+    return {"rows": rows}
 
 def bench_samplers(model, tok, codec, judge, episodes, seqs, config, device):
-    """multiFLAM and seconds per story of each SAMPLER_RUNS sampler, the true plan in context (the sampler alone), same noise."""
+    """Each SAMPLER_RUNS sampler on the first SAMPLER_STORIES stories, the true plan in context (the sampler
+    alone), the same noise -> {"stories", "rows": [{"sampler", "steps", "seconds" per story, "multiFLAM", "stderr"}]}."""
     null_id, rows = tok.special("<|null|>") if config.cfg != 1 else None, []
     prefixes = [prefix_rows(seq, 0, null_id, device) for seq in seqs[:SAMPLER_STORIES]]
     sample_after(model, *prefixes[0], 2, "dpmpp", config.cfg, None)   # warm-up: one-off costs are not a sampler's
@@ -1131,44 +1115,56 @@ def bench_samplers(model, tok, codec, judge, episodes, seqs, config, device):
         seconds, scores = [], []
         for ep, (prefix, n) in zip(episodes, prefixes):
             t0, g = time.perf_counter(), torch.Generator(device).manual_seed(ep.seed)
-            x0 = sample_after(model, prefix, n, steps, sampler, config.cfg, g)[0].float().cpu()
+            x0 = sample_after(model, prefix, n, steps, sampler, config.cfg, g)[0].float().cpu()   # .cpu() waits for it
             seconds.append(time.perf_counter() - t0)
             scores.append(multiflam(judge, codec.decode(AudioCodec.unpatchify(x0)).numpy(), ep.story["plan"]))
-        rows.append({"sampler": sampler, "steps": steps, "multiFLAM": mean(scores), "seconds": mean(seconds),
+        rows.append({"sampler": sampler, "steps": steps, "seconds": mean(seconds), "multiFLAM": mean(scores),
                      "stderr": float(np.std(scores, ddof=min(1, len(scores) - 1)) / np.sqrt(len(scores)))})
-    print("\n".join(markdown(f"Samplers: story audio from the true plan, CFG {config.cfg:g}",
-                             ["sampler", "steps", "multiFLAM ↑ ± s.e.", "s per story (speed-up vs DDIM)"],
-                             [[r["sampler"], str(r["steps"]), f"{r['multiFLAM']:.1f} ± {r['stderr']:.1f}",
-                               f"{r['seconds']:.2f} ({rows[0]['seconds'] / r['seconds']:.1f}x)"] for r in rows])))
-    return {"stories": len(scores), "cfg": config.cfg, "rows": rows}
+    return {"stories": len(prefixes), "rows": rows}
 
 def bench_end_to_end(model, tok, codec, episodes, config):
-    """Seconds per story turn of sample.Chat.generate (plan, audio, codec) and its real-time factor
-    (seconds per second of audio; none for a plan that fails), next to the simulator rendering the true
-    plan from scratch (the toy cascade's tools, as the paper sets AudioChat next to WavJourney)."""
-    rows = []
+    """A story turn of sample.Chat.generate (plan, audio, codec) for each of the first E2E_STORIES requests, next to
+    the simulator rendering the true plan from scratch (the toy cascade's tools, as the paper sets AudioChat next to
+    WavJourney) -> {"stories", "with_audio": how many plans held, "story_s", "render_s": mean seconds per story,
+    "rtf", "render_rtf": seconds per second of audio (rtf: None when no plan held)}."""
+    chat, simulator = [], []
     for ep in episodes[:E2E_STORIES]:
-        turn = Chat(model, tok, codec, sampler=config.sampler, steps=config.steps, cfg_scale=config.cfg, seed=ep.seed
-                    ).generate(ep.story["text"])   # its seconds end with the audio on the CPU: the device is done
-        dry_signal.cache_clear()
-        t0 = time.perf_counter()
-        render(ep.story["plan"], ep.seed)
-        rows.append({"total_s": turn.seconds, "duration_s": None if turn.wav is None else turn.wav.shape[1] / SR,
-                     "render_s": time.perf_counter() - t0, "true_duration_s": ep.story["plan"]["duration"]})
-    made = [r for r in rows if r["duration_s"]]
-    out = {"stories": rows, "with_audio": len(made), "total_s": mean(r["total_s"] for r in made),
-           "duration_s": mean(r["duration_s"] for r in made), "render_s": mean(r["render_s"] for r in rows),
-           "rtf": sum(r["total_s"] for r in made) / sum(r["duration_s"] for r in made) if made else None,
-           "render_rtf": sum(r["render_s"] for r in rows) / sum(r["true_duration_s"] for r in rows)}
-    print("\n".join(markdown(f"End to end: a story turn ({len(made)} of {len(rows)} stories with a valid plan; {config.sampler} "
-                             f"{config.steps} steps, CFG {config.cfg:g})", ["system", "s per story", "audio s", "RTF ↓"],
-                             [["AudioChat-mini (sample.Chat.generate)", fmt(out["total_s"], 2), fmt(out["duration_s"]), fmt(out["rtf"], 3)],
-                              ["the simulator's render (the toy cascade's tools)", fmt(out["render_s"], 2),
-                               fmt(mean(r["true_duration_s"] for r in rows)), fmt(out["render_rtf"], 3)]])))
-    return out
+        chat.append(Chat(model, tok, codec, sampler=config.sampler, steps=config.steps, cfg_scale=config.cfg,
+                         seed=ep.seed).generate(ep.story["text"]))   # its seconds end with the audio on the CPU
+        dry_signal.cache_clear()   # from scratch: no sound cached by an earlier story
+        simulator.append(rendered(Turn(ep.story["calls"], ep.story["plan"]), ep.seed))
+    def rtf(turns):   # seconds per second of audio, over the turns that made some
+        return sum(t.seconds for t in turns) / sum(t.wav.shape[1] / SR for t in turns) if turns else None
+    made = [t for t in chat if t.wav is not None]
+    return {"stories": len(chat), "with_audio": len(made), "story_s": mean(t.seconds for t in made),
+            "render_s": mean(t.seconds for t in simulator), "rtf": rtf(made), "render_rtf": rtf(simulator)}
+
+def bench_table(results):
+    """bench.json -> the README's Performance table with this run's figures: [[what, figure]]."""
+    training, decoding, spans, samplers, e2e = (results[k] for k in ("training", "decoding", "prefix_cache", "samplers",
+                                                                     "end_to_end"))
+    (B, L), (asked, decoded), sampling = training["batch"], decoding["tokens"], results["sampling"]
+    turns = " / ".join(["story", *(f"edit {k}" for k in range(1, len(spans["rows"])))])
+    rows = [[f"training step time, AudioChat / a causal LM of the same size, same per-document mask ({B} x {L} tokens, "
+             f"{training['attn']} attention)", f"{training['slowdown']:.2f}x"],
+            [f"greedy decoding, speed-up from the KV cache ({decoded} tokens after a {asked}-token request)",
+             f"{decoding['speedup']:.1f}x"],
+            [f"one audio span, speed-up from the prefix cache: {turns} ({sampling})",
+             " / ".join(f"{r['speedup']:.1f}x" for r in spans["rows"])]]
+    if "skipped" in e2e:
+        return rows + [["samplers, end to end", f"skipped: {e2e['skipped']}"]]
+    base = samplers["rows"][0]   # DDIM-150: the figures are speed-ups over it
+    rows += [[f"{r['sampler']} ({r['steps']} steps) over {base['sampler']} ({base['steps']} steps), time per story; "
+              f"its story multiFLAM ↑ ± s.e. ({samplers['stories']} stories, from the true plan)",
+              f"{base['seconds'] / r['seconds']:.1f}x; {r['multiFLAM']:.1f} ± {r['stderr']:.1f}"] for r in samplers["rows"]]
+    made = f"{e2e['with_audio']} of {e2e['stories']} stories with a valid plan; {sampling}"
+    return rows + [[f"end-to-end story turn (Chat.generate), real-time factor; seconds per story ({made})",
+                    f"{fmt(e2e['rtf'], 3)}; {fmt(e2e['story_s'], 2)} s"],
+                   ["the toy cascade (the simulator renders the plan), real-time factor; seconds per story",
+                    f"{fmt(e2e['render_rtf'], 3)}; {fmt(e2e['render_s'], 3)} s"]]
 
 def bench(config, repeats=3, model_overrides=None):
-    """The bench's rows on config.device: tables printed, OUT_DIR/bench.json written -> its dict. The model
+    """The bench's rows on config.device: the table printed, OUT_DIR/bench.json written -> its dict. The model
     is config.ckpt's first checkpoint (then the samplers and end-to-end rows run too, the judge cached in
     OUT_DIR/judge.pt), else a random one of train.py's preset size changed by model_overrides (TrainConfig
     fields), with the dataset's tokenizer and codec. repeats: timed calls per figure, after a warm-up."""
@@ -1177,44 +1173,39 @@ def bench(config, repeats=3, model_overrides=None):
     if config.ckpt:
         model, tok, codec, ckpt = load_checkpoint(config.ckpt[0], device)
         train_config.batch_size = ckpt["config"].get("batch_size", train_config.batch_size)
-    else:
-        tok, codec = load_tokenizers(config.data_dir)
-    for key, value in (model_overrides or {}).items():
-        setattr(train_config, key, value)
+    vars(train_config).update(model_overrides or {})
     if not config.ckpt:
+        tok, codec = load_tokenizers(config.data_dir)
         torch.manual_seed(0)
         model = AudioChatModel(model_config(train_config, tok.vocab_size)).to(device).eval()
     seqs = load_dataset(config.data_dir, "test", tok, codec)[:BENCH_DIALOGUES]
-    results = {"device": torch.cuda.get_device_name(device) if device.startswith("cuda") else f"{device} ({os.cpu_count()} cores)",
-               "torch": torch.__version__, "ckpt": config.ckpt[0] if config.ckpt else None}
-    print(f"speed bench on {results['device']}, torch {torch.__version__}; model: {results['ckpt'] or 'random, preset size'}, "
+    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else f"{device} ({os.cpu_count()} cores)"
+    what = config.ckpt[0] if config.ckpt else "random, preset size"
+    print(f"speed bench on {name}, torch {torch.__version__}; model: {what}, "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
-    results["training"] = bench_training(model, seqs, tok, train_config.batch_size, device, repeats)
-    results["decoding"] = bench_decoding(model, tok, codec, episodes[0], seqs[0], device, repeats)
-    results["prefix_cache"] = bench_prefix_cache(model, tok, seqs, config, device, repeats)
+    results = {"device": name, "sampling": f"{config.sampler} {config.steps} steps, CFG {config.cfg:g}",
+               "training": bench_training(model, seqs, tok, train_config.batch_size, device, repeats),
+               "decoding": bench_decoding(model, tok, codec, episodes[0], seqs[0], device, repeats),
+               "prefix_cache": bench_prefix_cache(model, tok, seqs, config, device, repeats)}
     if config.ckpt:
         judge = load_or_train_judge(os.path.join(config.out_dir, "judge.pt"))
         results["samplers"] = bench_samplers(model, tok, codec, judge, episodes, seqs, config, device)
         results["end_to_end"] = bench_end_to_end(model, tok, codec, episodes, config)
     else:
         results["samplers"] = results["end_to_end"] = {"skipped": "they need a trained model: --ckpt out/ckpt.pt"}
-        print("\nsamplers, end to end: skipped (they need a trained model: --ckpt out/ckpt.pt)")
-    results["total_s"] = time.perf_counter() - t_start
+    print("\n".join(markdown(f"Speed ({name})", ["what", "this run"], bench_table(results))))
     os.makedirs(config.out_dir, exist_ok=True)
     with open(os.path.join(config.out_dir, "bench.json"), "w") as f:
         json.dump(results, f, indent=1)
-    print(f"\nbench took {results['total_s']:.0f} s; wrote {os.path.join(config.out_dir, 'bench.json')}")
+    print(f"\nbench took {time.perf_counter() - t_start:.0f} s; wrote {os.path.join(config.out_dir, 'bench.json')}")
     return results
 
 
 def main(argv):
     config = parse_config(EvalConfig, argv)
-    if config.bench:
-        bench(config)
-    elif not config.ckpt:
+    if not (config.bench or config.ckpt):
         sys.exit("error: give a checkpoint: python eval.py --ckpt out/ckpt.pt (repeat --ckpt to compare several)")
-    else:
-        evaluate(config)
+    (bench if config.bench else evaluate)(config)
 
 
 if __name__ == "__main__":
