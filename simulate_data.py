@@ -40,7 +40,7 @@ MIN_DURATION, MAX_DURATION = 1.0, 8.0   # seconds; stories are multiples of 0.1 
 STORY_DURATION = (4.0, 6.0)             # the range of the stories the agents make
 GAIN_RANGE = (-30, 6)                   # dB, integers
 TYPES = ("speech", "sfx", "ambience", "music")
-N_TRAIN, N_LISTEN = 3000, 1500          # the dataset train.py simulates: dialogues, listening dialogues
+N_TRAIN, N_LISTEN = 6000, 1500          # the dataset train.py simulates: dialogues, listening dialogues
 
 @dataclass(frozen=True)
 class Voice:

@@ -63,8 +63,8 @@ class TrainConfig:
     token_shift: bool = opt(True, "mix the previous token's embedding into each input (model.AudioChatModel.embed)")
     # optimisation
     batch_size: int = opt(4, "sequences per step per process", lo=1)
-    max_iters: int = opt(1200, "training steps", lo=0)
-    text_iters: int = opt(300, "curriculum: the first steps see the dialogues without their audio (train.text_only)", lo=0)
+    max_iters: int = opt(2400, "training steps", lo=0)
+    text_iters: int = opt(1500, "curriculum: the first steps see the dialogues without their audio (train.text_only)", lo=0)
     learning_rate: float = opt(2e-3, "peak learning rate (AdamW)", lo=0.0, hi=1.0)
     min_lr: float = opt(2e-4, "learning rate at the end of the cosine decay", lo=0.0, hi=1.0)
     lr_decay_iters: int = opt(0, "length of the cosine decay (0 = max_iters; set it to stop early and resume later)", lo=0)
@@ -87,7 +87,7 @@ class TrainConfig:
 PRESETS = {  # applied under --preset, before the flags
     "cpu": dict(),
     # one GPU, sized for a short slot (the README's GPU table); listening dialogues are untried on a GPU
-    "gpu": dict(n_layer=8, n_gen_layer=4, n_head=8, n_embd=512, batch_size=16, max_iters=2000,
+    "gpu": dict(n_layer=8, n_gen_layer=4, n_head=8, n_embd=512, batch_size=16, max_iters=2000, text_iters=300,
                 learning_rate=1e-3, min_lr=1e-4, warmup_iters=100, eval_interval=250, n_dialogues=10000,
                 n_listen=0),
 }
