@@ -1,16 +1,14 @@
 """
-Every test of AudioChat-mini, in the order of the lecture (world, tokenizers, model, loss and samplers, caches,
-training and chat, evaluation): plain functions with plain asserts of known answers, equivalences (backends, caches,
-training's sequence against the chat's), properties (of metrics, of edits) and commands that really run. Untimed.
+Every test of AudioChat-mini, in the lecture's order (world, tokenizers, model, loss and samplers, caches, training
+and chat, evaluation): known answers (read first: BPE, the mask, the loss by hand, the Gaussian sampler), equivalences
+(backends, caches, test_chat_feeds_the_model_the_training_sequence), properties of metrics and edits, real commands.
 
     python test_all.py            # all, on a CPU in a few minutes; ends "N passed, M failed, K skipped"
     python test_all.py codec bpe  # the tests whose name contains one of these words
     python -m pytest test_all.py  # the same under pytest
-
-Read first: the known-answer tests (BPE, the mask by hand, the loss by hand, the Gaussian sampler), the
-template test (test_chat_feeds_the_model_the_training_sequence) and the metric properties. Skim the plumbing.
 """
-import contextlib, copy, functools, io, itertools, json, os, random, re, shutil, subprocess, sys, tempfile, time, traceback, warnings
+import contextlib, copy, functools, io, itertools, json, os, random, re, shutil, subprocess, sys, tempfile, time
+import traceback, warnings
 from unittest import mock
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")  # the suite is sized for a 2-core machine
@@ -24,12 +22,12 @@ sys.path.insert(0, HERE)
 import eval as E
 import simulate_data
 import train
-from simulate_data import (AMBIENCES, EDIT_KINDS, LISTENING_TURNS, MAX_DURATION, MUSIC, PLAN_ERROR_KINDS, SFX, SPLIT_SEEDS, SR,
-                           VOCAB, VOICES, WORD_CODES, PlanError, UserAgent, call_to_text, caption, dry_signal, make_dialogue,
-                           make_listening_dialogue, parse_calls, plan_to_text, render, run_calls, speech_duration, synth_speech,
-                           transcript, validate_plan)
+from simulate_data import (AMBIENCES, EDIT_KINDS, LISTENING_TURNS, MAX_DURATION, MUSIC, PLAN_ERROR_KINDS, SFX,
+                           SPLIT_SEEDS, SR, VOCAB, VOICES, WORD_CODES, PlanError, UserAgent, call_to_text, caption,
+                           dry_signal, make_dialogue, make_listening_dialogue, parse_calls, plan_to_text, render,
+                           run_calls, speech_duration, synth_speech, transcript, validate_plan)
 from tokenizer import BPETokenizer, AudioCodec, encode_dialogue, SPECIAL_TOKENS, HOP, FRAME_RATE, N_MELS, PATCH, LATENT_DIM
-from model import AudioChatModel, ModelConfig, span_positions, transfusion_mask
+from model import AudioChatModel, ModelConfig, rotary, rotate, span_positions, transfusion_mask
 from diffusion import add_noise, alpha_sigma, cfg, ddim_sample, dpmpp_2m_sample, sample_audio, sample_noise_levels, \
     shift_noise_level, transfusion_forcing_loss
 from train import collate, parse_config
@@ -78,78 +76,97 @@ def _good_plan():
         {"id": 3, "type": "ambience", "sound": "rain", "start": 0.0, "dur": 5.0, "gain_db": -20, "pan": 0.0},
         {"id": 4, "type": "music", "sound": "piano", "start": 0.0, "dur": 5.0, "gain_db": -22, "pan": 0.0}]}
 
-def test_validate_plan_kinds():
-    """Every way a laid-out plan can be inconsistent raises PlanError of the kind eval counts, naming the source."""
+def test_validate_plan_and_tool_calls_refuse_with_the_kinds_eval_counts():
+    """A wrong plan or turn of calls is a PlanError of a kind eval counts (never a TypeError); the plan stays as it was."""
     validate_plan(_good_plan())
     src = lambda i, **kw: lambda p: p["sources"][i].update(**kw)  # noqa: E731
     for mutate, kind, sid in [
-            (src(1, start=4.8), "past_end", 2), (src(1, start=-0.5), "past_end", 2), (lambda p: p.update(duration=12.0), "past_end", None),
+            (src(1, start=4.8), "past_end", 2), (src(1, start=-0.5), "past_end", 2), (src(1, dur=0.9), "other", 2),
+            (lambda p: p.update(duration=12.0), "past_end", 0), (src(0, dur=1.0), "other", 1), (src(1, pan=1.5), "other", 2),
             (lambda p: p["sources"].append(dict(p["sources"][0], id=5, start=0.9, pan=0.0)), "self_overlap", 5),
-            (src(1, dur=0.9), "other", 2), (src(0, dur=1.0), "other", 1), (src(1, gain_db=12), "other", 2), (src(1, pan=1.5), "other", 2),
-            (src(0, voice="zed"), "malformed", None), (src(1, sound="meteor"), "malformed", None), (src(2, sound="dog_bark"), "malformed", None)]:
+            (src(1, gain_db=12), "other", 2), (src(0, voice="zed"), "malformed", 0),
+            (src(1, sound="meteor"), "malformed", 0), (src(2, sound="dog_bark"), "malformed", 0)]:
         p = copy.deepcopy(_good_plan())
         mutate(p)
         assert raises(PlanError, lambda: validate_plan(p), *([f"source {sid}"] if sid else [])).kind == kind, (kind, p)
-
-def test_tool_calls_replay_and_every_refusal_has_its_kind():
-    """Calls <-> text exactly; every simulated dialogue's calls replay to its plans; every way a turn's calls can be
-    wrong is a PlanError of the kind eval counts (never a TypeError...), and leaves the plan as it was."""
     story = parse_calls('new_story()\nspeak(ava, "the old dog runs home", left)\nsfx(dog_bark, while 1)\nambience(rain)')
-    plan = run_calls(story, None, seed=0)
-    assert plan == run_calls(story, None, seed=0) != run_calls(story, None, seed=1)   # a pure function of (calls, plan, seed)
+    plan, again = run_calls(story, None, seed=0), run_calls(story, None, seed=0)   # a pure function of (calls, plan, seed)
     line, bark, rain = plan["sources"]
-    assert [s["id"] for s in plan["sources"]] == [1, 2, 3] and line["pan"] <= -0.5 and rain["dur"] == plan["duration"]
-    assert line["start"] <= bark["start"] < line["start"] + line["dur"]
-    for seed in range(8):
-        d, prev = make_dialogue(seed)[0], None
-        for a in d["turns"][1:-2:2]:
-            assert "\n".join(map(call_to_text, parse_calls(a["text"]))) == a["text"]
-            prev = run_calls(parse_calls(a["text"]), prev, d["seed"])
-            assert prev == a["plan"] and a["tool"] == plan_to_text(prev)
-    frozen = copy.deepcopy(plan)
-    for text, kind in [("hello", "syntax"), ("speak(ben", "syntax"), ('speak(zed, "hi")', "syntax"), ("", "syntax"),
-                       ('shout(ben, "go home")', "malformed"), ('speak(ben, "the old dragon")', "malformed"), ("speak(ben)", "malformed"),
-                       ("ambience(dog_bark)", "malformed"), ("replace(1, rain)", "malformed"), ("set_pan(1, left, right)", "malformed"),
-                       ("remove(9)", "unknown_id"), ("sfx(bell, after 7)", "unknown_id"),
-                       ('speak(ava, "hello my friend", while 1)', "self_overlap"), ("\n".join(["set_gain(3, much louder)"] * 4), "other"),
-                       ("new_story()\n" + "\n".join(['speak(dan, "the old dog runs home")'] * 4), "past_end"),
-                       ("new_story()\nsfx(bell, end)", "other"), ("sfx(bell)\nnew_story()", "other")]:
-        assert raises(PlanError, lambda: run_calls(parse_calls(text), plan, seed=0)).kind == kind, text
-    assert plan == frozen and raises(PlanError, lambda: run_calls(parse_calls("remove(1)"), None, 0)).kind == "other"
+    assert plan == again != run_calls(story, None, seed=1) and [s["id"] for s in plan["sources"]] == [1, 2, 3]
+    assert line["pan"] <= -0.5 and rain["dur"] == plan["duration"]   # on the left; the bed covers the story
+    assert line["start"] <= bark["start"] < line["start"] + line["dur"]   # the bark while the line plays
+    for kind, texts in {
+            "syntax": ["hello", "speak(ben", 'speak(zed, "hi")', ""], "unknown_id": ["remove(9)", "sfx(bell, after 7)"],
+            "malformed": ['shout(ben, "go home")', 'speak(ben, "the old dragon")', "speak(ben)", "ambience(dog_bark)",
+                          "replace(1, rain)", "set_pan(1, left, right)"],
+            "self_overlap": ['speak(ava, "hello my friend", while 1)'],
+            "past_end": ["new_story()\n" + "\n".join(['speak(dan, "the old dog runs home")'] * 4)],
+            "other": ["\n".join(["set_gain(3, much louder)"] * 4), "new_story()\nsfx(bell, end)", "sfx(bell)\nnew_story()"],
+    }.items():
+        for text in texts:
+            assert raises(PlanError, lambda: run_calls(parse_calls(text), plan, seed=0)).kind == kind, text
+    assert plan == again and raises(PlanError, lambda: run_calls(parse_calls("remove(1)"), None, 0)).kind == "other"
     rng = np.random.default_rng(0)   # any text at all: calls that run, or a PlanError
-    pieces = ["speak(", "sfx(", "remove(", "set_gain(", "replace(", "new_story()", ")", ", ", '"', "ava", "bell", "home", "after 2",
-              "while 9", "much quieter", "left", "\n", "3", "x"]
+    pieces = ["speak(", "sfx(", "remove(", "set_gain(", "replace(", "new_story()", ")", ", ", '"', "ava", "bell", "home",
+              "after 2", "while 9", "much quieter", "left", "\n", "3", "x"]
     for _ in range(300):
         try:
             run_calls(parse_calls("".join(pieces[i] for i in rng.integers(len(pieces), size=rng.integers(1, 12)))), plan, 0)
         except PlanError as e:
             assert e.kind in PLAN_ERROR_KINDS
 
+def test_tool_calls_of_every_dialogue_replay_to_its_plans():
+    """Every audio turn's calls replay to its plan and tool message; each clip is answered by its transcript or caption."""
+    edits, lengths = set(), (set(), set())
+    for seed in [*range(12), *(SPLIT_SEEDS["listen"] + s for s in range(6))]:
+        listening = seed >= SPLIT_SEEDS["listen"]   # 2-6 clips to understand; else a story, 1-2 edits and a clip
+        d, audios = (make_listening_dialogue if listening else make_dialogue)(seed)
+        turns, plan, clips = json.loads(json.dumps(d))["turns"], None, []
+        phases, (lo, hi) = [u["intent"]["kind"] for u in turns[::2]], LISTENING_TURNS if listening else (3, 4)
+        lengths[listening].add(n := len(phases))
+        assert [t["role"] for t in turns] == ["user", "assistant"] * n and lo <= n <= hi
+        assert phases == (["understand"] * n if listening else ["story", *["edit"] * (n - 2), "understand"])
+        for u, a in zip(turns[::2], turns[1::2]):
+            clips.append(a.get("audio", u.get("audio")))
+            assert audios[clips[-1]].shape == (2, round(a["plan"]["duration"] * SR))
+            if u["intent"]["kind"] != "understand":   # calls <-> text exactly; replayed by the studio
+                assert "\n".join(map(call_to_text, parse_calls(a["text"]))) == a["text"]
+                plan = run_calls(parse_calls(a["text"]), plan, d["seed"])
+                assert plan == a["plan"] and a["tool"] == plan_to_text(plan) and 4.0 <= plan["duration"] <= MAX_DURATION
+                assert len({s["voice"] for s in plan["sources"] if s["type"] == "speech"}) <= 2
+                edits.add(u["intent"].get("edit"))
+            elif u["intent"]["task"] == "transcribe":   # one line per speech source, in time order
+                said = sorted((s for s in a["plan"]["sources"] if "voice" in s), key=lambda s: (s["start"], s["voice"]))
+                lines = [f"{s['start']:.1f}-{s['start'] + s['dur']:.1f} {s['voice']}: {s['text']}" for s in said]
+                assert a["text"] == transcript(a["plan"]) and a["text"].splitlines() == lines
+            else:   # one line per source, in time order
+                starts = [float(x.split("-")[0]) for x in a["text"].splitlines()]
+                assert a["text"] == caption(a["plan"]) and starts == sorted(s["start"] for s in a["plan"]["sources"])
+        heard = [json.dumps(a["plan"]) for u, a in zip(turns[::2], turns[1::2]) if u["intent"]["kind"] == "understand"]
+        assert clips == list(range(len(audios))) and len(set(heard)) == len(heard)   # fresh scenes
+        assert listening or (2 <= len(turns[1]["plan"]["sources"]) <= 5 and json.dumps(turns[1]["plan"]) not in heard)
+    assert len(edits - {None}) >= 4 and edits <= {None, *EDIT_KINDS} and all(len(n) > 1 for n in lengths), (edits, lengths)
+
 def test_studio_edits_leave_untouched_stems_identical():
-    plan = run_calls(parse_calls('new_story()\nspeak(ava, "the old dog runs home")\nsfx(dog_bark)\nambience(rain)\nmusic(piano)'), None, 7)
+    story = 'new_story()\nspeak(ava, "the old dog runs home")\nsfx(dog_bark)\nambience(rain)\nmusic(piano)'
+    plan = run_calls(parse_calls(story), None, 7)
     _, before = render(plan, seed=7, stems=True)
-    for text in ["sfx(bell, halfway, right)", "remove(2)", "set_gain(2, a bit louder)", "set_pan(2, left)", "replace(2, knock)",
-                 "replace(1, ben)", "replace(3, wind)", 'speak(ben, "go home", after 1)']:
+    for text in ["sfx(bell, halfway, right)", "remove(2)", "set_gain(2, a bit louder)", "set_pan(2, left)",
+                 "replace(2, knock)", "replace(1, ben)", "replace(3, wind)", 'speak(ben, "go home", after 1)']:
         edited = run_calls(parse_calls(text), plan, 7)
         _, after = render(edited, seed=7, stems=True)
         changed = {s["id"] for s in edited["sources"] if s not in plan["sources"]} | (set(before) - set(after))
-        assert changed and all(np.array_equal(before[i], after[i]) == (i not in changed) for i in set(before) & set(after)), text
-    d, _ = make_dialogue(3)   # a whole dialogue: every source whose plan entry is unchanged keeps its stem
-    plans = [t["plan"] for t in d["turns"] if t["role"] == "assistant" and "audio" in t]
-    stems = [render(p, d["seed"], stems=True)[1] for p in plans]
-    for p0, p1, s0, s1 in zip(plans, plans[1:], stems, stems[1:]):
-        assert all(np.array_equal(s0[s["id"]], s1[s["id"]]) for s in p1["sources"] if s in p0["sources"])
+        assert changed and all(np.array_equal(before[i], after[i]) == (i not in changed) for i in set(before) & set(after))
 
 def test_render_is_seeded_and_every_sound_renders_cleanly():
-    (d1, a1), (d2, a2), (d3, _) = make_dialogue(11), make_dialogue(11), make_dialogue(12)
-    assert json.dumps(d1) == json.dumps(d2) != json.dumps(d3) and len(a1) == len(a2) and all(map(np.array_equal, a1, a2))
     dry_signal.cache_clear()   # the cache must not be what makes it deterministic
     x = render(_good_plan(), seed=1)
     assert np.array_equal(x, render(_good_plan(), seed=1)) and not np.array_equal(x, render(_good_plan(), seed=2))
     assert x.shape == (2, 5 * SR) and x.dtype == np.float32
     rows = [{"type": "sfx", "sound": s, "dur": L} for s, (L, _) in SFX.items()]
     rows += [{"type": t, "sound": s, "dur": 3.0} for t, names in (("ambience", AMBIENCES), ("music", MUSIC)) for s in names]
-    rows += [{"type": "speech", "voice": v, "text": "hello my friend", "dur": speech_duration(v, "hello my friend")} for v in VOICES]
+    rows += [{"type": "speech", "voice": v, "text": "hello my friend", "dur": speech_duration(v, "hello my friend")}
+             for v in VOICES]
     for i, r in enumerate(rows):
         name = r.get("sound", r.get("voice"))
         x = render({"duration": 4.0, "sources": [{"id": 1, **r, "start": 0.2, "gain_db": 6, "pan": 0.3}]}, seed=i)
@@ -160,18 +177,20 @@ def test_render_is_seeded_and_every_sound_renders_cleanly():
     assert np.abs(render(loud, seed=0)).max() < 1.0   # a dense mix at full gain stays below clipping: the limiter
 
 def test_speech_is_learnable():
-    """The toy language can be learnt from log-mels by ridge regression (22 words x 6 voices x 3 seeds): words of
-    unseen voices (0.92 measured), of an unseen seed (1.00), voices of unseen words (0.99); no two words one slip apart."""
+    """Ridge regression on log-mels tells words of unseen voices and of an unseen seed, voices of unseen words."""
     from simulate_data import _one_slip
-    codes = list(WORD_CODES.values())
-    assert len(set(codes)) == len(VOCAB) >= 100 and not any(set(_one_slip(c)) & set(codes[:i] + codes[i + 1:]) for i, c in enumerate(codes))
-    words = VOCAB[::5][:22]
+    codes = list(WORD_CODES.values())   # no two words one slip apart
+    assert len(set(codes)) == len(VOCAB) >= 100 and not any(set(_one_slip(c)) & set(codes[:i] + codes[i + 1:])
+                                                            for i, c in enumerate(codes))
+    words = VOCAB[::5][:22]   # 22 words x 6 voices x 3 seeds
     keys = [(v, w, s) for v in VOICES for w in words for s in range(3)]
-    raws = [AudioCodec().encode_raw(np.stack([x, x]))[:, :32] for x in (synth_speech(v, w, np.random.default_rng(s)) for v, w, s in keys)]
+    raws = [AudioCodec().encode_raw(np.stack([x, x]))[:, :32]
+            for x in (synth_speech(v, w, np.random.default_rng(s)) for v, w, s in keys)]
     # a word: its frames at 12 time steps, standardised; a voice: its spectrum's mean and spread over the loud frames
     xw = torch.stack([(r - r.mean()) / r.std() for r in
                       (F.interpolate(r.T[None], 12, mode="linear", align_corners=True)[0].T.reshape(-1) for r in raws)])
-    xv = torch.stack([torch.cat([r[loud].mean(0), r[loud].std(0)]) for r, loud in ((r, r.mean(1) > r.mean(1).max() - 4) for r in raws)])
+    xv = torch.stack([torch.cat([r[loud].mean(0), r[loud].std(0)])
+                      for r, loud in ((r, r.mean(1) > r.mean(1).max() - 4) for r in raws)])
 
     def accuracy(x, y, train_on):   # ridge regression onto one-hot classes, fitted on train_on's keys, tested on the rest
         m, y = torch.tensor([train_on(*k) for k in keys]), torch.tensor(y)
@@ -180,81 +199,35 @@ def test_speech_is_learnable():
         W = torch.linalg.solve(z(x[m]).T @ z(x[m]) + 100 * torch.eye(x.shape[1] + 1), z(x[m]).T @ F.one_hot(y[m]).float())
         return ((z(x[~m]) @ W).argmax(-1) == y[~m]).float().mean().item()
     word_y, voice_y = [words.index(w) for _, w, _ in keys], [list(VOICES).index(v) for v, _, _ in keys]
-    accs = (accuracy(xw, word_y, lambda v, w, s: v in ("ava", "ben", "cleo", "dan")), accuracy(xw, word_y, lambda v, w, s: s < 2),
-            accuracy(xv, voice_y, lambda v, w, s: words.index(w) % 3 != 0))
-    print(f"  speech: word accuracy {accs[0]:.3f} (unseen voices), {accs[1]:.3f} (unseen seed); voice {accs[2]:.3f} (unseen words)")
-    assert accs[0] >= 0.85 and accs[1] >= 0.97 and accs[2] >= 0.9, accs
+    accs = (accuracy(xw, word_y, lambda v, w, s: v in ("ava", "ben", "cleo", "dan")),
+            accuracy(xw, word_y, lambda v, w, s: s < 2), accuracy(xv, voice_y, lambda v, w, s: words.index(w) % 3 != 0))
+    print("  speech: word accuracy %.3f (unseen voices), %.3f (unseen seed); voice %.3f (unseen words)" % accs)
+    assert accs[0] >= 0.85 and accs[1] >= 0.97 and accs[2] >= 0.9, accs   # measured 0.92, 1.00, 0.99
 
 def test_user_agent_edits_any_small_plan():
     """Every edit kind, drawn many times on the smallest plans (one sfx; none; one speaker), ends and names valid sources."""
     one = {"id": 1, "start": 0.5, "gain_db": 0, "pan": 0.0}
-    for sources in ([{**one, "type": "sfx", "sound": "bell", "dur": 1.5}], [],
-                    [{**one, "type": "speech", "voice": "ava", "text": "the dog", "dur": speech_duration("ava", "the dog")}]):
+    speaker = {"type": "speech", "voice": "ava", "text": "the dog", "dur": speech_duration("ava", "the dog")}
+    for sources in ([{**one, "type": "sfx", "sound": "bell", "dur": 1.5}], [], [{**one, **speaker}]):
         plan = {"duration": 4.0, "sources": sources}
         validate_plan(plan)
         for seed in range(150):
             intent = UserAgent().edit_intent(plan, np.random.default_rng(seed), EDIT_KINDS[seed % len(EDIT_KINDS)])
             assert all(op.get("target", 1) == 1 for op in (intent["ops"] if intent["edit"] == "multi" else [intent])), intent
 
-def test_dialogue_structure():
-    kinds = set()
-    for seed in range(12):
-        d, audios = make_dialogue(seed)
-        turns = json.loads(json.dumps(d))["turns"]
-        assert [t["role"] for t in turns] == ["user", "assistant"] * (len(turns) // 2) and 3 <= len(turns) // 2 <= 4
-        assert turns[0]["intent"]["kind"] == "story" and all(isinstance(t["text"], str) for t in turns)
-        for u, a in zip(turns[:-2:2], turns[1:-2:2]):
-            p = a["plan"]
-            validate_plan(p)
-            assert a["tool"] == plan_to_text(p) and parse_calls(a["text"])   # an audio turn: its calls, the studio's plan
-            assert 4.0 <= p["duration"] <= MAX_DURATION and audios[a["audio"]].shape == (2, round(p["duration"] * SR))
-            assert len({s["voice"] for s in p["sources"] if s["type"] == "speech"}) <= 2
-            kinds.add(u["intent"].get("edit"))
-        u, a = turns[-2:]
-        assert 2 <= len(turns[1]["plan"]["sources"]) <= 5 and a["plan"] != turns[1]["plan"]
-        assert u["intent"]["kind"] == "understand" and u["audio"] == len(audios) - 1
-        lines, srcs = a["text"].split("\n"), sorted(a["plan"]["sources"], key=lambda s: s["start"])
-        if u["intent"]["task"] == "transcribe":   # one line per speech source, in time order; or one per source
-            assert a["text"] == transcript(a["plan"])
-            assert lines == [f"{s['start']:.1f}-{s['start'] + s['dur']:.1f} {s['voice']}: {s['text']}" for s in srcs if "voice" in s]
-        else:
-            assert a["text"] == caption(a["plan"]) and [float(x.split("-")[0]) for x in lines] == [s["start"] for s in srcs]
-    assert len(kinds - {None}) >= 4 and kinds <= {None, *EDIT_KINDS}, kinds
-
-def test_listening_dialogue_structure():
-    """2-6 fresh scenes, each answered by its transcript or caption: learned in the joint stage, not in the text stage."""
-    lengths = set()
-    for seed in range(6):
-        d, audios = make_listening_dialogue(SPLIT_SEEDS["listen"] + seed)
-        turns = d["turns"]
-        lengths.add(len(audios))
-        assert [t["role"] for t in turns] == ["user", "assistant"] * len(audios) and LISTENING_TURNS[0] <= len(audios) <= LISTENING_TURNS[1]
-        for k, (u, a) in enumerate(zip(turns[::2], turns[1::2])):
-            validate_plan(a["plan"])
-            assert u["intent"]["kind"] == "understand" and u["audio"] == k and audios[k].shape == (2, round(a["plan"]["duration"] * SR))
-            assert a["text"] == (transcript if u["intent"]["task"] == "transcribe" else caption)(a["plan"])
-        assert len({json.dumps(a["plan"]) for a in turns[1::2]}) == len(audios)   # distinct scenes
-    assert len(lengths) > 1
-    seq = encode_dialogue(d, [torch.zeros(a.shape[1] // 400 // 2 * 2, 64) for a in audios], _trained_tok())
-    answers = sum(len(_trained_tok().encode_ordinary(a["text"])) + 1 for a in turns[1::2])
-    assert int(seq["text_target"].sum()) == answers and not train.text_only(seq)["text_target"].any()
-
 def test_dataset_on_disk():
-    out = os.path.join(TMP, "dataset")
-    simulate_data.write_dataset(out, n=4, n_eval=2, seed=0, workers=1, n_listen=2)
-    assert sorted(os.listdir(out)) == ["listen_0000.pt", "meta.json", "test_0000.pt", "tokenizer.json", "train_0000.pt", "val_0000.pt"]
-    meta, tok = json.load(open(f"{out}/meta.json")), BPETokenizer.load(f"{out}/tokenizer.json")
-    ranges = sorted(meta["seeds"].values())   # disjoint seed ranges
-    assert meta["counts"] == {"train": 4, "listen": 2, "val": 2, "test": 2} and meta["sr"] == SR
-    assert all(a[1] <= b[0] for a, b in zip(ranges, ranges[1:]))
+    """tiny_dataset: its files, disjoint seed ranges, the dialogues as simulated, their clips as float16 raw log-mels."""
+    out = tiny_dataset()
+    meta, files = json.load(open(f"{out}/meta.json")), ["listen", "meta.json", "test", "tokenizer.json", "train", "val"]
+    r = sorted(meta["seeds"].values())   # the splits' seed ranges
+    assert sorted(os.listdir(out)) == [f if "." in f else f"{f}_0000.pt" for f in files] and meta["sr"] == SR
+    assert meta["counts"] == {"train": 12, "listen": 3, "val": 4, "test": 4} and all(a[1] <= b[0] for a, b in zip(r, r[1:]))
     listen, shard = (torch.load(os.path.join(out, f"{split}_0000.pt"), weights_only=True) for split in ("listen", "train"))
     assert json.loads(listen["dialogues"][1]) == make_listening_dialogue(SPLIT_SEEDS["listen"] + 1)[0]
-    assert len(shard["dialogues"]) == len(shard["audio"]) == 4
-    d, codec = json.loads(shard["dialogues"][0]), AudioCodec.from_state_dict(meta["codec"])
-    for lat, wav in zip(shard["audio"][0], make_dialogue(d["seed"])[1]):   # raw log-mels of the dialogue's clips, in float16
-        assert lat.dtype == torch.float16 and lat.shape == (wav.shape[1] // 400, 64)
-        assert torch.allclose(lat.float(), codec.encode_raw(wav), atol=0.02)
-    assert tok.decode(tok.encode(d["turns"][1]["text"])) == d["turns"][1]["text"]
+    (d, wavs), codec = make_dialogue(0), AudioCodec.from_state_dict(meta["codec"])   # seeded: the same in a worker
+    assert len(shard["dialogues"]) == len(shard["audio"]) == 12 and shard["dialogues"][0] == json.dumps(d)
+    assert len(shard["audio"][0]) == len(wavs) and all(lat.dtype == torch.float16 for lat in shard["audio"][0])
+    assert all(torch.allclose(lat.float(), codec.encode_raw(wav), atol=0.02) for lat, wav in zip(shard["audio"][0], wavs))
 
 
 # -----------------------------------------------------------------------------
@@ -272,12 +245,12 @@ def test_bpe_known_merges_roundtrip_specials_save_load():
     tok.train(["aaabdaaabac"], vocab_size=256 + 3 + len(SPECIAL_TOKENS))
     assert list(tok.merges.items()) == [((97, 97), 256), ((256, 97), 257), ((257, 98), 258)]
     assert tok.encode("aaabdaaabac") == [258, 100, 258, 97, 99] and tok.decode([258, 100, 258, 97, 99]) == "aaabdaaabac"
-    assert [tok.special(s) for s in SPECIAL_TOKENS] == list(range(259, 259 + len(SPECIAL_TOKENS))) == list(range(259, tok.vocab_size))
+    assert [tok.special(s) for s in SPECIAL_TOKENS] == list(range(259, tok.vocab_size))
     assert tok.encode("aaab aaab") == [258, 32, 258]  # two regex chunks, "aaab" and " aaab"
     tok = _trained_tok()   # and one trained on simulated dialogues: round trips, specials, unicode, save / load
     for text in ["", " ", "\n\n  x \t", "the old dog runs home", '{"start": 0.4, "gain_db": -12, "pan": -0.4}',
-                 "héllo wörld ☔ 雨 🐕 -0.5e3 don't it's", "<|user|>Tell a story<|end|><|assistant|>{}<|audio|><|/audio|><|end|>",
-                 "<|us<|user|>er|> <|nope|> <|pad|><|null|>"]:
+                 "héllo wörld ☔ 雨 🐕 -0.5e3 don't it's", "<|us<|user|>er|> <|nope|> <|pad|><|null|>",
+                 "<|user|>Tell a story<|end|><|assistant|>{}<|audio|><|/audio|><|end|>"]:
         ids = tok.encode(text)
         assert tok.decode(ids) == text and all(0 <= i < tok.vocab_size == 400 for i in ids), text
     assert tok.encode("<|user|>hi<|end|>") == [tok.special("<|user|>")] + tok.encode("hi") + [tok.special("<|end|>")]
@@ -288,69 +261,63 @@ def test_bpe_known_merges_roundtrip_specials_save_load():
     raises(KeyError, lambda: tok.special("<|foo|>"), "<|foo|>")
     tok.save(os.path.join(TMP, "tok.json"))
     tok2 = BPETokenizer.load(os.path.join(TMP, "tok.json"))
-    assert tok2.merges == tok.merges and all(tok2.encode(text) == tok.encode(text) for text in unseen + ["<|user|>ünïcode<|end|>"])
-    raises(ValueError, lambda: BPETokenizer.from_state_dict(dict(tok.state_dict(), special_tokens=SPECIAL_TOKENS[:-1])), "special tokens")
+    assert tok2.merges == tok.merges and all(tok2.encode(t) == tok.encode(t) for t in unseen + ["<|user|>ünïcode<|end|>"])
+    bad = dict(tok.state_dict(), special_tokens=SPECIAL_TOKENS[:-1])
+    raises(ValueError, lambda: BPETokenizer.from_state_dict(bad), "special tokens")
 
-def _scene(seconds=2.0, gains=((0.9, 0.3), (0.3, 0.9))):
-    """Stereo scene: a harmonic tone with vibrato (panned by gains[0]), a noise burst (gains[1]), a faint bed."""
-    rng, t = np.random.default_rng(0), np.arange(int(seconds * SR)) / SR
+def _scene(gains=((0.9, 0.3), (0.3, 0.9))):
+    """2 s stereo: a harmonic tone with vibrato (panned by gains[0]), a noise burst (gains[1]), a faint ambience bed."""
+    rng, t = np.random.default_rng(0), np.arange(2 * SR) / SR
     phase = 2 * np.pi * np.cumsum(220 * (1 + 0.02 * np.sin(2 * np.pi * 5 * t))) / SR
     tone = 0.2 * sum(np.sin(k * phase) / k for k in range(1, 8)) * (t < 1.2)
     burst = 0.1 * rng.standard_normal(t.size) * ((t > 0.8) & (t < 1.6))
-    bed = 0.003 * rng.standard_normal((2, t.size))  # a faint ambience bed, as in every story
-    return (np.stack([gains[0][c] * tone + gains[1][c] * burst for c in range(2)]) + bed).astype(np.float32)
+    return (np.stack([gains[0][c] * tone + gains[1][c] * burst for c in range(2)]) + 0.003 * rng.standard_normal((2, t.size))
+            ).astype(np.float32)
 
-def test_codec_shapes_patchify_normalize():
+def test_codec_shapes_patchify_normalize_and_roundtrip():
+    """Frames, patches, normalisation; decoding keeps the log-mels (1 dB), the panning, and is finite far off the data."""
     assert (SR, FRAME_RATE, HOP, N_MELS, PATCH, LATENT_DIM) == (16000, 40, 400, 32, 2, 128)
-    codec, x = AudioCodec(), _scene(1.0)
+    codec, x = AudioCodec(), _scene()
     raw = codec.encode_raw(x)
-    assert raw.shape == (40, 64) and raw.dtype == torch.float32 and torch.equal(codec.encode_raw(torch.from_numpy(x)), raw)
-    assert codec.encode_raw(x[:, :-1]).shape == (39, 64)  # T = N // HOP
-    batch = codec.encode_raw(np.stack([x, x[::-1]]))
-    assert batch.shape == (2, 40, 64) and torch.allclose(batch[0], raw) and torch.allclose(batch[1], raw.roll(32, -1))
-    z = torch.randn(3, 40, 64)
-    p = AudioCodec.patchify(z)
-    assert p.shape == (3, 20, 128) and torch.equal(p[0, 3], torch.cat([z[0, 6], z[0, 7]])) and torch.equal(AudioCodec.unpatchify(p), z)
-    assert torch.equal(AudioCodec.patchify(z[0]), p[0]) and torch.equal(AudioCodec.unpatchify(p[0]), z[0])
-    codec.fit([raw, codec.encode_raw(_scene(1.0, gains=((0.5, 0.5), (0.1, 1.0))))])
-    assert torch.allclose(codec.denormalize(codec.normalize(raw)), raw, atol=1e-5) and torch.allclose(codec.encode(x), codec.normalize(raw))
-    assert torch.equal(AudioCodec.from_state_dict(json.loads(json.dumps(codec.state_dict()))).encode(x), codec.encode(x))
-    raises(RuntimeError, lambda: AudioCodec().normalize(raw), "fit()")
-    raises(ValueError, lambda: codec.encode_raw(x[:1]), "(2, N)")
-
-def test_codec_roundtrip_quality():
-    codec, x = AudioCodec(), _scene(2.0)
-    raw = codec.encode_raw(x)
+    assert raw.shape == (80, 64) and raw.dtype == torch.float32 and torch.equal(codec.encode_raw(torch.from_numpy(x)), raw)
+    assert codec.encode_raw(x[:, :-1]).shape == (79, 64)  # T = N // HOP
+    batch = codec.encode_raw(np.stack([x, x[::-1]]))   # a batch; the channels swapped: left and right mels swap
+    assert batch.shape == (2, 80, 64) and torch.allclose(batch[0], raw) and torch.allclose(batch[1], raw.roll(32, -1))
+    z, P, U = torch.randn(3, 40, 64), AudioCodec.patchify, AudioCodec.unpatchify
+    p = P(z)
+    assert p.shape == (3, 20, 128) and torch.equal(p[0, 3], torch.cat([z[0, 6], z[0, 7]])) and torch.equal(U(p), z)
+    assert torch.equal(P(z[0]), p[0]) and torch.equal(U(p[0]), z[0])   # unbatched
     y = codec.decode_raw(raw)
-    assert y.shape == (2, 80 * HOP) and y.dtype == torch.float32 and y.abs().max() < 1.5 and torch.equal(codec.decode_raw(raw), y)
-    assert (codec.encode_raw(y) - raw).abs().mean() < 0.3   # measured 0.23 nat = 1.0 dB mean log-mel distance
-    for seg, want in ((slice(0, 12000), 9.0), (slice(20000, 25000), 1 / 9)):   # the panning survives: tone L 3x R, burst R 3x L
+    assert y.shape == (2, 80 * HOP) and y.dtype == torch.float32 and y.abs().max() < 1.5
+    assert torch.equal(codec.decode_raw(raw), y) and (codec.encode_raw(y) - raw).abs().mean() < 0.3   # 0.23 nat = 1.0 dB
+    for seg, want in ((slice(0, 12000), 9.0), (slice(20000, 25000), 1 / 9)):   # panning kept: tone L 3x R, burst R 3x L
         ratio = (y[0, seg] ** 2).sum() / (y[1, seg] ** 2).sum()
         assert abs(np.log(ratio.item() / want)) < np.log(1.25), (ratio, want)  # within 1 dB (measured 0.03 dB)
-    codec.fit([raw, codec.encode_raw(_scene(2.0, gains=((0.5, 0.5), (0.1, 1.0))))])
+    raises(RuntimeError, lambda: AudioCodec().normalize(raw), "fit()")
+    raises(ValueError, lambda: codec.encode_raw(x[:1]), "(2, N)")
+    codec.fit([raw, codec.encode_raw(_scene(gains=((0.5, 0.5), (0.1, 1.0))))])
     z = codec.encode(x)   # normalised latents: encode(decode(z)) is close to z, in units of the per-dim std
-    assert (codec.encode(codec.decode(z)) - z).abs().mean() < 0.15   # measured 0.10
+    assert torch.allclose(codec.denormalize(z), raw, atol=1e-5) and (codec.encode(codec.decode(z)) - z).abs().mean() < 0.15
+    assert torch.equal(AudioCodec.from_state_dict(json.loads(json.dumps(codec.state_dict()))).encode(x), z)
     for far in (8.0, 1e4, float("nan")):   # latents far off the data (a high CFG scale) still decode to finite audio
         assert torch.isfinite(codec.decode(torch.full((20, 64), far))).all()
 
 def test_encode_dialogue_layout():
-    """The chat template by hand: every token, whether it is a CE target (the assistant's words, <|audio|>, <|end|>) and
-    a plain word (what CFG drops); the spans' latents in order; a turn's "plan" never enters the sequence, its text does."""
+    """The chat template by hand: every token, which are CE targets (never the tool's plan) and plain words; the spans."""
     tok, lat = _trained_tok(), [torch.randn(8, 64), torch.randn(12, 64), torch.randn(4, 64)]  # 4, 6, 2 patches
-    CALLS, PT, ANSWER, ignored = 'new_story()\nsfx(bell)', plan_to_text(_good_plan()), "0.4-2.1 ava: the old dog runs home", {"x": 1}
-    seq = encode_dialogue({"seed": 1, "turns": [
-        {"role": "user", "text": "Tell a story."}, {"role": "assistant", "text": CALLS, "tool": PT, "plan": ignored, "audio": 0},
-        {"role": "user", "text": "Louder."}, {"role": "assistant", "text": "set_gain(1, louder)", "tool": PT, "plan": ignored, "audio": 1},
-        {"role": "user", "text": "Who says what?", "audio": 2}, {"role": "assistant", "text": ANSWER, "plan": ignored}]}, lat, tok)
+    CALLS, GAIN, ANSWER, PT = 'new_story()\nsfx(bell)', "set_gain(1, louder)", "0.4-2.1 ava: hi", plan_to_text(_good_plan())
+    seq = encode_dialogue({"seed": 1, "turns": [   # a turn's "plan" never enters the sequence, its text does
+        {"role": "user", "text": "Tell a story."}, {"role": "assistant", "text": CALLS, "tool": PT, "plan": {}, "audio": 0},
+        {"role": "user", "text": "Louder."}, {"role": "assistant", "text": GAIN, "tool": PT, "plan": {}, "audio": 1},
+        {"role": "user", "text": "Who speaks?", "audio": 2}, {"role": "assistant", "text": ANSWER, "plan": {}}]}, lat, tok)
     raises(IndexError, lambda: encode_dialogue({"turns": [{"role": "user", "text": "hi", "audio": 5}]}, lat, tok), "audio 5")
-    U, A, T, END, AU, CLOSE, P = map(tok.special, ("<|user|>", "<|assistant|>", "<|tool|>", "<|end|>", "<|audio|>", "<|/audio|>", "<|pad|>"))
+    U, A, T, END, AU, CLOSE, P = (tok.special(f"<|{s}|>") for s in "user assistant tool end audio /audio pad".split())
     w = tok.encode
     pieces = [  # (ids, the assistant's: a CE target, plain words); the tool's plan is read, never learned
-        ([U], 0, 0), (w("Tell a story."), 0, 1), ([END, A], 0, 0), (w(CALLS), 1, 1), ([T], 1, 0), (w(PT), 0, 1), ([AU], 1, 0),
-        ([P] * 4 + [CLOSE], 0, 0), ([END], 1, 0),
-        ([U], 0, 0), (w("Louder."), 0, 1), ([END, A], 0, 0), (w("set_gain(1, louder)"), 1, 1), ([T], 1, 0), (w(PT), 0, 1), ([AU], 1, 0),
-        ([P] * 6 + [CLOSE], 0, 0), ([END], 1, 0),
-        ([U], 0, 0), (w("Who says what?"), 0, 1), ([AU] + [P] * 2 + [CLOSE, END, A], 0, 0), (w(ANSWER), 1, 1), ([END], 1, 0)]
+        ([U], 0, 0), (w("Tell a story."), 0, 1), ([END, A], 0, 0), (w(CALLS), 1, 1), ([T], 1, 0), (w(PT), 0, 1),
+        ([AU], 1, 0), ([P] * 4 + [CLOSE], 0, 0), ([END], 1, 0), ([U], 0, 0), (w("Louder."), 0, 1), ([END, A], 0, 0),
+        (w(GAIN), 1, 1), ([T], 1, 0), (w(PT), 0, 1), ([AU], 1, 0), ([P] * 6 + [CLOSE], 0, 0), ([END], 1, 0), ([U], 0, 0),
+        (w("Who speaks?"), 0, 1), ([AU] + [P] * 2 + [CLOSE, END, A], 0, 0), (w(ANSWER), 1, 1), ([END], 1, 0)]
     expect = [i for ids, _, _ in pieces for i in ids]
     assert seq["tokens"].tolist() == expect and seq["tokens"].dtype == seq["span_id"].dtype == torch.long
     assert seq["text_target"].tolist() == [bool(a) for ids, a, _ in pieces for _ in ids][1:] + [False]  # i learns token i+1
@@ -369,8 +336,8 @@ def test_encode_dialogue_layout():
 def tiny_model(arch="sct", attn="sdpa", seed=0):
     """2 + 1 layers of width 32; the zero-initialised diffusion head and token shift get weights (caches must carry them)."""
     torch.manual_seed(seed)
-    model = AudioChatModel(ModelConfig(vocab_size=40, latent_dim=8, n_layer=2, n_gen_layer=1, n_head=2, n_embd=32, block_size=128,
-                                       arch=arch, attn=attn))
+    model = AudioChatModel(ModelConfig(vocab_size=40, latent_dim=8, n_layer=2, n_gen_layer=1, n_head=2, n_embd=32,
+                                       block_size=128, arch=arch, attn=attn))
     torch.nn.init.normal_(model.diffusion_head.out.weight, std=0.1)
     torch.nn.init.normal_(model.shift.weight, std=0.3)
     return model
@@ -380,60 +347,54 @@ def random_sequence(layout, latent=8, seed=0):
     g, span_id = torch.Generator().manual_seed(seed), []
     for k, (kind, n) in enumerate(layout):
         span_id += [-1] * n if kind == "text" else [sum(p[0] == "audio" for p in layout[:k])] * n
-    return torch.randint(0, 40, (len(span_id),), generator=g), torch.randn(len(span_id), latent, generator=g), torch.tensor(span_id)
+    span_id = torch.tensor(span_id)
+    return torch.randint(0, 40, span_id.shape, generator=g), torch.randn(len(span_id), latent, generator=g), span_id
 
 def random_batch():
     """Two rows of 24: text 0-4, span 0 at 5-10, text, span 1 at 15-19, text; and text 0-8, spans at 9-12 and 15-21."""
     rows = [random_sequence([("text", 5), ("audio", 6), ("text", 4), ("audio", 5), ("text", 4)], seed=1),
             random_sequence([("text", 9), ("audio", 4), ("text", 2), ("audio", 7), ("text", 2)], seed=2)]
     tokens, audio, span_id = (torch.stack(z) for z in zip(*rows))
-    return tokens, audio, torch.where(span_id >= 0, torch.rand(span_id.shape, generator=torch.Generator().manual_seed(3)), 0.0), span_id
+    t = torch.where(span_id >= 0, torch.rand(span_id.shape, generator=torch.Generator().manual_seed(3)), 0.0)
+    return tokens, audio, t, span_id
 
 def test_model_mask_rule_and_span_positions_by_hand():
-    span_id = torch.tensor([[-1, 0, 0, -1, 1, 1]])
-    assert transfusion_mask(span_id)[0].int().tolist() == [[1, 0, 0, 0, 0, 0],
-                                                            [1, 1, 1, 0, 0, 0],   # an audio token sees its whole span...
-                                                            [1, 1, 1, 0, 0, 0],
-                                                            [1, 1, 1, 1, 0, 0],   # ...text after it sees it causally
-                                                            [1, 1, 1, 1, 1, 1],   # a later span sees earlier ones causally
-                                                            [1, 1, 1, 1, 1, 1]]
+    span_id, rows = torch.tensor([[-1, 0, 0, -1, 1, 1]]), "100000 111000 111000 111100 111111 111111".split()
+    assert transfusion_mask(span_id)[0].int().tolist() == [list(map(int, r)) for r in rows]   # a span sees itself whole
     m = transfusion_mask(span_id, torch.tensor([[0, 0, 0, 1, 1, 1]]))[0]
     assert not m[3:, :3].any() and m[4, 5] and m[3, 3]  # nothing crosses documents
-    span_id = torch.tensor([[-1, 0, 0, 0, -1, -1, 1, 1, -1, 2], [3, 3, -1, 4, 4, 4, 4, -1, -1, -1]])   # a span may open a chunk
+    span_id = torch.tensor([[-1, 0, 0, 0, -1, -1, 1, 1, -1, 2], [3, 3, -1, 4, 4, 4, 4, -1, -1, -1]])
     assert span_positions(span_id).tolist() == [[0, 0, 1, 2, 0, 0, 0, 1, 0, 0], [0, 1, 0, 0, 1, 2, 3, 0, 0, 0]]
 
+def backend_outputs(attn, doc_id=None, device="cpu"):
+    """tiny_model(attn=attn) on random_batch -> [logits, v] (0 on padding) and, but for flex on a CPU, every gradient."""
+    grad, doc_id = attn != "flex" or device != "cpu", None if doc_id is None else doc_id.to(device)
+    tokens, audio, t, span_id = (z.to(device) for z in random_batch())
+    model, x = tiny_model(attn=attn).to(device), audio.clone().requires_grad_(grad)
+    with torch.set_grad_enabled(grad), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        logits, v = (y * (1 if doc_id is None else (doc_id >= 0)[..., None]) for y in model(tokens, x, t, span_id, doc_id))
+    if grad:
+        (logits.square().mean() + v.square().mean()).backward()
+    return [logits, v] + ([x.grad, *(p.grad for p in model.parameters())] if grad else [])
+
 def test_model_attention_backends_agree():
-    """math, sdpa and flex: the same outputs, packed or not; math and sdpa the same gradients (no flex backward on a CPU)."""
-    tokens, audio, t, span_id = random_batch()
-    doc_id = torch.tensor([[0] * 12 + [1] * 12, [0] * 20 + [-1] * 4])   # two documents; one, then padding
-    real = (doc_id >= 0)[..., None]   # padding's outputs are read by nothing, and backends may differ there
-    outs = {}
-    for b, doc in itertools.product(("math", "sdpa", "flex"), (None, doc_id)):
-        model, x = tiny_model(attn=b), audio.clone().requires_grad_(b != "flex")   # the same seed: the same weights
-        with torch.set_grad_enabled(b != "flex"), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
-            logits, v = (y * real for y in model(tokens, x, t, span_id, doc))
-        if b != "flex":
-            (logits.square().mean() + v.square().mean()).backward()
-        outs[b, doc is None] = [logits, v] + ([x.grad] + [p.grad for p in model.parameters()] if b != "flex" else [])
-    for (b, nodoc), out in outs.items():
-        for ref, other in zip(outs["math", nodoc], out):
-            assert torch.allclose(ref, other, atol=1e-5), (b, nodoc, (ref - other).abs().max())
+    """math, sdpa and flex: the same outputs, packed or not; math and sdpa the same gradients."""
+    for doc_id in (None, torch.tensor([[0] * 12 + [1] * 12, [0] * 20 + [-1] * 4])):   # two documents; one, then padding
+        ref = backend_outputs("math", doc_id)
+        for b in ("sdpa", "flex"):
+            assert all(torch.allclose(r, out, atol=1e-5) for r, out in zip(ref, backend_outputs(b, doc_id))), (b, doc_id)
 
 def test_model_flex_backward_on_cuda():
     """flex forward and backward against math on CUDA."""
     if not torch.cuda.is_available():
         raise Skip("no CUDA: FlexAttention has no backward on a CPU")
-    tokens, audio, t, span_id, outs = *(z.cuda() for z in random_batch()), []
-    for b in ("math", "flex"):
-        model, x = tiny_model(attn=b).cuda(), audio.clone().requires_grad_(True)
-        outs.append(model(tokens, x, t, span_id))
-        (outs[-1][0].square().mean() + outs[-1][1].square().mean()).backward()
-        outs[-1] += (x.grad, *(p.grad for p in model.parameters()))
-    assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(*outs))
+    pairs = list(zip(backend_outputs("math", device="cuda"), backend_outputs("flex", device="cuda")))
+    assert len(pairs) > 2 and all(torch.allclose(a, b, atol=1e-4) for a, b in pairs)
 
-def test_model_mask_causality_and_span_bidirectional():
-    """Nothing sees the future, but an audio token sees its whole span; a row never sees another (layout: random_batch)."""
+def test_model_what_each_output_sees():
+    """No output sees the future, another row or document (rope: relative positions); a span sees itself whole; with
+    sct the text never sees the generation layers."""
     model, (tokens, audio, t, span_id) = tiny_model(), random_batch()
     logits, v = model(tokens, audio, t, span_id)
     tok2, aud2 = tokens.clone(), audio.clone()
@@ -447,37 +408,28 @@ def test_model_mask_causality_and_span_bidirectional():
     assert not torch.allclose(v[0, 5], v3[0, 5], atol=1e-4)  # ... reaches an earlier token of it
     assert torch.allclose(logits[0, :5], logits3[0, :5], atol=1e-6)  # but not the text before the span
     assert torch.equal(logits[1], logits3[1]) and torch.equal(v[1], v3[1])  # nor the other row
-
-def test_model_sct_text_ignores_generation_layers():
-    tokens, audio, t, span_id = random_batch()
-    for arch in ("sct", "dense"):
-        model = tiny_model(arch=arch)
+    q, k = torch.randn(2, 3, 1, 16), torch.randn(2, 3, 1, 16)   # rope: (m, n) scores as (m + c, n + c) ...
+    scores = [(rotate(q, rotary(torch.tensor([m]), 16)) * rotate(k, rotary(torch.tensor([n]), 16))).sum(-1)
+              for m, n in ((7, 3), (107, 103), (3, 7))]
+    assert torch.allclose(scores[0], scores[1], atol=1e-4) and not torch.allclose(scores[0], scores[2], atol=1e-3)
+    alone = model(tokens[:1, 14:], audio[:1, 14:], t[:1, 14:], span_id[:1, 14:])
+    packed = model(tokens[:1], audio[:1], t[:1], span_id[:1], doc_id=torch.tensor([[1] * 14 + [0] * 10]))
+    assert all(torch.allclose(a, p[:, 14:], atol=1e-5) for a, p in zip(alone, packed))   # ... so packing changes nothing
+    for model in (model, tiny_model(arch="dense")):
         logits, v = model(tokens, audio, t, span_id)
         with torch.no_grad():
             for p in model.blocks[model.config.n_layer:].parameters():
                 p.add_(0.5 * torch.randn_like(p))
-        logits2, v2 = model(tokens, audio, t, span_id)
-        assert not torch.allclose(v, v2, atol=1e-4) and torch.allclose(logits, logits2, atol=1e-6) == (arch == "sct"), arch
-        text_logits, none = model(tokens, audio, t, span_id, layers="text")  # the text stage's path
-        assert none is None and torch.allclose(text_logits, logits2, atol=1e-6), arch
-
-def test_rope_attention_sees_relative_positions():
-    """A query at m and a key at n score as at m + c, n + c; so a dialogue packed after another gives the same outputs."""
-    from model import rotary, rotate
-    q, k = torch.randn(2, 3, 1, 16), torch.randn(2, 3, 1, 16)
-    scores = [(rotate(q, rotary(torch.tensor([m]), 16)) * rotate(k, rotary(torch.tensor([n]), 16))).sum(-1)
-              for m, n in ((7, 3), (107, 103), (3, 7))]
-    assert torch.allclose(scores[0], scores[1], atol=1e-4) and not torch.allclose(scores[0], scores[2], atol=1e-3)
-    model, (tokens, audio, t, span_id) = tiny_model(), random_batch()
-    alone = model(tokens[:1, 14:], audio[:1, 14:], t[:1, 14:], span_id[:1, 14:])
-    packed = model(tokens[:1], audio[:1], t[:1], span_id[:1], doc_id=torch.tensor([[1] * 14 + [0] * 10]))
-    assert all(torch.allclose(a, p[:, 14:], atol=1e-5) for a, p in zip(alone, packed))
+        (logits2, v2), (text_logits, none) = (model(tokens, audio, t, span_id, layers=k) for k in ("all", "text"))
+        sct = model.config.arch == "sct"
+        assert not torch.allclose(v, v2, atol=1e-4) and torch.allclose(logits, logits2, atol=1e-6) == sct, sct
+        assert none is None and torch.allclose(text_logits, logits2, atol=1e-6), sct
 
 def test_model_audio_embedding_norm_matches_text():
-    """A patch enters at the text embeddings' mean norm, whatever its scale (the paper's stabiliser): the rescaled projection
-    is odd in the patch and the conditions added (noise level, time in span) do not depend on it, so it is (in(+x) - in(-x)) / 2."""
+    """A patch enters at the text embeddings' mean norm, whatever its scale."""
     model, (tokens, audio, t, span_id) = tiny_model(), random_batch()
     model.shift = None   # the embeddings alone, without the token shift's mix of the previous one
+    # the projection is odd in the patch, the conditions added (noise level, time in span) do not depend on it
     plus, minus = (model.embed(tokens, s * audio, t, span_id)[0] for s in (10.0, -10.0))
     norms = ((plus - minus) / 2)[span_id >= 0].norm(dim=-1)
     assert torch.allclose(norms, model.wte.weight.norm(dim=1).mean().expand_as(norms), rtol=1e-5)
@@ -487,52 +439,44 @@ def test_model_audio_embedding_norm_matches_text():
 # the loss (diffusion.py) on batches made by train.collate, the samplers, the caches
 
 def test_noise_levels_one_per_span_clean_context_and_shift():
-    t = torch.linspace(0.05, 0.95, 19)
+    t, ends = torch.linspace(0.05, 0.95, 19), torch.tensor([0.0, 1.0])
     for shift in (1.0, 3.0):   # the shift divides alpha / sigma by `shift`; the ends stay put
         (a, s), (a2, s2) = alpha_sigma(t), alpha_sigma(shift_noise_level(t, shift))
-        assert torch.allclose(a2 / s2, a / s / shift, rtol=1e-4) and shift_noise_level(torch.tensor([0.0, 1.0]), shift).tolist() == [0, 1]
-    B, n_spans, n = 200, 4, 5
-    span_id = torch.cat([torch.full((B, 3), -1), torch.arange(n_spans).repeat_interleave(n).repeat(B, 1)], 1)  # text first
-    is_target = torch.tensor([True, False, True, True]).repeat(B, 1)    # span 1 supplied by the user
-    t = sample_noise_levels(span_id, is_target, generator=torch.Generator().manual_seed(0))
-    per_span = t[:, 3:].view(B, n_spans, n)
+        assert torch.allclose(a2 / s2, a / s / shift, rtol=1e-4) and shift_noise_level(ends, shift).tolist() == [0, 1]
+    B, n = 200, 5   # 3 text tokens, then 4 spans of 5; span 1 supplied by the user
+    span_id = torch.cat([torch.full((B, 3), -1), torch.arange(4).repeat_interleave(n).repeat(B, 1)], 1)
+    target = torch.tensor([True, False, True, True]).repeat(B, 1)
+    t, shifted = (sample_noise_levels(span_id, target, shift=k, generator=torch.Generator().manual_seed(0)) for k in (1, 3))
+    per_span, shifted = t[:, 3:].view(B, 4, n), shifted[:, 3:].view(B, 4, n)
     targets, user = per_span[:, [0, 2, 3], 0], per_span[:, 1, 0]
     assert (t[:, :3] == 0).all() and (per_span == per_span[..., :1]).all()   # text is clean; one t per span ...
-    assert (targets[:, 0] != targets[:, 1]).all() and (targets[:, 1] != targets[:, 2]).all()  # ... each its own
-    assert abs(targets.mean().item() - 0.5) < 0.05                      # t ~ U(0, 1)
-    assert 0.8 < (user == 0).float().mean().item() < 0.97 and user.max() <= 0.1  # the user's: mostly clean, else small
-    shifted = sample_noise_levels(span_id, is_target, shift=3.0, generator=torch.Generator().manual_seed(0))[:, 3:].view(B, n_spans, n)
+    assert (targets[:, 0] != targets[:, 1]).all() and (targets[:, 1] != targets[:, 2]).all()  # ... each its own, ~ U(0, 1)
+    assert abs(targets.mean().item() - 0.5) < 0.05 and 0.8 < (user == 0).float().mean().item() < 0.97 and user.max() <= 0.1
     assert torch.allclose(shifted[:, [0, 2, 3]], shift_noise_level(per_span[:, [0, 2, 3]], 3.0))
-    assert (shifted[:, 1] == user[:, None]).all()   # the user's audio is not shifted
-    assert abs(shifted[:, [0, 2, 3], 0].median().item() - 0.795) < 0.05  # (2/pi) atan(3)
+    assert (shifted[:, 1] == user[:, None]).all()   # the user's audio: mostly clean, else a small t, never shifted
 
 def fake_dialogue(layout, is_target, seed):
-    """A dict shaped like tokenizer.encode_dialogue's output (L tokens, 8-float latents); the last words are the assistant's."""
+    """A dict shaped like encode_dialogue's output (L tokens, 8-float latents); the last words are the assistant's."""
     tokens, audio, span_id = random_sequence(layout, seed=seed)
     text_target = torch.arange(len(tokens)).ge(len(tokens) - 6) & torch.arange(len(tokens)).lt(len(tokens) - 1)
     return {"tokens": tokens, "audio": torch.where((span_id >= 0)[:, None], audio, 0.0), "span_id": span_id,
             "span_is_target": torch.tensor(is_target), "text_target": text_target, "is_plain_text": span_id < 0}
 
-def two_rows(n_audio=(4, 3, 4)):
-    """A batch of two dialogues: one with an assistant span, one with a user's span then an assistant's."""
-    return collate([[fake_dialogue([("text", 6), ("audio", n_audio[0]), ("text", 9)], [True], seed=1)],
-                    [fake_dialogue([("text", 4), ("audio", n_audio[1]), ("text", 3), ("audio", n_audio[2]), ("text", 7)],
-                                   [False, True], seed=2)]], pad_id=39)
+def two_dialogues(n=(4, 3, 4)):
+    """15 + n[0] tokens with an assistant span; 14 + n[1] + n[2] with a user's span, then an assistant's."""
+    return [fake_dialogue([("text", 6), ("audio", n[0]), ("text", 9)], [True], seed=1),
+            fake_dialogue([("text", 4), ("audio", n[1]), ("text", 3), ("audio", n[2]), ("text", 7)], [False, True], seed=2)]
 
-def test_collate_pads_and_packs():
-    a = fake_dialogue([("text", 4), ("audio", 3), ("text", 8)], [True], seed=1)          # 15 tokens
-    b = fake_dialogue([("text", 3), ("audio", 2), ("text", 2), ("audio", 2), ("text", 7)], [False, True], seed=2)  # 16
-    batch = collate([[a], [b]], pad_id=39)
-    assert batch["tokens"].shape == (2, 16) and batch["span_is_target"].tolist() == [[True, False], [False, True]]  # padded with False
-    assert batch["is_pad"][0, 15] and batch["tokens"][0, 15] == 39 and batch["span_id"][0, 15] == -1
-    packed = collate([[a, b]], pad_id=39)
-    assert packed["tokens"].shape == (1, 31) and not packed["is_pad"].any() and packed["doc_id"][0].tolist() == [0] * 15 + [1] * 16
-    assert packed["span_id"][0, 15 + 3] == 1 and packed["span_id"][0, 15 + 7] == 2  # spans counted across the row
-    assert packed["span_is_target"][0].tolist() == [True, False, True]
-
-def test_loss_equals_ce_plus_5_mse_by_hand():
-    model, batch = tiny_model(), two_rows()
-    loss, ce, mse = transfusion_forcing_loss(model, batch, null_id=38, cfg_drop_p=0.0, generator=torch.Generator().manual_seed(7))
+def test_collate_and_the_loss_by_hand():
+    """collate pads and packs; the loss is the mean CE of the text targets + 5 x the v-MSE of target spans."""
+    d1, d2 = two_dialogues()
+    p = collate([[d1, d2]], pad_id=39)   # packed in one row: no padding, spans counted across the row
+    assert p["tokens"].shape == (1, 40) and not p["is_pad"].any() and p["span_id"][0, [19 + 4, 19 + 10]].tolist() == [1, 2]
+    assert p["doc_id"][0].tolist() == [0] * 19 + [1] * 21 and p["span_is_target"][0].tolist() == [True, False, True]
+    batch, model = collate([[d1], [d2]], pad_id=39), tiny_model()
+    assert batch["tokens"].shape == (2, 21) and batch["span_is_target"].tolist() == [[True, False], [False, True]]  # padded
+    assert batch["is_pad"][0, 19] and batch["tokens"][0, 19] == 39 and batch["span_id"][0, 19] == -1
+    loss, ce, mse = transfusion_forcing_loss(model, batch, 38, cfg_drop_p=0.0, generator=torch.Generator().manual_seed(7))
     g = torch.Generator().manual_seed(7)   # the same random draws, in the same order, then the loss token by token
     t = sample_noise_levels(batch["span_id"], batch["span_is_target"], generator=g)
     eps = torch.randn(batch["audio"].shape, generator=g)
@@ -545,14 +489,14 @@ def test_loss_equals_ce_plus_5_mse_by_hand():
         if batch["span_id"][b, i] >= 0 and batch["span_is_target"][b, batch["span_id"][b, i]]:
             errs.append(((v[b, i] - (alpha[b, i] * eps[b, i] - sigma[b, i] * batch["audio"][b, i])) ** 2).mean())
     ce_hand, mse_hand = torch.stack(ces).mean(), torch.stack(errs).mean()
-    assert len(errs) == 8 and len(ces) == 10 and torch.allclose(ce, ce_hand, atol=1e-5) and torch.allclose(mse, mse_hand, atol=1e-6)
-    assert torch.allclose(loss, ce_hand + 5 * mse_hand, atol=1e-5)
+    assert len(errs) == 8 and len(ces) == 10 and torch.allclose(loss, ce_hand + 5 * mse_hand, atol=1e-5)
+    assert torch.allclose(ce, ce_hand, atol=1e-5) and torch.allclose(mse, mse_hand, atol=1e-6)
     assert transfusion_forcing_loss(model, batch, null_id=38, cfg_drop_p=1.0)[1] == 0  # text dropped to <|null|>: no CE
     batch = collate([[fake_dialogue([("text", 6), ("audio", 4), ("text", 9)], [False], 1)]], pad_id=39)   # no target span:
     loss, ce, mse = transfusion_forcing_loss(model, batch, null_id=38, cfg_drop_p=0.0)          # the text stage
     loss.backward()
     assert mse == 0 and loss == ce > 0   # loss = ce, and the generation layers are not even run
-    assert all((p.grad is None) == (k >= model.config.n_layer) for k, block in enumerate(model.blocks) for p in block.parameters())
+    assert all((p.grad is None) == (k >= model.config.n_layer) for k, b in enumerate(model.blocks) for p in b.parameters())
 
 def test_samplers_reproduce_a_gaussian_and_forward_formulas():
     mu, s = 1.5, 0.5
@@ -575,39 +519,36 @@ def test_samplers_reproduce_a_gaussian_and_forward_formulas():
     for sampler, steps in [(ddim_sample, 0), (dpmpp_2m_sample, 0), (ddim_sample, -1), (dpmpp_2m_sample, 2.5)]:
         raises(ValueError, lambda: sampler(v_exact, noise, steps), "steps")   # not the noise, nor zeros
 
-def test_kv_cache_matches_full_forward():
-    """Text token by token (U layers), audio spans as chunks (all layers, G catching up): the outputs of one forward."""
-    tokens, audio, span_id = (z[None] for z in random_sequence([("text", 5), ("audio", 4), ("text", 3), ("audio", 3), ("text", 3)], seed=4))
+def test_caches_match_full_forward():
+    """The KV cache, and sample_audio after a cached prefix, give what full forwards give: logits, v, the latents."""
+    layout = [("text", 5), ("audio", 4), ("text", 3), ("audio", 3), ("text", 3)]
+    tokens, audio, span_id = (z[None] for z in random_sequence(layout, seed=4))
     t = torch.where(span_id >= 0, torch.rand(span_id.shape), 0.0)
     chunks = [*(slice(i, i + 1) for i in range(5)), slice(5, 9), *(slice(i, i + 1) for i in range(9, 12)), slice(12, 15),
               *(slice(i, i + 1) for i in range(15, 18))]
-    for arch in ("sct", "dense"):
+    for arch in ("sct", "dense"):   # text: the U layers; a span: all layers, G catching up
         model = tiny_model(arch=arch)
         logits, v = model(tokens, audio, t, span_id)
         cache = model.new_cache(1)
         for sl in chunks:
             text = bool(span_id[0, sl.start] < 0)
-            lg, vv = model.extend(cache, tokens[:, sl], audio[:, sl], t[:, sl], span_id[:, sl], layers="text" if text else "all")
-            assert torch.allclose(lg, logits[:, sl], atol=1e-5) and (text or torch.allclose(vv, v[:, sl], atol=1e-5)), (arch, sl)
+            lg, vv = model.extend(cache, *(x[:, sl] for x in (tokens, audio, t, span_id)), layers="text" if text else "all")
+            assert torch.allclose(lg, logits[:, sl], atol=1e-5) and (text or torch.allclose(vv, v[:, sl], atol=1e-5))
         assert len(cache) == tokens.size(1)
-
-def test_prefix_cache_sample_audio_matches_recompute():
-    """sample_audio after a cached prefix gives the latents of a forward over it all per step (eval's baseline), guided
-    or not, DDIM and DPM-Solver++; the next token then sees the clean span as a full forward does."""
-    model = tiny_model()
     seq = fake_dialogue([("text", 5), ("audio", 4), ("text", 3), ("audio", 5), ("text", 2)], [False, True], seed=6)
-    for sampler, null_id in (("ddim", 38), ("dpmpp", 38), ("dpmpp", None)):
+    for sampler, null_id, scale in (("ddim", 38, 3.0), ("dpmpp", 38, 3.0), ("dpmpp", None, 1.0)):   # guided or not
         prefix, n = E.prefix_rows(seq, 1, null_id, "cpu")   # all before span 1; with null_id, a row with words -> <|null|>
         with one_thread():
-            x = [E.sample_after(model, prefix, n, 4, sampler, 3.0 if null_id else 1.0, torch.Generator().manual_seed(1), cached)
+            x = [E.sample_after(model, prefix, n, 4, sampler, scale, torch.Generator().manual_seed(1), cached)
                  for cached in (True, False)]
-        assert x[0].shape == (1, 5, 8) and torch.allclose(x[0], x[1], atol=1e-5), (sampler, null_id, (x[0] - x[1]).abs().max())
-    cache, (tokens, audio, t, span_id), L = model.new_cache(1), prefix, prefix[0].size(1)
-    model.extend(cache, tokens, audio, t, span_id)
+        assert x[0].shape == (1, 5, 8) and torch.allclose(x[0], x[1], atol=1e-5), (sampler, null_id)
+    cache, (tokens, audio, t, span_id), L = model.new_cache(1), prefix, prefix[0].size(1)   # the next token then sees the
+    model.extend(cache, tokens, audio, t, span_id)                                         # clean span as a forward does
     x0 = sample_audio(model, cache, n, steps=3, sampler="dpmpp", cfg_scale=1.0)
-    logits = model.extend(cache, torch.tensor([[3]]), torch.zeros(1, 1, 8), torch.zeros(1, 1), torch.tensor([[-1]]), layers="text")[0]
-    full = model(F.pad(tokens, (0, n + 1), value=3), torch.cat([audio, x0, torch.zeros(1, 1, 8)], 1), torch.zeros(1, L + n + 1),
-                 torch.cat([span_id, torch.full((1, n), 1), torch.tensor([[-1]])], 1))[0]
+    nxt = (torch.tensor([[3]]), torch.zeros(1, 1, 8), torch.zeros(1, 1), torch.tensor([[-1]]))   # a text token after it
+    logits = model.extend(cache, *nxt, layers="text")[0]
+    span = (torch.full((1, n), 3), x0, torch.zeros(1, n), torch.full((1, n), 1))
+    full = model(*(torch.cat(z, 1) for z in zip((tokens, audio, torch.zeros_like(t), span_id), span, nxt)))[0]
     assert torch.allclose(logits[:, 0], full[:, -1], atol=1e-5) and len(cache) == L + n + 1
 
 
@@ -615,7 +556,8 @@ def test_prefix_cache_sample_audio_matches_recompute():
 # training (train.py) and chat (sample.py), on a tiny simulated dataset
 
 def test_overfit_one_batch():
-    model, batch, g, first = tiny_model(), two_rows((6, 5, 5)), torch.Generator().manual_seed(0), None
+    model, g, first = tiny_model(), torch.Generator().manual_seed(0), None
+    batch = collate([[d] for d in two_dialogues((6, 5, 5))], pad_id=39)
     opt = model.configure_optimizers(weight_decay=0.0, learning_rate=5e-3, betas=(0.9, 0.95), device_type="cpu")
     with one_thread():
         for step in range(300):
@@ -625,8 +567,8 @@ def test_overfit_one_batch():
             loss.backward()
             opt.step()
     with torch.no_grad():  # average a few noise draws for a steady figure
-        last = torch.tensor([transfusion_forcing_loss(model, batch, 38, cfg_drop_p=0.0, generator=g)[1:] for _ in range(20)]).mean(0)
-    assert last[0] < 0.01 * first[0] and last[1] < 0.4 * first[1], (first, last)
+        last = torch.tensor([transfusion_forcing_loss(model, batch, 38, cfg_drop_p=0, generator=g)[1:] for _ in range(20)])
+    assert last[:, 0].mean() < 0.01 * first[0] and last[:, 1].mean() < 0.4 * first[1], (first, last.mean(0))
 
 TINY = ["--n_layer=2", "--n_gen_layer=1", "--n_head=2", "--n_embd=32", "--batch_size=2", "--block_size=1024",
         "--eval_iters=1", "--warmup_iters=2", "--device=cpu", "--text_iters=2"]   # both curriculum stages
@@ -652,84 +594,85 @@ def untrained_checkpoint():
                               AudioCodec.from_state_dict(meta["codec"]), 0, None)
     return path
 
-def test_train_writes_checkpoint_log_and_plot():
-    out, printed = os.path.join(TMP, "train"), io.StringIO()
+def test_train_resume_is_exact():
+    """6 steps straight (writing checkpoint, log, plot) or 3 + resume for 3 more: the same losses; never backwards."""
+    straight, half, printed = os.path.join(TMP, "straight"), os.path.join(TMP, "halves"), io.StringIO()
+    flags = ["--eval_interval=3", "--lr_decay_iters=6"]
     with contextlib.redirect_stdout(printed):   # says: a dataset smaller than asked; the listening dialogues trained on
-        rows = run_train(f"--out_dir={out}", "--max_iters=4", "--eval_interval=2")
-    assert all(x in printed.getvalue() for x in ("holds 12 train dialogues, fewer than", "holds 3 listen", "15 train dialogues packed"))
-    assert all(os.path.getsize(os.path.join(out, f)) for f in ("ckpt.pt", "log.csv", "loss.png"))
-    assert [r["iter"] for r in rows][:4] == [0, 1, 2, 3] and rows[-1]["val_ce"] != ""
-    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
-    assert ckpt["iter_num"] == 4 and {"model", "optimizer", "model_args", "config", "tokenizer", "codec"} <= set(ckpt)
-    assert {f"val_x0_t{k}" for k in range(5)} <= set(open(os.path.join(out, "log.csv")).readline().strip().split(","))
+        rows = run_train(f"--out_dir={straight}", "--max_iters=6", *flags)
+    assert all(x in printed.getvalue() for x in ("12 train dialogues, fewer than", "3 listen", "15 train dialogues packed"))
+    assert all(os.path.getsize(os.path.join(straight, f)) for f in ("ckpt.pt", "log.csv", "loss.png"))
+    assert [r["iter"] for r in rows] == [0, 1, 2, 3, 4, 5, 6] and rows[-1]["val_ce"] != ""
+    assert {f"val_x0_t{k}" for k in range(5)} <= set(open(os.path.join(straight, "log.csv")).readline().strip().split(","))
+    ckpt = torch.load(os.path.join(straight, "ckpt.pt"), weights_only=True)
+    assert ckpt["iter_num"] == 6 and {"model", "optimizer", "model_args", "config", "tokenizer", "codec"} <= set(ckpt)
     val = ckpt["val"]   # the last validation: losses, and the x0-hat error in 5 bins of the noise level
     assert set(val) == {"loss", "ce", "mse", "x0_err"} and len(val["x0_err"]) == 5
     assert val["x0_err"][-1] > 0.5, val   # nearly untrained: at t near 1 it knows almost nothing of x0
-
-def test_text_only_stage_cuts_the_audio_and_the_answer_about_it():
-    (d, audios), tok = make_dialogue(5), _trained_tok()
-    seq = encode_dialogue(d, [torch.zeros(a.shape[1] // 400 // 2 * 2, 64) for a in audios], tok)
-    text = train.text_only(seq)
-    assert (text["span_id"] == -1).all() and len(text["span_is_target"]) == 0 and len(text["tokens"]) == int((seq["span_id"] < 0).sum())
-    assert (text["tokens"] == tok.special("<|audio|>")).sum() == len(audios)   # the markers stay
-    # every plan token is still learned; the answer (after the user's clip) is not
-    words = tok.decode([int(x) for x, learn in zip(text["tokens"][1:], text["text_target"][:-1]) if learn])
-    assert all(t["text"] in words for t in d["turns"] if "audio" in t and t["role"] == "assistant") and d["turns"][-1]["text"] not in words
-    learned = int(seq["text_target"].sum()) - int(text["text_target"].sum())
-    assert learned == len(tok.encode_ordinary(d["turns"][-1]["text"])) + 1   # the answer and its <|end|>
-
-def test_train_resume_is_exact():
-    """6 steps straight, or 3 + resume for 3 more: the same losses, step for step."""
-    half, flags = os.path.join(TMP, "halves"), ["--eval_interval=3", "--lr_decay_iters=6"]
-    straight = run_train(f"--out_dir={os.path.join(TMP, 'straight')}", "--max_iters=6", *flags)
     run_train(f"--out_dir={half}", "--max_iters=3", *flags)
     resumed = run_train(f"--out_dir={half}", "--max_iters=6", "--init_from=resume", *flags)
-    a, b = ([float(r["loss"]) for r in rows if r.get("loss", "") != ""] for rows in (straight, resumed))
+    a, b = ([float(r["loss"]) for r in rs if r.get("loss", "") != ""] for rs in (rows, resumed))
     assert len(a) == len(b) == 6 and np.allclose(a, b, rtol=1e-5, atol=1e-6), (a, b)
     files = [os.path.join(half, f) for f in ("ckpt.pt", "log.csv")]   # resuming backwards: refused, nothing touched
     before = [open(f, "rb").read() for f in files]
     expect_exit(lambda: run_train(f"--out_dir={half}", "--max_iters=1", "--init_from=resume", *flags), "already at step 6")
     assert [open(f, "rb").read() for f in files] == before
 
-def test_command_lines_refuse_bad_flags_in_one_line():
-    """train, sample and eval (train.parse_config): an unknown, mistyped or out-of-range flag is one line, before any work."""
-    for cls, flags, word in [(train.TrainConfig, ["--nonsense=1"], "unknown argument"), (SampleConfig, ["--cfg=loud"], "--cfg"),
-                             (train.TrainConfig, ["--max_iters=ten"], "--max_iters"), (train.TrainConfig, ["--n_listen=-1"], "--n_listen"),
-                             (E.EvalConfig, ["--ckpt", "a.pt", "--bogus=1"], "--bogus")]:
+def test_text_only_stage_cuts_the_audio_and_the_answers_about_it():
+    """The text stage keeps the <|audio|> markers and every plan, never an answer about a clip (the joint stage's)."""
+    tok, AU = _trained_tok(), _trained_tok().special("<|audio|>")
+    for d, audios in (make_dialogue(5), make_listening_dialogue(SPLIT_SEEDS["listen"])):
+        seq = encode_dialogue(d, [torch.zeros(a.shape[1] // 400 // 2 * 2, 64) for a in audios], tok)
+        text = train.text_only(seq)
+        answers, calls = ([a["text"] for a in d["turns"][1::2] if ("audio" in a) == k] for k in (False, True))
+        assert (text["span_id"] == -1).all() and text["span_is_target"].numel() == 0
+        assert len(text["tokens"]) == (seq["span_id"] < 0).sum() and (text["tokens"] == AU).sum() == len(audios)
+        words = tok.decode([int(x) for x, learn in zip(text["tokens"][1:], text["text_target"][:-1]) if learn])
+        assert all(c in words for c in calls) and not any(x and x in words for x in answers)
+        learned = int(seq["text_target"].sum()) - int(text["text_target"].sum())
+        assert learned == sum(len(tok.encode_ordinary(x)) + 1 for x in answers)   # each answer and its <|end|>
+
+def test_command_lines_refuse_bad_input_in_one_line():
+    """train, sample, eval: a bad flag, out dir or checkpoint is one error line (no traceback), before any work."""
+    TC, SC, EC = train.TrainConfig, SampleConfig, E.EvalConfig
+    for cls, flags, word in [(TC, ["--nonsense=1"], "unknown argument"), (SC, ["--cfg=loud"], "--cfg"),
+                             (TC, ["--max_iters=ten"], "--max_iters"), (TC, ["--n_listen=-1"], "--n_listen"),
+                             (EC, ["--ckpt", "a.pt", "--bogus=1"], "--bogus")]:
         expect_exit(lambda: parse_config(cls, flags), word)
-    for cls, flag, rule in [(train.TrainConfig, "--eval_interval=0", ">= 1"), (train.TrainConfig, "--log_interval=0", ">= 1"),
-                            (train.TrainConfig, "--batch_size=0", ">= 1"), (train.TrainConfig, "--arch=foo", "sct | dense"),
-                            (train.TrainConfig, "--noise_shift=nan", "finite"), (SampleConfig, "--steps=0", "1..1000"),
-                            (SampleConfig, "--sampler=euler", "ddim | dpmpp"), (E.EvalConfig, "--steps=-1", "1..1000")]:
+    rules = [(TC, "--eval_interval=0", ">= 1"), (TC, "--log_interval=0", ">= 1"), (TC, "--batch_size=0", ">= 1"),
+             (TC, "--arch=foo", "sct | dense"), (TC, "--noise_shift=nan", "finite"), (SC, "--steps=0", "1..1000"),
+             (SC, "--sampler=euler", "ddim | dpmpp"), (EC, "--steps=-1", "1..1000")]
+    for cls, flag, rule in rules:
         expect_exit(lambda: parse_config(cls, [flag]), flag.split("=")[0], rule)   # off the menu or out of range
     for flags, words in [(["--n_embd=60", "--n_head=4"], "odd width 15"), (["--n_embd=96", "--n_head=32"], "odd width 3"),
                          (["--n_head=7"], "not divisible"), (["--attn=flex"], "--attn=sdpa")]:   # a shape or backend
-        expect_exit(lambda: train.check_config(parse_config(train.TrainConfig, flags, train.PRESETS), "cpu"), *words)
-    a_file = os.path.join(TMP, "a_file")
-    open(a_file, "w").write("not a folder")
-    for cls in (train.TrainConfig, SampleConfig, E.EvalConfig):   # an out dir that is a file: refused before any work
+        expect_exit(lambda: train.check_config(parse_config(TC, flags, train.PRESETS), "cpu"), *words)
+    a_file, missing = os.path.join(TMP, "a_file"), os.path.join(TMP, "missing.pt")
+    open(a_file, "w").write("not a folder, nor a checkpoint")
+    for cls in (TC, SC, EC):
         expect_exit(lambda: parse_config(cls, [f"--out_dir={a_file}"]), "--out_dir", "is a file")
     expect_exit(lambda: run_train(f"--out_dir={os.path.join(TMP, 'nothing')}", "--init_from=resume"), "no checkpoint")
-    r = subprocess.run([sys.executable, "train.py", "--max_iters=ten"], cwd=HERE, capture_output=True, text=True, timeout=120)
-    assert r.returncode != 0 and "error: --max_iters" in r.stderr and "Traceback" not in r.stderr, r.stderr[-300:]
-    c = parse_config(E.EvalConfig, ["--ckpt", "a.pt", "--ckpt=b.pt", "--n", "3", "--steps=10"])
+    for cmd, word in [("train.py --max_iters=ten", "--max_iters"), (f"sample.py --prompt=hi --ckpt={a_file}", a_file),
+                      (f"sample.py --prompt=hi --ckpt={missing}", missing)]:   # the real command lines
+        r = subprocess.run([sys.executable, *cmd.split()], cwd=HERE, capture_output=True, text=True, timeout=120)
+        assert r.returncode != 0 and "error:" in r.stderr and word in r.stderr and "Traceback" not in r.stderr, r.stderr
+    c = parse_config(EC, ["--ckpt", "a.pt", "--ckpt=b.pt", "--n", "3", "--steps=10"])
     assert c.ckpt == ["a.pt", "b.pt"] and c.n == 3 and c.steps == 10 and c.data_dir == "data"
-    assert E.system_names(["out/ckpt.pt", "out/dense/ckpt.pt", "x/dense/ckpt.pt"]) == ["audiochat", "audiochat_dense", "audiochat_dense_2"]
+    names = E.system_names([f"{d}/ckpt.pt" for d in ("o", "o/dense", "x/dense")])   # eval's systems, one per checkpoint
+    assert names == ["audiochat", "audiochat_dense", "audiochat_dense_2"]
 
 def test_ddp_two_processes_on_cpu():
     out = os.path.join(TMP, "ddp")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "train.py", f"--data_dir={tiny_dataset()}",
-                        f"--out_dir={out}", *TINY, "--max_iters=2", "--eval_interval=2"],
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "train.py", f"--out_dir={out}",
+                        f"--data_dir={tiny_dataset()}", *TINY, "--max_iters=2", "--eval_interval=2"],
                        cwd=HERE, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0 and os.path.exists(os.path.join(out, "ckpt.pt")), r.stderr[-2000:]
 
 def test_chat_feeds_the_model_the_training_sequence():
-    """A simulated dialogue teacher-forced through sample.Chat (the model "chooses" its calls or answer; the rest, the
-    studio's plan included, is Chat's code): Chat commits encode_dialogue's tokens, its guidance row nulls the words training drops for CFG, the
-    user's clip enters as trained on, each span has its length; the audio turns come back and save as files."""
+    """Teacher-forced through sample.Chat, a dialogue commits encode_dialogue's tokens and clips (CFG row: words nulled)."""
     d, audios = make_dialogue(5)
     chat = Chat.from_checkpoint(untrained_checkpoint(), "cpu", steps=1, cfg_scale=3.0, max_new_tokens=10_000, seed=d["seed"])
-    tok, V, extend, decode, committed, forced = chat.tok, chat.model.config.vocab_size, chat.model.extend, chat._decode, [], []
+    tok, extend, decode, committed, forced = chat.tok, chat.model.extend, chat._decode, [], []
 
     def recording_extend(cache, tokens, audio, t, span_id, layers="all", commit=True):
         if commit:   # (tokens, audio, span_id) of every chunk the cache keeps
@@ -737,7 +680,7 @@ def test_chat_feeds_the_model_the_training_sequence():
         return extend(cache, tokens, audio, t, span_id, layers=layers, commit=commit)
 
     def choose():   # logits whose argmax is the next forced id
-        return F.one_hot(torch.tensor(forced.pop(0) if forced else 0), V).float()
+        return F.one_hot(torch.tensor(forced.pop(0) if forced else 0), chat.model.config.vocab_size).float()
 
     def forced_decode(logits):   # Chat._decode as it is, with the model's choices replaced
         feed = chat._feed
@@ -753,41 +696,36 @@ def test_chat_feeds_the_model_the_training_sequence():
         reply = (chat.understand(audios[u["audio"]], u["text"]) if kind == "understand" else
                  (chat.generate if kind == "story" else chat.edit)(u["text"]))
         assert reply.text == a["text"] and not forced and not reply.error, (reply.text, reply.error)
-        if "audio" in a:
+        if "audio" in a:   # the audio turns come back and save as files
             assert reply.plan == a["plan"] and reply.wav.shape == audios[a["audio"]].shape and np.isfinite(reply.wav).all()
             paths = save_turn(reply, os.path.join(TMP, "chat"), f"turn_{a['audio']}")
             assert [os.path.splitext(p)[1] for p in paths] == [".json", ".wav", ".png"] and all(map(os.path.getsize, paths))
     seq = encode_dialogue(d, [chat.codec.encode(a) for a in audios], tok)
-    (tokens, audio, span_id), text, heard = (torch.cat(z, 1) for z in zip(*committed)), seq["span_id"] < 0, train.user_audio(seq)
+    tokens, audio, span_id = (torch.cat(z, 1) for z in zip(*committed))
+    text, heard = seq["span_id"] < 0, train.user_audio(seq)
     assert tokens.shape == (2, len(text)) and ((span_id < 0) == text).all()   # the same layout, the same span lengths
     assert torch.equal(tokens[0][text], seq["tokens"][text])
     assert torch.equal(tokens[1][text], torch.where(seq["is_plain_text"], tok.special("<|null|>"), seq["tokens"])[text])
     assert heard.any() and torch.allclose(audio[:, heard], seq["audio"][heard].expand(2, -1, -1), atol=1e-5)
 
-def test_chat_cached_decoding_equals_full_recompute():
-    """Chat's greedy decoding through the KV cache picks the tokens of eval's bench baseline (a forward per token)."""
-    chat = Chat.from_checkpoint(untrained_checkpoint(), "cpu", cfg_scale=1.0, max_new_tokens=12)
+def test_chat_cached_decoding_equals_full_recompute_and_bad_turns_are_reported():
+    """Cached greedy decoding = eval's recompute baseline; empty requests refused; invalid calls reported, chat goes on."""
+    chat = Chat.from_checkpoint(untrained_checkpoint(), "cpu", cfg_scale=1.0, max_new_tokens=12)   # never a whole plan
+    for empty in (lambda: chat.generate(""), lambda: chat.edit("  "), lambda: chat.understand(np.zeros((2, SR)), "")):
+        raises(ValueError, empty, "empty")
     with torch.no_grad():   # random weights large enough that it writes varied tokens, not one repeated
         for k, p in enumerate(chat.model.parameters()):
             if p.dim() > 1:
                 p.normal_(0, 0.2, generator=torch.Generator().manual_seed(k))
-    tok = chat.tok
+    tok, stop = chat.tok, {chat.tok.special(s) for s in ("<|tool|>", "<|audio|>", "<|end|>")}
     prompt = [tok.special("<|user|>"), *tok.encode_ordinary('Tell a story: ava says "the dog runs home".'),
               tok.special("<|end|>"), tok.special("<|assistant|>")]
+    assert len(chat.cache) == 0   # the empty requests left the dialogue as it was
     cached, _ = chat._decode(chat._feed(prompt, [False] * len(prompt)))
-    stop = {tok.special("<|tool|>"), tok.special("<|audio|>"), tok.special("<|end|>")}
     recomputed = E.recompute_decode(chat.model, prompt, 12, stop)
     assert len(set(recomputed)) > 3 and cached == tok.decode([i for i in recomputed if i not in stop]), (cached, recomputed)
-
-def test_chat_reports_an_invalid_plan_and_goes_on():
-    chat = Chat.from_checkpoint(untrained_checkpoint(), "cpu", max_new_tokens=6)  # 6 tokens: never a whole plan
-    for empty in (lambda: chat.generate(""), lambda: chat.edit("  "), lambda: chat.understand(np.zeros((2, SR)), "")):
-        raises(ValueError, empty, "empty")
-    assert len(chat.cache) == 0   # an empty request leaves the dialogue as it was
-    turn = chat.generate('Tell a story: ava says "the dog runs home".')
-    before = len(chat.cache)
-    again = chat.edit("Make it quieter.")
-    assert turn.wav is None and turn.plan is None and turn.error and again.wav is None and again.error and len(chat.cache) > before
+    before, turns = len(chat.cache), [chat.generate("Tell a story."), chat.edit("Make it quieter.")]
+    assert all(t.wav is None and t.plan is None and t.error for t in turns) and len(chat.cache) > before
 
 def test_load_audio_resamples_and_refuses_long_audio():
     import soundfile as sf
@@ -808,13 +746,6 @@ def test_load_audio_resamples_and_refuses_long_audio():
     raises(ValueError, lambda: load_audio(np.full(SR, 1e30)), "[-1, 1]")   # finite, but no waveform
     raises(ValueError, lambda: load_audio(np.ones(SR, complex)), "real samples")
 
-def test_corrupt_or_missing_checkpoint_is_one_clear_error():
-    bad = os.path.join(TMP, "corrupt.pt")
-    open(bad, "wb").write(b"this is not a checkpoint")
-    for path in (bad, os.path.join(TMP, "missing.pt")):
-        r = subprocess.run([sys.executable, "sample.py", f"--ckpt={path}", "--prompt=hello"], cwd=HERE, capture_output=True, text=True)
-        assert r.returncode != 0 and "error:" in r.stderr and path in r.stderr and "Traceback" not in r.stderr, r.stderr[-500:]
-
 
 # -----------------------------------------------------------------------------
 # evaluation (eval.py): the metrics' definitions, the judge and the metrics on it, the benchmark end to end, and
@@ -829,16 +760,16 @@ def levenshtein(a, b):
             prev, d[j] = d[j], min(d[j] + 1, d[j - 1] + 1, prev + (x != y))
     return d[len(b)]
 
-def test_tcpwer_properties_collar_and_speaker_permutations():
-    """All intervals overlapping, tcpWER is the word edit distance; else between it and len(ref) + len(hyp); a word
-    outside the collar is a deletion plus an insertion; speakers are matched whatever their names and order."""
+def test_tcpwer_properties_collar_speaker_permutations_and_transcript_parser():
+    """tcpWER: the edit distance if all overlap, else bounded; the collar; speakers matched; transcripts parse back."""
     rng = random.Random(0)
     for k in range(500):
         a, b = ([(w, s, s + (1.0 if k < 200 else rng.uniform(0, 2))) for w, s in
-                 [(rng.choice("abcde"), 0.0 if k < 200 else rng.uniform(0, 10)) for _ in range(rng.randint(0, 8))]] for _ in range(2))
+                 [(rng.choice("abcde"), 0.0 if k < 200 else rng.uniform(0, 10)) for _ in range(rng.randint(0, 8))]]
+                for _ in range(2))   # 200 pairs all overlapping, then at random times
         r, plain = E.time_constrained_levenshtein(a, b), levenshtein([w for w, *_ in a], [w for w, *_ in b])
         assert r["errors"] == plain if k < 200 else plain <= r["errors"] <= len(a) + len(b)
-        assert r["ins"] + r["del"] + r["sub"] == r["errors"] and r["ins"] - r["del"] == len(b) - len(a)   # a hyp word: matched, sub or ins
+        assert r["ins"] + r["del"] + r["sub"] == r["errors"] and r["ins"] - r["del"] == len(b) - len(a)
     counts = lambda r: (r["errors"], r["sub"], r["ins"], r["del"])  # noqa: E731
     ref = [("ava", 0.0, 2.0, "the old dog")]
     far = [("ava", 0.0, 1.4, "the old"), ("ava", 30.0, 30.5, "cat")]   # "cat" 28 s late: outside the 5 s collar
@@ -852,12 +783,10 @@ def test_tcpwer_properties_collar_and_speaker_permutations():
     base = counts(E.tcp_wer(ref, hyp))
     renamed = [({"ava": "x", "ben": "y", "cleo": "z"}[s], a, b, t) for s, a, b, t in reversed(hyp)]
     for perm in itertools.permutations(["p", "q", "r"]):   # speakers are matched, whatever their names and order
-        relabel = dict(zip(["ava", "ben", "cleo"], perm))
-        assert counts(E.tcp_wer(ref, renamed)) == counts(E.tcp_wer(ref, [(relabel[s], a, b, t) for s, a, b, t in hyp])) == base
-    crossed = E.tcp_wer([("ava", 0.0, 1.0, "a b")], [("ben", 0.0, 1.0, "a b")])
-    assert E.tcp_wer(ref, ref)["errors"] == 0 < base[0] and crossed["errors"] == 0 and crossed["assignment"] == {"ava": "ben"}
-
-def test_transcript_parser_and_true_answer():
+        rel = dict(zip(["ava", "ben", "cleo"], perm))
+        assert counts(E.tcp_wer(ref, renamed)) == counts(E.tcp_wer(ref, [(rel[s], a, b, t) for s, a, b, t in hyp])) == base
+    cross = E.tcp_wer([("ava", 0.0, 1.0, "a b")], [("ben", 0.0, 1.0, "a b")])
+    assert E.tcp_wer(ref, ref)["errors"] == 0 < base[0] and cross["errors"] == 0 and cross["assignment"] == {"ava": "ben"}
     for ep in episodes():
         assert E.tcp_wer(E.reference_segments(ep.scene), E.parse_transcript(transcript(ep.scene)))["errors"] == 0
     text = "0.4-1.9 ava: the old dog runs\nnonsense line\n2.0-1.0 ben: backwards\n3.0-4.0 : nobody\n5.0-6.0 ben:"
@@ -881,16 +810,18 @@ def test_kad_brute_force_reference_bandwidth_and_shift():
     values = [E.kad(x, y + shift) for shift in (0.0, 0.25, 0.5, 1.0, 2.0)]   # ~0 for one distribution, growing with a shift
     assert abs(values[0]) < 0.5 and all(b > a for a, b in zip(values, values[1:])) and values[-1] > 20, values
     x, y = torch.randn(5, 3, generator=g).double(), torch.randn(4, 3, generator=g).double() + 0.5
-    d = sorted(float(torch.dist(a, b)) for a, b in itertools.combinations(x, 2))
-    k = lambda a, b: np.exp(-float(torch.dist(a, b)) ** 2 / (2 * d[(len(d) - 1) // 2] ** 2))  # noqa: E731  (bandwidth: torch's median)
-    xx, yy = (sum(k(z[i], z[j]) for i in range(len(z)) for j in range(len(z)) if i != j) / (len(z) * (len(z) - 1)) for z in (x, y))
+    d = sorted(float(torch.dist(a, b)) for a, b in itertools.combinations(x, 2))   # the bandwidth: torch's median
+    k = lambda a, b: np.exp(-float(torch.dist(a, b)) ** 2 / (2 * d[(len(d) - 1) // 2] ** 2))  # noqa: E731
+    xx, yy = (np.mean([k(a, b) for a, b in itertools.permutations(z, 2)]) for z in (x, y))   # pairs of distinct rows
     assert abs(E.kad(x, y) - 100 * (xx + yy - 2 * sum(k(a, b) for a in x for b in y) / 20)) < 1e-9
-    x = torch.randn(50, 8, generator=g)
+    x, bw = torch.randn(50, 8, generator=g), E.median_pairwise_distance
     for scale in (0.1, 1.0, 10.0):   # evaluated sets of very different spreads: the bandwidth is the reference's
         y = scale * torch.randn(40, 8, generator=g)
-        assert E.kad(x, y) == E.kad(x, y, bandwidth=E.median_pairwise_distance(x)) != E.kad(x, y, bandwidth=E.median_pairwise_distance(y))
+        assert E.kad(x, y) == E.kad(x, y, bandwidth=bw(x)) != E.kad(x, y, bandwidth=bw(y))
 
-def test_caption_multiflam_and_plan_metrics():
+def test_plan_and_caption_metrics_and_heldout_requests():
+    """captionMultiFLAM, planValidity, planRecall, plan_edit_done by known answers; held-out wording is in no table."""
+    assert E.plan_validity([None, "syntax", "past_end"]) == 100 / 3 and E.plan_validity([]) is None
     for ep in episodes():
         plan, lines = ep.story["plan"], caption(ep.story["plan"]).splitlines()
         assert E.caption_multiflam(caption(plan), plan) == 100.0 and E.caption_multiflam("garbage\n\n-", plan) == 0.0
@@ -898,31 +829,28 @@ def test_caption_multiflam_and_plan_metrics():
         shifted = "\n".join(f"{float(a.split('-')[0]) + 20:.1f}-{float(a.split('-')[1]) + 20:.1f} {n}"
                             for a, n in (x.split(" ", 1) for x in lines))
         assert E.caption_multiflam(shifted, plan) == 0.0   # the right names at the wrong times
-        assert E.plan_validity([None, "syntax", "past_end"]) == 100 / 3 and E.plan_validity([]) is None
         assert E.plan_recall(plan, plan) == 100.0 and E.plan_recall(plan, None) == 0.0
-        assert E.plan_recall(plan, {**plan, "sources": plan["sources"][:-1]}) == 100.0 * (len(plan["sources"]) - 1) / len(plan["sources"])
-
-def test_heldout_requests_stay_held_out_and_edits_are_scored_on_plans():
+        n = len(plan["sources"])
+        assert E.plan_recall(plan, {**plan, "sources": plan["sources"][:-1]}) == 100.0 * (n - 1) / n
     words = lambda text: set(re.findall(r"[a-z']+", text.lower()))   # noqa: E731
-    tables = [getattr(simulate_data, name) for name in dir(simulate_data) if name.endswith("_WORDS") or name.startswith("STORY_")
-              or name in ("BED_JOINERS", "MULTI_WORDS")]
+    tables = [getattr(simulate_data, name) for name in dir(simulate_data)
+              if name.endswith("_WORDS") or name.startswith("STORY_") or name in ("BED_JOINERS", "MULTI_WORDS")]
     known = words(json.dumps(tables, default=str)) | set(VOCAB) | set(VOICES) | words(" ".join(E.CLASSES).replace("_", " "))
-    for story, sources, *edit in E.HELDOUT:   # every request has a word no phrase table uses
+    for story, sources, *edit in E.HELDOUT:
         assert all(words(text) - known for text in [story, *edit[:1]]), (story, edit)
         assert all(E.named(s)["type"] in ("speech", "sfx", "ambience", "music") for s in sources)
     plan = run_calls(parse_calls('new_story()\nspeak(ben, "where is my dog")\nsfx(dog_bark, left)\nambience(rain)'), None, 0)
-    ben = "ben: where is my dog"
+    ben, bark = "ben: where is my dog", {"edit": "remove", "target": "dog_bark"}
+    down, left = {"edit": "volume", "target": ben, "direction": "down"}, {"edit": "move", "target": ben, "where": "left"}
     for calls, change, done in [
-            ("remove(2)", {"edit": "remove", "target": "dog_bark"}, True), ("remove(3)", {"edit": "remove", "target": "dog_bark"}, False),
-            ("set_gain(1, quieter)", {"edit": "volume", "target": ben, "direction": "down"}, True),
-            ("set_gain(1, louder)", {"edit": "volume", "target": ben, "direction": "down"}, False),
+            ("remove(2)", bark, True), ("remove(3)", bark, False), ("set_gain(1, quieter)", down, True),
+            ("set_gain(1, louder)", down, False),
             ("replace(3, wind)", {"edit": "change", "target": "rain", "to": {"sound": "wind"}}, True),
             ("set_pan(2, right)\nremove(3)", {"edit": "move", "target": "dog_bark", "where": "right"}, False),   # and more
             ('speak(ava, "come here", end, right)', {"edit": "add", "source": "ava: come here", "where": "right"}, True),
-            ("set_pan(1, left)\nremove(2)", {"edit": "multi", "ops": [{"edit": "move", "target": ben, "where": "left"},
-                                                                   {"edit": "remove", "target": "dog_bark"}]}, True)]:
+            ("set_pan(1, left)\nremove(2)", {"edit": "multi", "ops": [left, bark]}, True)]:
         assert E.plan_edit_done(change, plan, run_calls(parse_calls(calls), plan, 0)) == done, calls
-    assert not E.plan_edit_done({"edit": "remove", "target": "dog_bark"}, plan, None)
+    assert not E.plan_edit_done(bark, plan, None)
 
 TEST_JUDGE = os.path.join(TMP, "judge.pt")
 
@@ -936,40 +864,35 @@ def episodes():
     """A few StoryGen-Eval-toy-like dialogues (test-range seeds), read as eval.py reads them."""
     return [E.episode(make_dialogue(seed)[0]) for seed in range(20_000_000, 20_000_012)]
 
-@functools.lru_cache()
-def edit_cases():
-    """(episode, wav_before, wav_after, plan_before, plan_after, intent) for every edit turn."""
-    return [(ep, render(before, ep.seed), render(e["plan"], ep.seed), before, e["plan"], e["intent"]) for ep in episodes()
-            for before, e in zip([ep.story["plan"]] + [e["plan"] for e in ep.edits], ep.edits)]
-
-def test_judge_quality_and_ground_truth_multiflam():
+def test_judge_quality_multiflam_editflam_and_drift():
+    """The judge hears the stories; editFLAM and deltaMultiFLAM tell right edits from wrong ones."""
     j, eps = judge(), episodes()
     wavs = [render(ep.story["plan"], ep.seed) for ep in eps]
     scores = [E.multiflam(j, wav, ep.story["plan"]) for ep, wav in zip(eps, wavs)]
-    # the same plans heard in another story's audio: what a judge that ignores the audio would give
-    mismatched = [E.multiflam(j, wav, ep.story["plan"]) for ep, wav in zip(eps, wavs[1:] + wavs[:1])]
-    assert j.info["frameF1"] >= 85 and np.mean(scores) >= 70 and np.mean(scores) >= np.mean(mismatched) + 30, (j.info, scores, mismatched)
-    assert E.multiflam(j, None, eps[0].story["plan"]) == 0.0 == E.multiflam(j, np.zeros((2, 5 * SR), np.float32), eps[0].story["plan"])
-
-def test_editflam_and_drift_on_right_and_wrong_edits():
-    j, right, copied, drifts = judge(), [], [], []
-    for ep, wb, wa, pb, pa, intent in edit_cases():
-        right.append(E.edit_flam(j, wb, wa, pb, pa, intent, pb, ep.seed))
-        copied.append(E.edit_flam(j, wb, wb, pb, pa, intent, pb, ep.seed))   # the previous audio presented as the edit
-        d = E.delta_multiflam(j, wb, wa, pb, pa)
-        if d is not None:
-            drifts.append(d)
-            assert E.delta_multiflam(j, wb, None, pb, pa) >= d   # an edit that lost the audio drifts more
+    mismatched = [E.multiflam(j, wav, ep.story["plan"]) for ep, wav in zip(eps, wavs[1:] + wavs[:1])]   # another's audio
+    assert j.info["frameF1"] >= 85 and np.mean(scores) >= max(70, np.mean(mismatched) + 30), (scores, mismatched)
+    assert all(E.multiflam(j, w, eps[0].story["plan"]) == 0.0 for w in (None, np.zeros((2, 5 * SR), np.float32)))   # silence
+    right, copied, drifts = [], [], []
+    for ep in eps:
+        for pb, e in zip([ep.story["plan"]] + [e["plan"] for e in ep.edits], ep.edits):   # every edit turn
+            wb, wa, pa = render(pb, ep.seed), render(e["plan"], ep.seed), e["plan"]
+            right.append(E.edit_flam(j, wb, wa, pb, pa, e["intent"], pb, ep.seed))
+            copied.append(E.edit_flam(j, wb, wb, pb, pa, e["intent"], pb, ep.seed))   # the previous audio as the edit
+            d = E.delta_multiflam(j, wb, wa, pb, pa)
+            if d is not None:
+                drifts.append(d)
+                assert E.delta_multiflam(j, wb, None, pb, pa) >= d   # an edit that lost the audio drifts more
     assert np.mean(right) >= 75 and np.mean(copied) <= 10 and np.mean(drifts) <= 10, (right, copied, drifts)
-    for ep in episodes()[:6]:   # a removal: done; not heard; not in the plan; no audio
+    for ep, wav in zip(eps[:6], wavs):   # a removal: done; not heard; not in the plan; no audio
         plan = ep.story["plan"]
         target = max(plan["sources"], key=lambda s: s["gain_db"])   # a loud, clearly audible source
         after = {"duration": plan["duration"], "sources": [s for s in plan["sources"] if s is not target]}
-        intent, wav, removed = {"kind": "edit", "edit": "remove", "target": target["id"]}, render(plan, ep.seed), render(after, ep.seed)
+        intent, removed = {"kind": "edit", "edit": "remove", "target": target["id"]}, render(after, ep.seed)
         assert [E.edit_flam(j, wav, w, plan, p, intent, plan, ep.seed) for w, p in
                 ((removed, after), (wav, after), (removed, plan), (None, after))] == [100.0, 0.0, 0.0, 0.0]
-    louder = {**plan, "sources": [dict(plan["sources"][0], gain_db=min(6, plan["sources"][0]["gain_db"] + 6)), *plan["sources"][1:]]}
-    assert [s["id"] for s in E.untouched(plan, louder)] == [s["id"] for s in plan["sources"][1:]]   # what an edit leaves alone
+    first, *rest = plan["sources"]   # what an edit leaves alone
+    louder = {**plan, "sources": [dict(first, gain_db=min(6, first["gain_db"] + 6)), *rest]}
+    assert [s["id"] for s in E.untouched(plan, louder)] == [s["id"] for s in rest]
 
 def test_evaluate_end_to_end_writes_the_paper_tables():
     """An untrained checkpoint (garbage plans: its audio metrics 0 or missing, never a crash): eval.json, the report."""
@@ -978,33 +901,32 @@ def test_evaluate_end_to_end_writes_the_paper_tables():
     judge()   # make sure the cache exists, then lend it
     shutil.copy(TEST_JUDGE, os.path.join(out, "judge.pt"))
     results = E.evaluate(E.EvalConfig(ckpt=[untrained_checkpoint()], n=2, data_dir=tiny_dataset(), out_dir=out, steps=2))
-    assert json.load(open(os.path.join(out, "eval.json"))) == json.loads(json.dumps(results)) and os.path.isfile(f"{out}/eval.png")
-    assert {"judge", "n", "systems", "listening"} <= set(results) and results["judge"]["frameF1"] >= 85 and results["n"] == 2
+    assert json.load(open(f"{out}/eval.json")) == json.loads(json.dumps(results)) and os.path.isfile(f"{out}/eval.png")
+    assert {"judge", "n", "systems", "listening"} <= set(results) and results["n"] == 2
     page = open(os.path.join(out, "report.html")).read()   # the page, and every file it plays or shows
-    linked = re.findall(r'src="([^"]+)"', page) + re.findall(r"src='([^']+)'", page)
-    assert sum(x.endswith(".wav") for x in linked) >= 4 and "Dialogue 2" in page and all(os.path.isfile(f"{out}/{x}") for x in linked)
+    src = re.findall(r'src="([^"]+)"', page) + re.findall(r"src='([^']+)'", page)
+    assert sum(".wav" in x for x in src) >= 4 and "Dialogue 2" in page and all(os.path.isfile(f"{out}/{x}") for x in src)
     assert list(results["systems"]) == ["ground_truth", "audiochat", "cascade", "cascade_no_context"]
     for name, r in results["systems"].items():   # the paper's three tables, for every system
-        assert set(r) == {"storytelling", "editing", "understanding"} and set(r["understanding"]) == {"tcpWER", "captionMultiFLAM"}
-        assert set(r["editing"]) == {"overall", *EDIT_KINDS} and {"editFLAM", "deltaMultiFLAM", "KAD"} <= set(r["editing"]["overall"])
+        assert set(r["understanding"]) == {"tcpWER", "captionMultiFLAM"} and set(r["editing"]) == {"overall", *EDIT_KINDS}
+        assert {"editFLAM", "deltaMultiFLAM", "KAD"} <= set(r["editing"]["overall"]) and len(r) == 3
         assert {"multiFLAM", "KAD", "planValidity", "planRecall", "latency_s", "rtf"} <= set(r["storytelling"]), name
-    sy = results["systems"]
-    gt, story, edit = sy["ground_truth"]["storytelling"], sy["audiochat"]["storytelling"], sy["audiochat"]["editing"]["overall"]
+    sy, ours = results["systems"], results["systems"]["audiochat"]
+    gt, story, edit = sy["ground_truth"]["storytelling"], ours["storytelling"], ours["editing"]["overall"]
     assert gt["planValidity"] == 100 and gt["KAD"] is None and sy["cascade"]["understanding"]["tcpWER"] is None
-    assert story["planValidity"] == story["multiFLAM"] == edit["editFLAM"] == 0 and edit["deltaMultiFLAM"] is None   # no audio, no drift
+    assert story["planValidity"] == story["multiFLAM"] == edit["editFLAM"] == 0 and edit["deltaMultiFLAM"] is None
     failed = story["planFailures"]   # an untrained model writes no tool calls
     assert set(failed) == set(PLAN_ERROR_KINDS) and failed["syntax"] == sum(failed.values()) == 2, failed
 
 def test_bench_causal_lm_baseline_is_the_models_own_text_path():
-    """The training row's baseline is the model's own layers as a plain GPT, under the same document mask (the other rows':
-    test_chat_cached_decoding_equals_full_recompute, test_prefix_cache_sample_audio_matches_recompute)."""
+    """The training row's baseline is the model's own layers as a plain GPT, under the same document mask."""
     dense = tiny_model(arch="dense")
     dense.shift = None   # a plain GPT: no token shift
-    toks, doc_id = torch.randint(0, 38, (2, 11), generator=torch.Generator().manual_seed(2)), torch.tensor([[0] * 6 + [1] * 5] * 2)
+    toks = torch.randint(0, 38, (2, 11), generator=torch.Generator().manual_seed(2))   # two documents of 6 and 5
     logits = torch.cat([dense(toks[:, a:b], torch.zeros(2, b - a, 8), torch.zeros(2, b - a), torch.full((2, b - a), -1))[0]
                         for a, b in ((0, 6), (6, 11))], 1)   # each document on its own
     ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), toks[:, 1:].flatten())
-    assert torch.allclose(E.causal_lm_loss(dense, toks, doc_id), ce, atol=1e-5)
+    assert torch.allclose(E.causal_lm_loss(dense, toks, torch.tensor([[0] * 6 + [1] * 5] * 2)), ce, atol=1e-5)
 
 def test_bench_writes_bench_json():
     """`eval.py --bench`, small, with no checkpoint and an untrained one: bench.json holds its ratios, all finite and > 0."""
@@ -1015,17 +937,18 @@ def test_bench_writes_bench_json():
     for ckpt in ([], [untrained_checkpoint()]):
         out, j = os.path.join(TMP, f"bench{len(ckpt)}"), E.Judge(width=16)
         os.makedirs(out, exist_ok=True)
-        torch.save({"model": j.state_dict(), "args": {"width": 16, "dilations": [c.dilation[0] for c in j.convs]}, "classes": E.CLASSES,
-                    "info": {"frameF1": 50.0}}, os.path.join(out, "judge.pt"))
-        config = parse_config(E.EvalConfig, ["--bench", f"--out_dir={out}", "--steps=2", "--device=cpu", f"--data_dir={tiny_dataset()}",
-                                             *(f"--ckpt={c}" for c in ckpt)])
+        torch.save({"model": j.state_dict(), "args": {"width": 16, "dilations": [c.dilation[0] for c in j.convs]},
+                    "classes": E.CLASSES, "info": {"frameF1": 50.0}}, os.path.join(out, "judge.pt"))
+        config = parse_config(E.EvalConfig, ["--bench", f"--out_dir={out}", "--steps=2", "--device=cpu",
+                                             f"--data_dir={tiny_dataset()}", *(f"--ckpt={c}" for c in ckpt)])
         with one_thread(), mock.patch.multiple(E, SAMPLER_RUNS=(("ddim", 4), ("dpmpp", 2)), SAMPLER_STORIES=1, E2E_STORIES=1,
                                                DECODE_TOKENS=6, BENCH_DIALOGUES=4):
-            results = E.bench(config, repeats=1, model_overrides=dict(n_layer=1, n_gen_layer=1, n_head=2, n_embd=32, batch_size=2))
+            results = E.bench(config, 1, dict(n_layer=1, n_gen_layer=1, n_head=2, n_embd=32, batch_size=2))   # 1 repeat
         assert json.load(open(os.path.join(out, "bench.json"))) == json.loads(json.dumps(results))
         assert results["training"]["slowdown"] > 0 and results["decoding"]["speedup"] > 0 and results["prefix_cache"]["rows"]
         assert ("rows" in results["samplers"]) == ("rtf" in results["end_to_end"]) == bool(ckpt)
-        assert all(np.isfinite(x) and (x > 0 or (key in {"multiFLAM", "stderr", "with_audio"} and x == 0)) for key, x in numbers(results))
+        for key, x in numbers(results):   # finite and > 0; a few may be 0
+            assert np.isfinite(x) and (x > 0 or (key in {"multiFLAM", "stderr", "with_audio"} and x == 0)), (key, x)
 
 
 # -----------------------------------------------------------------------------
@@ -1033,7 +956,8 @@ def test_bench_writes_bench_json():
 
 def main(filters):
     counts, failed = {"PASS": 0, "FAIL": 0, "SKIP": 0}, []
-    for name, fn in [(n, f) for n, f in globals().items() if n.startswith("test_") and (not filters or any(w in n for w in filters))]:
+    tests = [(n, f) for n, f in globals().items() if n.startswith("test_") and (not filters or any(w in n for w in filters))]
+    for name, fn in tests:
         t0, note, outcome = time.time(), "", "PASS"
         torch.manual_seed(0)
         np.random.seed(0)
