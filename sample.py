@@ -298,6 +298,8 @@ def main(argv):
     config = parse_config(SampleConfig, argv)
     if config.edit and not config.prompt:
         sys.exit("error: --edit changes a story: give the story with --prompt too")
+    if any(not e.strip() for e in config.edit or []):   # before the model loads and the story is told
+        sys.exit("error: an --edit is empty: say what to change")
     if config.understand and (config.prompt or config.edit):
         sys.exit("error: --understand asks about a clip on its own: leave out --prompt and --edit")
     chat = Chat.from_checkpoint(config.ckpt, config.device, sampler=config.sampler, steps=config.steps,

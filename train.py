@@ -151,7 +151,7 @@ def parse_config(cls, argv, presets=None):
         setattr(config, key, value)
     for f in fields(cls):
         m, value = f.metadata, getattr(config, f.name)
-        if f.type is str and f.default and not value.strip():
+        if f.type is str and f.name in overrides and not value.strip():   # given, but empty: never meant
             sys.exit(f"error: --{f.name} is empty: give a value ({m['help']}) or leave the flag out")
         if f.name.endswith("_dir") and value:   # a folder we may have to create: fail now, not after minutes of work
             parent = os.path.abspath(value)
