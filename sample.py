@@ -69,6 +69,8 @@ def load_audio(audio):
     MAX_DURATION is refused with a clear message (ValueError)."""
     if isinstance(audio, (str, os.PathLike)):
         import soundfile as sf
+        if not os.path.isfile(audio):
+            raise ValueError(f"{audio!r} is {'a folder' if os.path.isdir(audio) else 'not there'}: give a wav file")
         try:
             wav, sr = sf.read(audio, dtype="float32", always_2d=True)
         except Exception as e:
@@ -85,8 +87,10 @@ def load_audio(audio):
             wav = wav[None]
         elif wav.ndim == 2 and wav.shape[0] > 2:   # (N, C): channels last
             wav = wav.T
-    if wav.ndim != 2 or wav.shape[0] not in (1, 2) or wav.shape[1] == 0:
+    if wav.ndim != 2 or wav.shape[0] not in (1, 2):
         raise ValueError(f"expected mono or stereo audio, got shape {tuple(wav.shape)}")
+    if wav.shape[1] == 0:
+        raise ValueError("the audio is empty (0 samples)")
     if not np.isfinite(wav).all():
         raise ValueError("the audio contains NaN or infinite samples")
     if np.abs(wav).max() > 100:
@@ -337,7 +341,11 @@ def main(argv):
                     raise ValueError("say which wav: /understand FILE [REQUEST]")
                 turn = chat.understand(path, request or config.request)
             elif command == "/edit":
+                if chat.plan is None:
+                    raise ValueError("there is no story to edit yet: ask for one first")
                 turn = chat.edit(rest)
+            elif command.startswith("/"):
+                raise ValueError(f"unknown command {command}: /edit TEXT, /understand FILE [REQUEST], /quit")
             else:
                 turn = chat.generate(line)
         except ValueError as e:  # bad audio, full dialogue: say so and keep chatting
