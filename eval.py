@@ -36,7 +36,7 @@ from train import (PRESETS, TrainConfig, autocast_for, collate, load_checkpoint,
                    opt, pack, parse_config, pick_device, plot_losses, user_audio)
 from sample import Chat, Turn
 from simulate_data import (AMBIENCES, EDIT_KINDS, MUSIC, PLAN_ERROR_KINDS, SFX, VOICES, DesignerAgent, PlanError,
-                           UserAgent, dry_signal, pick, plan_to_text, plot_story, render, run_calls, side_of)
+                           UserAgent, dry_signal, find, pick, plan_to_text, plot_story, render, run_calls, side_of)
 
 # -----------------------------------------------------------------------------
 # Part 1: the metrics (read line by line)
@@ -156,7 +156,7 @@ def _edit_done(op, seen, wav_before, wav_after, plan_before, plan_after, referen
         old_ids = {s["id"] for s in plan_before["sources"]}
         new = [s for s in plan_after["sources"] if s["id"] not in old_ids and content(s) == content(op["source"])]
         return any(detected("after", s) and not detected("before", s) for s in new)
-    target = find_source(plan_before, next(s for s in reference_plan["sources"] if s["id"] == op["target"]))
+    target = find_source(plan_before, find(reference_plan, op["target"], op["edit"]))
     if target is None:
         return False
     now = next((s for s in plan_after["sources"] if s["id"] == target["id"]), None)
@@ -424,19 +424,25 @@ def plan_edit_done(change, before, after):
             return False
     return all(s in after["sources"] for s in before["sources"] if s["id"] not in touched)
 
+def timed(fn, *args):
+    """A chat turn fn(*args) -> its Turn (which times itself); a dialogue that outgrew the model's
+    context (ValueError) is a Turn with that error: nothing more can be said."""
+    t0 = time.perf_counter()
+    try:
+        return fn(*args)
+    except ValueError as e:
+        return Turn(f"error: {e}", error=str(e), seconds=time.perf_counter() - t0)
+
 def run_heldout(model, tok, codec, config):
     """Every held-out request through one sample.Chat per item -> {"storySources": % of story plans
     naming every asked source, "editsDone": % of edits making the asked change, "turns": [...]}."""
     turns = []
     for k, (story_text, sources, *edit) in enumerate(tqdm(HELDOUT, desc="held-out requests", unit="request")):
         chat = Chat(model, tok, codec, sampler=config.sampler, steps=config.steps, cfg_scale=config.cfg, seed=k)
-        story = chat.generate(story_text)
+        story = timed(chat.generate, story_text)
         row = {"story": story_text, "calls": story.text, "sources": plan_recall({"sources": list(map(named, sources))}, story.plan) == 100}
         if edit:
-            try:
-                after = chat.edit(edit[0])
-            except ValueError as e:   # the dialogue is full
-                after = Turn(str(e))
+            after = timed(chat.edit, edit[0])
             row.update(edit=edit[0], edit_calls=after.text, done=plan_edit_done(edit[1], story.plan, after.plan))
         turns.append(row)
     return {"storySources": mean(100.0 * t["sources"] for t in turns), "editsDone": mean(100.0 * t["done"] for t in turns if "edit" in t),
@@ -650,12 +656,6 @@ def run_audiochat(model, tok, codec, ep, config):
     edit conditioned on the model's OWN previous audio, then the understanding request about the
     (re-rendered) true clip -> {"story", "edits", "answer"} of Turns with their seconds."""
     chat = Chat(model, tok, codec, sampler=config.sampler, steps=config.steps, cfg_scale=config.cfg, seed=ep.seed)
-    def timed(fn, *args):
-        t0 = time.perf_counter()
-        try:
-            return fn(*args)   # a Turn times itself
-        except ValueError as e:   # the dialogue outgrew the model's context: nothing more can be said
-            return Turn(f"error: {e}", error=str(e), seconds=time.perf_counter() - t0)
     return {"story": timed(chat.generate, ep.story["text"]), "edits": [timed(chat.edit, e["text"]) for e in ep.edits],
             "answer": timed(chat.understand, render(ep.scene, ep.scene_seed), ep.request)}
 

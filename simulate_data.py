@@ -37,7 +37,7 @@ import torch
 from tokenizer import SR, AudioCodec, BPETokenizer   # SR is re-exported for the other files
 
 MIN_DURATION, MAX_DURATION = 1.0, 8.0   # seconds; stories are multiples of 0.1 s
-STORY_DURATION = (4.0, 6.0)             # the range of the stories the agents make
+MIN_STORY = 4.0                         # s: the studio pads a shorter story to this
 GAIN_RANGE = (-30, 6)                   # dB, integers
 TYPES = ("speech", "sfx", "ambience", "music")
 N_TRAIN, N_LISTEN = 6000, 1500          # the dataset train.py simulates: dialogues, listening dialogues
@@ -401,7 +401,7 @@ def run_calls(calls, plan, seed):
             s["start"] = max(0.0, min(s["start"], round(plan["duration"] - s["dur"], 1)))
     if new_story:   # the story ends a little after its last sound; its beds cover all of it
         end = max((s["start"] + s["dur"] for s in plan["sources"] if s["type"] in ("speech", "sfx")), default=0.0)
-        plan["duration"] = max(STORY_DURATION[0], ceil_tenth(end + np.random.default_rng([seed, 0]).uniform(0.2, 0.6)))
+        plan["duration"] = max(MIN_STORY, ceil_tenth(end + np.random.default_rng([seed, 0]).uniform(0.2, 0.6)))
         for s in plan["sources"]:
             if s["type"] in ("ambience", "music"):
                 s["dur"] = plan["duration"]
@@ -717,7 +717,7 @@ class UserAgent:
     def refer(self, plan, sid, rng):
         """A phrase that picks out source sid unambiguously ("the bell", "the second bell", "ava",
         'the line "hello my friend"')."""
-        s = next(x for x in plan["sources"] if x["id"] == sid)
+        s = find(plan, sid, "refer")
         if s["type"] == "speech":
             same = [x for x in plan["sources"] if x["type"] == "speech" and x["voice"] == s["voice"]]
             return pick(rng, REFER_WORDS["voice" if len(same) == 1 else "line"]).format(**s)
@@ -738,7 +738,7 @@ class UserAgent:
                     else pick(rng, WHEN_WORDS[op["when"]]))
             where = pick(rng, WHERE_WORDS[op["where"]])
             return what + (when + where if rng.random() < 0.5 else where + when)
-        s = next(x for x in plan["sources"] if x["id"] == op["target"])
+        s = find(plan, op["target"], op["edit"])
         key, to = op["edit"], op.get("to", {})
         if key == "change":
             key = "change_" + ("sound" if "sound" in to else "voice" if "voice" in to else "text")
@@ -781,7 +781,7 @@ class DesignerAgent:
             elif e == "remove":
                 calls.append({"name": "remove", "args": {"id": op["target"]}})
             elif e == "volume":
-                step = {3: "a bit ", 6: "", 10: "much "}[op["amount"]] + ("louder" if op["direction"] == "up" else "quieter")
+                step = next(k for k, db in STEPS.items() if db == op["amount"] * (1 if op["direction"] == "up" else -1))
                 calls.append({"name": "set_gain", "args": {"id": op["target"], "step": step}})
             elif e == "move":
                 calls.append({"name": "set_pan", "args": {"id": op["target"], "side": op["where"]}})
