@@ -612,7 +612,7 @@ class UserAgent:
 
     def story_intent(self, rng):
         """1-3 lines by 1-2 voices, 0-2 sound effects, 0-2 beds: 2-5 sources whose foreground
-        fits a 4-6 s story."""
+        takes at most 4.6 s (the studio's story then lasts about 4-7 s)."""
         while True:
             voices = list(rng.choice(list(VOICES), size=int(rng.integers(1, 3)), replace=False))
             n_lines = int(rng.integers(len(voices), 4))
