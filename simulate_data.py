@@ -101,14 +101,14 @@ def ceil_tenth(x):
 # model cannot hear in advance (a line lasts as long as its voice takes to say it, an sfx as long
 # as its sound) is the tools' job, as a real cascade's TTS and text-to-audio tools would do it.
 
-PLAN_ERROR_KINDS = ("syntax", "unknown_id", "malformed", "self_overlap", "past_end", "other")
+PLAN_ERROR_KINDS = ("syntax", "unknown_ref", "malformed", "self_overlap", "past_end", "other")
 SOURCE_KEYS = {"speech": ("id", "type", "voice", "text", "start", "dur", "gain_db", "pan"),
                **{t: ("id", "type", "sound", "start", "dur", "gain_db", "pan") for t in ("sfx", "ambience", "music")}}
 
 class PlanError(ValueError):
     """A tool call the studio refuses, or an inconsistent plan: the message names the source and
     the problem, `kind` (one of PLAN_ERROR_KINDS) says which way it fails. syntax: a line that is
-    not a tool call; unknown_id: a call names a source that does not exist; malformed: an unknown
+    not a tool call; unknown_ref: a call names no source, or several; malformed: an unknown
     tool, voice, word or sound, or a missing argument; self_overlap: a voice talks over itself;
     past_end: a source starts before 0 s or ends after the story; other: the rest."""
 
@@ -267,9 +267,13 @@ def render(plan, seed, stems=False):
 #
 # A story or edit turn is a few calls, one per line, with arguments in the request's own terms:
 #     speak(ben, "hello my friend", left)      a line; no placement in a new story: after the last one
-#     sfx(dog_bark, while 1)                   during source 1 (also: start, end, halfway, after N)
+#     sfx(dog_bark, while ben)                 during ben's line (also: start, end, halfway, after REF)
 #     ambience(rain)                           a bed under the whole story (music(piano) too)
-#     set_gain(2, much quieter)   set_pan(1, right)   remove(3)   replace(1, ava)   replace(2, "come home")
+#     set_gain(dog_bark, much quieter)   set_pan(ben, right)   remove(second bell)
+#     replace(ben, ava)   replace("hello my friend", "come home")   replace(rain, wind)
+# A call names a source as the user does (REF): a voice with one line, a line's words in quotes, or
+# a sound, "second bell" when there are several -- never by its id, which the model would have to
+# look up in the plan. In an edit, a REF names a source of the story as the turn found it.
 # The studio (run_calls) executes them: it derives every length, chooses the times, loudness and
 # stereo positions the request leaves open, from generators seeded by (dialogue seed, source id),
 # and answers with the laid-out plan (plan_to_text). The same calls on the same plan always give
@@ -277,20 +281,22 @@ def render(plan, seed, stems=False):
 
 TOOLS = {   # tool -> (required arguments, optional ones); an argument's kind is read from its value
     "new_story": ((), ()), "speak": (("voice", "text"), ("at", "side")), "sfx": (("sound",), ("at", "side")),
-    "ambience": (("sound",), ()), "music": (("sound",), ()), "remove": (("id",), ()),
-    "set_gain": (("id", "step"), ()), "set_pan": (("id", "side"), ()), "replace": (("id",), ("voice", "text", "sound")),
+    "ambience": (("sound",), ()), "music": (("sound",), ()), "remove": (("ref",), ()),
+    "set_gain": (("ref", "step"), ()), "set_pan": (("ref", "side"), ()), "replace": (("ref",), ("voice", "text", "sound")),
 }
-ARG_ORDER = ("id", "voice", "text", "sound", "at", "side", "step")
+ARG_ORDER = ("ref", "voice", "text", "sound", "at", "side", "step")
 STEPS = {"a bit louder": 3, "louder": 6, "much louder": 10, "a bit quieter": -3, "quieter": -6, "much quieter": -10}
 SIDES = ("left", "right", "center")
 PAN_RANGES = {"left": (-0.9, -0.5), "right": (0.5, 0.9), None: (-0.3, 0.3)}   # "center" is 0.0
 GAIN_RANGES = {"speech": (-3, 0), "sfx": (-8, -2), "ambience": (-24, -14), "music": (-22, -14)}   # dB
-PLACEMENT = re.compile(r"start|end|halfway|(after|while) (\d+)")
+ORDINALS = ("first", "second", "third", "fourth")
+REF = re.compile(r'"[^"]*"|(?:(' + "|".join(ORDINALS) + r') )?(\w+)')   # "words" | voice | [ordinal] sound
+PLACEMENT = re.compile(r"start|end|halfway|(after|while) (.+)")
 
 def call_to_text(call):
     """{"name", "args"} -> one line, e.g. 'speak(ben, "hello my friend", after 1, left)'."""
     args = call["args"]
-    return f"{call['name']}({', '.join(json.dumps(args[k]) if k == 'text' else str(args[k]) for k in ARG_ORDER if k in args)})"
+    return f"{call['name']}({', '.join(json.dumps(args[k]) if k == 'text' else args[k] for k in ARG_ORDER if k in args)})"
 
 def parse_calls(text):
     """The model's text, one call per line -> [{"name", "args"}]. PlanError for anything else."""
@@ -302,14 +308,15 @@ def parse_calls(text):
         name, args = m[1], {}
         if name not in TOOLS:
             raise PlanError(f"unknown tool {_show(name)}; the tools are {', '.join(TOOLS)}", "malformed")
-        for a in re.findall(r'"[^"]*"|[^,\s][^,]*', m[2]):
+        for i, a in enumerate(re.findall(r'"[^"]*"|[^,\s][^,]*', m[2])):
             a = a.strip()
-            kind = ("text" if a[0] == '"' else "id" if a.isdigit() else "voice" if a in VOICES else
+            kind = ("ref" if i == 0 and TOOLS[name][0][:1] == ("ref",) and REF.fullmatch(a) else
+                    "text" if a[0] == '"' else "voice" if a in VOICES else
                     "sound" if any(a in SOUNDS[t] for t in SOUNDS) else "side" if a in SIDES else
-                    "step" if a in STEPS else "at" if PLACEMENT.fullmatch(a) else None)
+                    "step" if a in STEPS else "at" if PLACEMENT.fullmatch(a) and REF.fullmatch(a.split(" ", 1)[-1]) else None)
             if kind is None or kind in args:
                 raise PlanError(f"{name}: cannot read the argument {_show(a)}", "syntax" if kind is None else "malformed")
-            args[kind] = int(a) if kind == "id" else a[1:-1] if kind == "text" else a
+            args[kind] = a[1:-1] if kind == "text" else a
         required, optional = TOOLS[name]
         if set(required) - set(args) or set(args) - set(required) - set(optional) or (name == "replace" and len(args) != 2):
             raise PlanError(f"{name}: takes {', '.join(required + optional)}, got {_show(line.strip())}", "malformed")
@@ -317,34 +324,65 @@ def parse_calls(text):
     return calls
 
 def find(plan, sid, tool):
+    """The source with id sid. PlanError if there is none (an edit's earlier call removed it)."""
     for s in plan["sources"]:
         if s["id"] == sid:
             return s
-    raise PlanError(f"{tool}: no source {sid} (the story has {', '.join(str(s['id']) for s in plan['sources']) or 'none'})",
-                    "unknown_id")
+    raise PlanError(f"{tool}: source {sid} is gone (an earlier call removed it)", "unknown_ref")
 
-def place(plan, src, at, rng, last):
-    """The start of a new foreground source, in s, from its placement `at` in the request's terms;
-    last: in a new story, the id of the source told last (0 for none), else None."""
+def same_kind(plan, s):
+    """The sources a REF to s must tell it apart from: the voice's lines, or the sound's sources,
+    in time order."""
+    key = "voice" if s["type"] == "speech" else "sound"
+    return sorted((x for x in plan["sources"] if x.get(key) == s[key]), key=lambda x: (x["start"], x["id"]))
+
+def ref_of(plan, sid):
+    """How the designer names source sid: 'ben' (his only line), '"hello my friend"' (one of
+    several lines of its voice), 'bell' or 'second bell'."""
+    s = find(plan, sid, "ref")
+    same = same_kind(plan, s)
+    if s["type"] == "speech":
+        return s["voice"] if len(same) == 1 else json.dumps(s["text"])
+    return s["sound"] if len(same) == 1 else f"{ORDINALS[same.index(s)]} {s['sound']}"
+
+def resolve(plan, ref, tool):
+    """A REF -> the one source of plan it names. PlanError (unknown_ref) for none or several."""
+    m = REF.fullmatch(ref)
+    if ref[0] == '"':
+        hits = [s for s in plan["sources"] if s.get("text") == ref[1:-1]]
+    elif m[2] in VOICES and not m[1]:
+        hits = [s for s in plan["sources"] if s.get("voice") == m[2]]
+    else:
+        hits = [s for s in plan["sources"] if s.get("sound") == m[2]]
+        hits = sorted(hits, key=lambda x: (x["start"], x["id"])) if m[1] else hits
+        n = ORDINALS.index(m[1]) if m[1] else 0
+        hits = hits[n:n + 1] if m[1] else hits
+    if len(hits) != 1:
+        have = ", ".join(ref_of(plan, s["id"]) for s in plan["sources"]) or "nothing"
+        raise PlanError(f"{tool}: {_show(ref)} names {'no source' if not hits else f'{len(hits)} sources'} "
+                        f"(the story has {have})", "unknown_ref")
+    return hits[0]
+
+def place(plan, src, at, ref, rng, last):
+    """The start of a new foreground source, in s, from its placement `at` in the request's terms
+    (start | end | halfway | after | while | None) and the source `ref` an after or while names;
+    last: in a new story, the source told last (or None), else False."""
     d, D = src["dur"], plan["duration"]
     fg = [s for s in plan["sources"] if s["type"] in ("speech", "sfx")]
-    new_story = last is not None
+    new_story = last is not False
     if at in ("end", "halfway") and new_story:
         raise PlanError(f"{at}: a new story is told in order (after, while); 'end' and 'halfway' are for edits")
     if at is None and new_story:   # a story is told in order: after the last source not placed 'while' another
-        at = f"after {last}" if last else "start"
-    m = PLACEMENT.fullmatch(at or "")
+        at, ref = ("after", last) if last else ("start", None)
     if at == "start":
         start = rng.uniform(0.1, 0.5)
     elif at == "end":
         start = D - d - rng.uniform(0.0, 0.3)
     elif at == "halfway":
         start = D / 2 - d / 2 + rng.uniform(-0.3, 0.3)
-    elif m and m[1] == "while":
-        ref = find(plan, int(m[2]), "while")
+    elif at == "while":
         start = ref["start"] + rng.uniform(0, max(0.0, ref["dur"] - 0.2))
-    elif m:   # after N: lines by two voices may overlap a little, a voice never overlaps itself
-        ref = find(plan, int(m[2]), "after")
+    elif at == "after":   # lines by two voices may overlap a little, a voice never overlaps itself
         two_lines = src["type"] == ref["type"] == "speech"
         start = ref["start"] + ref["dur"] + (rng.uniform(-0.3 if two_lines else 0.0, 0.4) if new_story else rng.uniform(0.0, 0.3))
         for s in fg:
@@ -367,7 +405,9 @@ def run_calls(calls, plan, seed):
     new_story = calls[0]["name"] == "new_story"
     if not new_story and plan is None:
         raise PlanError(f"{calls[0]['name']}: there is no story yet (start with new_story())")
-    plan, last = ({"duration": MAX_DURATION, "sources": []}, 0) if new_story else (copy.deepcopy(plan), None)
+    before, plan = plan, {"duration": MAX_DURATION, "sources": []} if new_story else copy.deepcopy(plan)
+    last = None if new_story else False
+    lookup = lambda ref, tool: find(plan, resolve(plan if new_story else before, ref, tool)["id"], tool)
     for c in calls[1:] if new_story else calls:
         name, a = c["name"], c["args"]
         if name == "new_story":
@@ -378,14 +418,19 @@ def run_calls(calls, plan, seed):
             kind = "speech" if name == "speak" else name
             src = {"id": sid, "type": kind, **{k: a[k] for k in ("voice", "text", "sound") if k in a}}
             src["dur"] = derived_dur(src) or plan["duration"]
-            src["start"] = 0.0 if src["type"] in ("ambience", "music") else place(plan, src, a.get("at"), rng, last)
+            if src["type"] in ("speech", "sfx"):
+                at, ref = PLACEMENT.fullmatch(a["at"]).groups() if a.get("at", "").startswith(("after", "while")) \
+                    else (a.get("at"), None)
+                src["start"] = place(plan, src, at, ref and lookup(ref, at), rng, last)
+            else:
+                src["start"] = 0.0
             src["gain_db"] = int(rng.integers(GAIN_RANGES[kind][0], GAIN_RANGES[kind][1] + 1))
             src["pan"] = pan_for(a.get("side"), rng) if kind in ("speech", "sfx") else 0.0
             plan["sources"].append({k: src[k] for k in SOURCE_KEYS[kind]})
             if new_story and kind in ("speech", "sfx") and not a.get("at", "").startswith("while"):
-                last = sid
+                last = plan["sources"][-1]
             continue
-        s = find(plan, a["id"], name)
+        s = lookup(a["ref"], name)
         if name == "remove":
             plan["sources"].remove(s)
         elif name == "set_gain":
@@ -395,7 +440,7 @@ def run_calls(calls, plan, seed):
         else:   # replace: same id, new content; a longer one that would run past the end starts earlier
             key = next(k for k in ("voice", "text", "sound") if k in a)
             if key not in s:
-                raise PlanError(f"replace: source {s['id']} is {s['type']}, it has no {key}", "malformed")
+                raise PlanError(f"replace: {a['ref']} is {s['type']}, it has no {key}", "malformed")
             s[key] = a[key]
             s["dur"] = derived_dur(s) or s["dur"]
             s["start"] = max(0.0, min(s["start"], round(plan["duration"] - s["dur"], 1)))
@@ -522,7 +567,6 @@ REFER_WORDS = {   # voice: the only line of its voice; line: one of several
     "line": ['the line "{text}"', '{voice}\'s line "{text}"', '{voice}\'s "{text}"', 'the words "{text}"',
              'the "{text}" line'],
 }
-ORDINALS = ["first", "second", "third", "fourth"]
 EDIT_KINDS = ("add", "remove", "change", "volume", "move", "multi")
 EDIT_WORDS = {   # one edit: {ref} names the target, {new} a new sound, {voice} / {text} new speech
     "add_speech": ['let {voice} say "{text}"', 'add {voice} saying "{text}"', '{voice} should also say "{text}"',
@@ -543,7 +587,7 @@ EDIT_WORDS = {   # one edit: {ref} names the target, {new} a new sound, {voice} 
                      '{voice} should say "{old_text}" instead of {old_voice}', 'give "{old_text}" to {voice}',
                      'give {old_voice}\'s line "{old_text}" to {voice}',
                      'I want {voice} to say "{old_text}", not {old_voice}', 'switch the voice of "{old_text}" to {voice}',
-                     "recast {ref} with {voice}", "use {voice}'s voice for {ref}",
+                     'recast "{old_text}" with {voice}', 'use {voice}\'s voice for "{old_text}"',
                      'replace {old_voice} with {voice} on "{old_text}"', '{voice} should read "{old_text}" instead'],
     "change_text": ['make {old_voice} say "{text}" instead of "{old_text}"', 'change "{old_text}" to "{text}"',
                     '{old_voice} should say "{text}" instead of "{old_text}"',
@@ -717,13 +761,11 @@ class UserAgent:
     def refer(self, plan, sid, rng):
         """A phrase that picks out source sid unambiguously ("the bell", "the second bell", "ava",
         'the line "hello my friend"')."""
-        s = find(plan, sid, "refer")
+        s, ref = find(plan, sid, "refer"), ref_of(plan, sid)   # the designer's REF says what tells it apart
         if s["type"] == "speech":
-            same = [x for x in plan["sources"] if x["type"] == "speech" and x["voice"] == s["voice"]]
-            return pick(rng, REFER_WORDS["voice" if len(same) == 1 else "line"]).format(**s)
-        same = sorted((x for x in plan["sources"] if x.get("sound") == s["sound"]), key=lambda x: (x["start"], x["id"]))
+            return pick(rng, REFER_WORDS["line" if ref[0] == '"' else "voice"]).format(**s)
         noun = pick(rng, SOUND_WORDS[s["sound"]][1])
-        return noun if len(same) == 1 else noun.replace("the ", f"the {ORDINALS[same.index(s)]} ", 1)
+        return noun if ref == s["sound"] else noun.replace("the ", f"the {ref.split()[0]} ", 1)
 
     def word_op(self, op, plan, rng):
         """One edit in words (EDIT_WORDS), lowercase, no final period."""
@@ -767,26 +809,30 @@ class DesignerAgent:
     def respond(self, plan, intent):
         """(current plan or None, the user's intent) -> list of tool calls {"name", "args"}."""
         if intent["kind"] == "story":
-            calls, line = [{"name": "new_story", "args": {}}], 0
-            for i, e in enumerate(intent["events"], start=1):   # ids are given in call order: 1, 2, ...
-                calls.append(self.create(e, f"while {line}" if e.get("during") else None, e["where"]))
-                line = i if e["type"] == "speech" else line
+            calls, lines = [{"name": "new_story", "args": {}}], []
+            for e in intent["events"]:   # 'while' names the line just told: by its voice, or its words
+                ref = lines and (lines[-1]["voice"] if [x["voice"] for x in lines].count(lines[-1]["voice"]) == 1
+                                 else json.dumps(lines[-1]["text"]))
+                calls.append(self.create(e, f"while {ref}" if e.get("during") else None, e["where"]))
+                lines += [e] if e["type"] == "speech" else []
             return calls + [self.create(b, None, None) for b in intent["beds"]]
         calls = []
         for op in intent["ops"] if intent["edit"] == "multi" else [intent]:
             e = op["edit"]
             if e == "add":
-                at = f"after {op['after']}" if op["when"] == "after" else op["when"]
+                at = f"after {ref_of(plan, op['after'])}" if op["when"] == "after" else op["when"]
                 calls.append(self.create(op["source"], at, op["where"]))
             elif e == "remove":
-                calls.append({"name": "remove", "args": {"id": op["target"]}})
+                calls.append({"name": "remove", "args": {"ref": ref_of(plan, op["target"])}})
             elif e == "volume":
                 step = next(k for k, db in STEPS.items() if db == op["amount"] * (1 if op["direction"] == "up" else -1))
-                calls.append({"name": "set_gain", "args": {"id": op["target"], "step": step}})
+                calls.append({"name": "set_gain", "args": {"ref": ref_of(plan, op["target"]), "step": step}})
             elif e == "move":
-                calls.append({"name": "set_pan", "args": {"id": op["target"], "side": op["where"]}})
+                calls.append({"name": "set_pan", "args": {"ref": ref_of(plan, op["target"]), "side": op["where"]}})
             else:
-                calls.append({"name": "replace", "args": {"id": op["target"], **op["to"]}})
+                s = find(plan, op["target"], "replace")   # the user names a line to change by its words
+                ref = json.dumps(s["text"]) if s["type"] == "speech" else ref_of(plan, s["id"])
+                calls.append({"name": "replace", "args": {"ref": ref, **op["to"]}})
         return calls
 
     def create(self, src, at, side):

@@ -89,26 +89,32 @@ def test_validate_plan_and_tool_calls_refuse_with_the_kinds_eval_counts():
         p = copy.deepcopy(_good_plan())
         mutate(p)
         assert raises(PlanError, lambda: validate_plan(p), *([f"source {sid}"] if sid else [])).kind == kind, (kind, p)
-    story = parse_calls('new_story()\nspeak(ava, "the old dog runs home", left)\nsfx(dog_bark, while 1)\nambience(rain)')
+    story = parse_calls('new_story()\nspeak(ava, "the old dog runs home", left)\nsfx(dog_bark, while ava)\nambience(rain)')
     plan, again = run_calls(story, None, seed=0), run_calls(story, None, seed=0)   # a pure function of (calls, plan, seed)
     line, bark, rain = plan["sources"]
     assert plan == again != run_calls(story, None, seed=1) and [s["id"] for s in plan["sources"]] == [1, 2, 3]
     assert line["pan"] <= -0.5 and rain["dur"] == plan["duration"]   # on the left; the bed covers the story
     assert line["start"] <= bark["start"] < line["start"] + line["dur"]   # the bark while the line plays
     for kind, texts in {
-            "syntax": ["hello", "speak(ben", 'speak(zed, "hi")', ""], "unknown_id": ["remove(9)", "sfx(bell, after 7)"],
+            "syntax": ["hello", "speak(ben", 'speak(zed, "hi")', "", "remove(the bell)"],
+            "unknown_ref": ["remove(3)", "set_gain(ben, louder)", "sfx(bell, after bell)", "remove(second dog_bark)",
+                            'remove("go home")', "remove(rain)\nset_gain(rain, louder)"],
             "malformed": ['shout(ben, "go home")', 'speak(ben, "the old dragon")', "speak(ben)", "ambience(dog_bark)",
-                          "replace(1, rain)", "set_pan(1, left, right)"],
-            "self_overlap": ['speak(ava, "hello my friend", while 1)'],
+                          "replace(ava, rain)", "set_pan(ava, left, right)"],
+            "self_overlap": ['speak(ava, "hello my friend", while ava)'],
             "past_end": ["new_story()\n" + "\n".join(['speak(dan, "the old dog runs home")'] * 4)],
-            "other": ["\n".join(["set_gain(3, much louder)"] * 4), "new_story()\nsfx(bell, end)", "sfx(bell)\nnew_story()"],
+            "other": ["\n".join(["set_gain(rain, much louder)"] * 4), "new_story()\nsfx(bell, end)", "sfx(bell)\nnew_story()"],
     }.items():
         for text in texts:
             assert raises(PlanError, lambda: run_calls(parse_calls(text), plan, seed=0)).kind == kind, text
-    assert plan == again and raises(PlanError, lambda: run_calls(parse_calls("remove(1)"), None, 0)).kind == "other"
+    assert plan == again and raises(PlanError, lambda: run_calls(parse_calls("remove(ava)"), None, 0)).kind == "other"
+    two = run_calls(parse_calls("sfx(dog_bark, end)"), plan, 0)   # two barks: the user says which, and so does a REF
+    for ref, sid in [("first dog_bark", 2), ("second dog_bark", 4), ('"the old dog runs home"', 1), ("ava", 1)]:
+        assert [s["id"] for s in run_calls(parse_calls(f"remove({ref})"), two, 0)["sources"]] == [i for i in (1, 2, 3, 4) if i != sid]
+    assert raises(PlanError, lambda: run_calls(parse_calls("remove(dog_bark)"), two, 0), "2 sources").kind == "unknown_ref"
     rng = np.random.default_rng(0)   # any text at all: calls that run, or a PlanError
     pieces = ["speak(", "sfx(", "remove(", "set_gain(", "replace(", "new_story()", ")", ", ", '"', "ava", "bell", "home",
-              "after 2", "while 9", "much quieter", "left", "\n", "3", "x"]
+              "after ava", "while ben", "much quieter", "left", "\n", "second bell", "x"]
     for _ in range(300):
         try:
             run_calls(parse_calls("".join(pieces[i] for i in rng.integers(len(pieces), size=rng.integers(1, 12)))), plan, 0)
@@ -151,8 +157,9 @@ def test_studio_edits_leave_untouched_stems_identical():
     story = 'new_story()\nspeak(ava, "the old dog runs home")\nsfx(dog_bark)\nambience(rain)\nmusic(piano)'
     plan = run_calls(parse_calls(story), None, 7)
     _, before = render(plan, seed=7, stems=True)
-    for text in ["sfx(bell, halfway, right)", "remove(2)", "set_gain(2, a bit louder)", "set_pan(2, left)",
-                 "replace(2, knock)", "replace(1, ben)", "replace(3, wind)", 'speak(ben, "go home", after 1)']:
+    for text in ["sfx(bell, halfway, right)", "remove(dog_bark)", "set_gain(dog_bark, a bit louder)", "set_pan(dog_bark, left)",
+                 "replace(dog_bark, knock)", 'replace("the old dog runs home", ben)', "replace(rain, wind)",
+                 'speak(ben, "go home", after ava)']:
         edited = run_calls(parse_calls(text), plan, 7)
         _, after = render(edited, seed=7, stems=True)
         changed = {s["id"] for s in edited["sources"] if s not in plan["sources"]} | (set(before) - set(after))
@@ -305,7 +312,7 @@ def test_codec_shapes_patchify_normalize_and_roundtrip():
 def test_encode_dialogue_layout():
     """The chat template by hand: every token, which are CE targets (never the tool's plan) and plain words; the spans."""
     tok, lat = _trained_tok(), [torch.randn(8, 64), torch.randn(12, 64), torch.randn(4, 64)]  # 4, 6, 2 patches
-    CALLS, GAIN, ANSWER, PT = 'new_story()\nsfx(bell)', "set_gain(1, louder)", "0.4-2.1 ava: hi", plan_to_text(_good_plan())
+    CALLS, GAIN, ANSWER, PT = 'new_story()\nsfx(bell)', "set_gain(bell, louder)", "0.4-2.1 ava: hi", plan_to_text(_good_plan())
     seq = encode_dialogue({"seed": 1, "turns": [   # a turn's "plan" never enters the sequence, its text does
         {"role": "user", "text": "Tell a story."}, {"role": "assistant", "text": CALLS, "tool": PT, "plan": {}, "audio": 0},
         {"role": "user", "text": "Louder."}, {"role": "assistant", "text": GAIN, "tool": PT, "plan": {}, "audio": 1},
@@ -843,12 +850,12 @@ def test_plan_and_caption_metrics_and_heldout_requests():
     ben, bark = "ben: where is my dog", {"edit": "remove", "target": "dog_bark"}
     down, left = {"edit": "volume", "target": ben, "direction": "down"}, {"edit": "move", "target": ben, "where": "left"}
     for calls, change, done in [
-            ("remove(2)", bark, True), ("remove(3)", bark, False), ("set_gain(1, quieter)", down, True),
-            ("set_gain(1, louder)", down, False),
-            ("replace(3, wind)", {"edit": "change", "target": "rain", "to": {"sound": "wind"}}, True),
-            ("set_pan(2, right)\nremove(3)", {"edit": "move", "target": "dog_bark", "where": "right"}, False),   # and more
+            ("remove(dog_bark)", bark, True), ("remove(rain)", bark, False), ("set_gain(ben, quieter)", down, True),
+            ("set_gain(ben, louder)", down, False),
+            ("replace(rain, wind)", {"edit": "change", "target": "rain", "to": {"sound": "wind"}}, True),
+            ("set_pan(dog_bark, right)\nremove(rain)", {"edit": "move", "target": "dog_bark", "where": "right"}, False),
             ('speak(ava, "come here", end, right)', {"edit": "add", "source": "ava: come here", "where": "right"}, True),
-            ("set_pan(1, left)\nremove(2)", {"edit": "multi", "ops": [left, bark]}, True)]:
+            ("set_pan(ben, left)\nremove(dog_bark)", {"edit": "multi", "ops": [left, bark]}, True)]:
         assert E.plan_edit_done(change, plan, run_calls(parse_calls(calls), plan, 0)) == done, calls
     assert not E.plan_edit_done(bark, plan, None)
 
