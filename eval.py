@@ -3,7 +3,8 @@ Evaluate AudioChat-mini the way the paper does, at toy scale: StoryGen-Eval-toy 
 split), a judge model, the paper's metrics, and the paper's systems side by side.
 
     python eval.py --ckpt out/ckpt.pt                            # tables, OUT_DIR/eval.json, eval.png, report.html
-    python eval.py --ckpt out/ckpt.pt --ckpt out/dense/ckpt.pt   # + the architecture ablation
+    python eval.py --ckpt out/ckpt.pt --ckpt out/dense/ckpt.pt --ckpt out/mot/ckpt.pt --ckpt out/nocot/ckpt.pt
+                                                                 # + the paper's ablations (Tables 1 and 4)
     python eval.py --bench [--ckpt out/ckpt.pt]                  # speed tables, OUT_DIR/bench.json
     python eval.py --help                                        # every flag
 
@@ -12,7 +13,8 @@ turn (players, spectrograms, plans), then the tables and the loss curves.
 
 Read Part 1 line by line: the metrics, each as the paper (or MeetEval, or kadtk) defines it. Skim the rest:
   Part 2  the judge, "FLAM-lite": the stand-in for OpenFLAM, trained on simulator ground truth;
-  Part 3  the systems: ground truth, AudioChat (sample.Chat), the cascade with and without context;
+  Part 3  the systems: ground truth, AudioChat (sample.Chat; its edits also from ground truth's audio,
+          Table 5), the cascade with and without context;
   Part 4  every system on the first n test dialogues: the tables, eval.json, eval.png, report.html;
   Part 5  the speed bench (--bench).
 The numbers are only as good as the judge (its held-out frame F1 is printed with them), and they are
@@ -659,6 +661,21 @@ def run_audiochat(model, tok, codec, ep, config):
     return {"story": timed(chat.generate, ep.story["text"]), "edits": [timed(chat.edit, e["text"]) for e in ep.edits],
             "answer": timed(chat.understand, render(ep.scene, ep.scene_seed), ep.request)}
 
+FROM_TRUTH = "_from_gt_audio"   # the first model's Table 5 system: audiochat_from_gt_audio
+
+def run_from_truth(model, tok, codec, ep, config):
+    """The paper's Table 5: each edit conditioned on ground truth's turns before it (their audio, not the
+    model's own), one sample.Chat per edit -> {"story": ground truth's, "edits": the model's, "before": the
+    ground-truth turn each edit changes, "answer": None}."""
+    truth = run_ground_truth(ep)
+    done, edits = [(ep.story, truth["story"]), *zip(ep.edits, truth["edits"])], []
+    for k, request in enumerate(ep.edits, start=1):
+        chat = Chat(model, tok, codec, sampler=config.sampler, steps=config.steps, cfg_scale=config.cfg, seed=ep.seed)
+        for turn, made in done[:k]:
+            chat.given(turn["text"], turn["calls"], turn["plan"], made.wav)
+        edits.append(timed(chat.edit, request["text"]))
+    return {"story": truth["story"], "edits": edits, "before": [made for _, made in done[:-1]], "answer": None}
+
 def run_cascade(chat_run, ep, context=True):
     """The toy WavJourney: the model's plans (its audiochat run's) rendered by the simulator's tools. With
     context, one render seed per dialogue, so what an edit keeps stays sample-identical; without (the
@@ -688,20 +705,25 @@ def score_episode(judge, ep, run):
     """Every per-turn number of one system on one dialogue, and the embeddings KAD needs. A turn
     without audio scores 0 on multiFLAM and editFLAM and is silence for KAD; it has no deltaMultiFLAM
     (a system that makes no audio must not look perfectly consistent)."""
-    story, answer = run["story"], run["answer"]
-    record = {"story": {"multiFLAM": multiflam(judge, story.wav, laid_out(ep.story["plan"], story.plan)),
-                        "planFailure": story.failure, "planRecall": plan_recall(ep.story["plan"], story.plan),
+    def plan(turn, reference):   # a turn with audio but no plan (--cot=false) is judged where ground truth's plan puts it
+        return reference if turn.wav is not None and turn.plan is None else turn.plan
+    story, answer, planned = run["story"], run["answer"], run["story"].text != "" or run["story"].wav is None
+    record = {"story": {"multiFLAM": multiflam(judge, story.wav, laid_out(ep.story["plan"], story.plan)), "planned": planned,
+                        "planFailure": story.failure, "planRecall": plan_recall(ep.story["plan"], story.plan) if planned else None,
                         "seconds": story.seconds, "audio_s": 0.0 if story.wav is None else story.wav.shape[1] / SR,
                         "emb": embedding(judge, story, ep.story["plan"]["duration"])},
               "edits": [], "answer": {"task": ep.task, "tcp": None, "caption": None}}
     before, reference_before = story, ep.story["plan"]
-    for request, after in zip(ep.edits, run["edits"]):
+    for k, (request, after) in enumerate(zip(ep.edits, run["edits"])):
+        before = run["before"][k] if "before" in run else before   # Table 5: ground truth's turn, else its own last
         intent, heard = request["intent"], before.wav is not None and after.wav is not None   # audio implies a valid plan
         record["edits"].append({
             "kind": intent["edit"],
-            "editFLAM": edit_flam(judge, before.wav, after.wav, before.plan, after.plan, intent, reference_before, ep.seed),
-            "deltaMultiFLAM": delta_multiflam(judge, before.wav, after.wav, before.plan, after.plan) if heard else None,
-            "planFailure": after.failure, "emb": embedding(judge, after, request["plan"]["duration"])})
+            "editFLAM": edit_flam(judge, before.wav, after.wav, plan(before, reference_before), plan(after, request["plan"]),
+                                  intent, reference_before, ep.seed),
+            "deltaMultiFLAM": delta_multiflam(judge, before.wav, after.wav, plan(before, reference_before),
+                                              plan(after, request["plan"])) if heard else None,
+            "planFailure": after.failure, "planned": planned, "emb": embedding(judge, after, request["plan"]["duration"])})
         before, reference_before = after, request["plan"]
     if answer is not None and ep.task == "transcribe":
         record["answer"]["tcp"] = tcp_wer(reference_segments(ep.scene), parse_transcript(answer.text))
@@ -722,18 +744,20 @@ def aggregate(records, reference):
         if reference is None or len(records) < 2:
             return None
         return kad(torch.stack([x["emb"] for x in turns_of(reference)]), torch.stack([x["emb"] for x in turns_of(records)]))
+    planned = all(s["planned"] for s in stories)   # else --cot=false: no plans, no plan metrics
     def failures(turns):   # {PlanError kind: how many turns' plans failed that way}
-        return {kind: sum(t["planFailure"] == kind for t in turns) for kind in PLAN_ERROR_KINDS}
+        return {kind: sum(t["planFailure"] == kind for t in turns) for kind in PLAN_ERROR_KINDS} if planned else None
+    validity = lambda turns: plan_validity(t["planFailure"] for t in turns) if planned else None
     audio_s, tcp = sum(s["audio_s"] for s in stories), [a["tcp"] for a in answers if a["tcp"] is not None]
     editing = {}
     for kind in ("overall", *EDIT_KINDS):
         rows = [e for e in edits if kind in ("overall", e["kind"])]
         editing[kind] = {"editFLAM": mean(e["editFLAM"] for e in rows), "deltaMultiFLAM": mean(e["deltaMultiFLAM"] for e in rows),
-                         "planValidity": plan_validity(e["planFailure"] for e in rows), "n": len(rows)}
+                         "planValidity": validity(rows), "n": len(rows)}
     editing["overall"].update(KAD=kad_against(lambda rs: [e for r in rs for e in r["edits"]]), planFailures=failures(edits))
     tcp_wer_ = 100.0 * sum(t["errors"] for t in tcp) / max(1, sum(t["length"] for t in tcp)) if tcp else None
     return {"storytelling": {"multiFLAM": mean(s["multiFLAM"] for s in stories), "KAD": kad_against(lambda rs: [r["story"] for r in rs]),
-                             "planValidity": plan_validity(s["planFailure"] for s in stories), "planRecall": mean(s["planRecall"] for s in stories),
+                             "planValidity": validity(stories), "planRecall": mean(s["planRecall"] for s in stories),
                              "planFailures": failures(stories), "latency_s": mean(s["seconds"] for s in stories),
                              "rtf": sum(s["seconds"] for s in stories) / audio_s if audio_s else None},
             "editing": editing, "understanding": {"tcpWER": tcp_wer_, "captionMultiFLAM": mean(a["caption"] for a in answers)}}
@@ -762,10 +786,11 @@ def listening_profile(model, seqs, tasks):
             row[key].append(float(F.cross_entropy(logits[where].float(), targets)))
     return {task: {"n": len(row["ce_clip"]), **{k: mean(v) for k, v in row.items()}} for task, row in ces.items()}
 
-def checkpoint_val(ckpt):
-    """The checkpoint's last validation (train.validate: {"loss", "ce", "mse", "x0_err": 5 t-bins}) with NaN
-    (an empty t-bin) as None, so that eval.json stays JSON; None for a checkpoint without one."""
-    return json.loads(json.dumps(ckpt["val"]).replace("NaN", "null")) if ckpt.get("val") else None
+def checkpoint_val(model, ckpt):
+    """The model's parameter count and its checkpoint's last validation (train.validate: {"loss", "ce", "mse",
+    "x0_err": 5 t-bins}) with NaN (an empty t-bin) as None, so that eval.json stays JSON; None where it has none."""
+    val = json.loads(json.dumps(ckpt["val"]).replace("NaN", "null")) if ckpt.get("val") else {}
+    return {"ce": None, "mse": None, "x0_err": None, **val, "params": sum(p.numel() for p in model.parameters())}
 
 
 # -----------------------------------------------------------------------------
@@ -807,22 +832,25 @@ def result_tables(results):
         (f"Storytelling (paper Table 2), {n} dialogues",
          ["system", "multiFLAM ↑", "KAD ↓", "planValidity ↑", "planRecall ↑", "latency_s ↓", "rtf ↓"],
          [[k, fmt(s["multiFLAM"]), fmt(s["KAD"], 2), fmt(s["planValidity"]), fmt(s["planRecall"]), fmt(s["latency_s"], 2),
-           fmt(s["rtf"], 2)] for k, s in story.items()]),
-        ("Editing (paper Table 1)", ["system", "KAD ↓", "deltaMultiFLAM ↓", "editFLAM ↑", "planValidity ↑"],
+           fmt(s["rtf"], 2)] for k, s in story.items() if not k.endswith(FROM_TRUTH)]),
+        (f"Editing (paper Tables 1 and 5; {FROM_TRUTH[1:]}: each edit from ground truth's audio, not its own)",
+         ["system", "KAD ↓", "deltaMultiFLAM ↓", "editFLAM ↑", "planValidity ↑"],
          [[k, fmt(e["KAD"], 2), fmt(e["deltaMultiFLAM"]), fmt(e["editFLAM"]), fmt(e["planValidity"])]
           for k, e in ((k, e["overall"]) for k, e in edits.items())]),
         ("Editing per sub-task: editFLAM ↑ / deltaMultiFLAM ↓", ["system", *(f"{e} (n={counts[e]})" for e in EDIT_KINDS)],
          [[k, *(f"{fmt(r[e]['editFLAM'])} / {fmt(r[e]['deltaMultiFLAM'])}" for e in EDIT_KINDS)] for k, r in edits.items()]),
         ("Understanding (paper Table 3)", ["system", "tcpWER ↓", "captionMultiFLAM ↑"],
-         [[k, fmt(r["understanding"]["tcpWER"]), fmt(r["understanding"]["captionMultiFLAM"])] for k, r in systems.items()]),
+         [[k, fmt(r["understanding"]["tcpWER"]), fmt(r["understanding"]["captionMultiFLAM"])] for k, r in systems.items()
+          if not k.endswith(FROM_TRUTH)]),
         (f"Why the models' plans fail: story / edit turns per PlanError kind (of {n} / {counts['overall']})",
          ["system", *PLAN_ERROR_KINDS],
          [[k, *(f"{story[k]['planFailures'][e]} / {edits[k]['overall']['planFailures'][e]}" for e in PLAN_ERROR_KINDS)]
-          for k in models]),
+          for k in models if story[k]["planFailures"]]),
         ("The checkpoint's last validation (train.py): x̂₀ error = σ² v-MSE / mean x₀² of audio spans at noise level "
          "t in [0.8, 1] (1 = no better than x̂₀ = 0, the average sound)",
-         ["system", "val CE ↓", "val v-MSE ↓", "x̂₀ error ↓"],
-         [[k, fmt(v and v["ce"], 3), fmt(v and v["mse"], 3), fmt(v and v["x0_err"][-1], 2)] for k, v in models.items()]),
+         ["system", "parameters", "val CE ↓", "val v-MSE ↓", "x̂₀ error ↓"],
+         [[k, f"{v['params'] / 1e6:.2f}M", fmt(v["ce"], 3), fmt(v["mse"], 3), fmt(v["x0_err"] and v["x0_err"][-1], 2)]
+          for k, v in models.items()]),
         ("Does the model listen? Cross-entropy of the true answer (nats per token) with the clip / with the average "
          "sound in its place: equal = the answer ignores the audio", ["system", *tasks],
          [[k, *[f"{fmt(p[t]['ce_clip'], 3)} / {fmt(p[t]['ce_without_clip'], 3)} (n={p[t]['n']})" if t in p else "–"
@@ -936,13 +964,14 @@ def evaluate(config):
     judge = load_or_train_judge(os.path.join(config.out_dir, "judge.pt"))
     print(f"judge (FLAM-lite): held-out frame F1 {judge.info['frameF1']:.1f} %")
     first, *others = models
-    records = {name: [] for name in ["ground_truth", first, "cascade", "cascade_no_context", *others]}
+    records = {name: [] for name in ["ground_truth", first, "cascade", "cascade_no_context", *others, first + FROM_TRUTH]}
     showcase = []   # the first report_n dialogues' runs, for report.html
     for i, ep in enumerate(tqdm(episodes, desc="eval", unit="dialogue")):
         runs = {"ground_truth": run_ground_truth(ep)}
         runs.update({name: run_audiochat(model, tok, codec, ep, config) for name, (model, tok, codec, _) in models.items()})
         runs["cascade"] = run_cascade(runs[first], ep)   # the cascades render the first model's plans
         runs["cascade_no_context"] = run_cascade(runs[first], ep, context=False)
+        runs[first + FROM_TRUTH] = run_from_truth(*models[first][:3], ep, config)
         for name, run in runs.items():
             records[name].append(score_episode(judge, ep, run))
         if i < config.report_n:
@@ -951,10 +980,13 @@ def evaluate(config):
     results = {"judge": {"frameF1": judge.info["frameF1"]}, "n": len(episodes),
                "systems": {name: aggregate(rs, None if name == "ground_truth" else records["ground_truth"])
                            for name, rs in records.items()},
-               "val": {name: checkpoint_val(ckpt) for name, (*_, ckpt) in models.items()},
-               "listening": {name: listening_profile(model, load_dataset(config.data_dir, "test", tok, codec)[:len(tasks)], tasks)
-                             for name, (model, tok, codec, _) in models.items()},
-               "heldout": {name: run_heldout(model, tok, codec, config) for name, (model, tok, codec, _) in models.items()}}
+               "val": {name: checkpoint_val(model, ckpt) for name, (model, *_, ckpt) in models.items()},
+               "listening": {name: listening_profile(model, load_dataset(config.data_dir, "test", tok, codec, cot=model.config.cot)
+                                                     [:len(tasks)], tasks) for name, (model, tok, codec, _) in models.items()},
+               "heldout": {name: run_heldout(model, tok, codec, config) for name, (model, tok, codec, _) in models.items()
+                           if model.config.cot}}
+    for part in ("storytelling", "understanding"):   # Table 5's system tells no story of its own and answers nothing
+        results["systems"][first + FROM_TRUTH][part] = dict.fromkeys(results["systems"][first + FROM_TRUTH][part])
     print("\n".join([line for table in result_tables(results) for line in markdown(*table)][1:] + ["", table_note(results)]))
     os.makedirs(config.out_dir, exist_ok=True)
     with open(os.path.join(config.out_dir, "eval.json"), "w") as f:
@@ -1003,7 +1035,7 @@ def causal_lm_loss(model, tokens, doc_id):
             else transfusion_mask(text, doc_id))
     x, rope = model.wte(tokens), model.rope(torch.arange(tokens.size(1), device=tokens.device))
     for block in model.blocks:
-        x, _ = block(x, mask, backend, rope)
+        x, _ = block(x, mask, backend, rope, text >= 0)
     return F.cross_entropy(model.text_head(x)[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
 
 def bench_training(model, seqs, tok, batch_size, device, repeats):
@@ -1178,7 +1210,7 @@ def bench(config, repeats=3, model_overrides=None):
         tok, codec = load_tokenizers(config.data_dir)
         torch.manual_seed(0)
         model = AudioChatModel(model_config(train_config, tok.vocab_size)).to(device).eval()
-    seqs = load_dataset(config.data_dir, "test", tok, codec)[:BENCH_DIALOGUES]
+    seqs = load_dataset(config.data_dir, "test", tok, codec, cot=model.config.cot)[:BENCH_DIALOGUES]
     name = torch.cuda.get_device_name(device) if device.startswith("cuda") else f"{device} ({os.cpu_count()} cores)"
     what = config.ckpt[0] if config.ckpt else "random, preset size"
     print(f"speed bench on {name}, torch {torch.__version__}; model: {what}, "

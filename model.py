@@ -11,7 +11,9 @@ It is the paper's Self-Cascaded Transformer (SCT, AudioChat section 3.2) at toy 
 Every token passes all U + G layers in training. The text head reads layer U, so decoding text
 needs only the U understanding layers; the diffusion head reads layer U + G and predicts, at each
 audio position, the velocity v of that same patch (see diffusion.py for the convention).
-The ablation variant `dense` is one shared stack of U + G layers with both heads on top.
+The ablation variants (the paper's Table 4): `dense`, one shared stack of U + G layers with both
+heads on top; `mot`, a mixture of transformers: the same stack, but every layer keeps one copy of
+its weights for text tokens and one for audio tokens, and attention is shared over both.
 
 Attention follows Transfusion: causal everywhere, plus full bidirectional attention inside each
 audio span. The rule is written once (`mask_rule`) and served by three interchangeable backends
@@ -141,28 +143,50 @@ def rotate(x, rope):
 # -----------------------------------------------------------------------------
 # Transformer blocks (nanoGPT, pre-norm)
 
+class PerModality(nn.Module):
+    """MoT: two copies of a layer, `text` and `audio`; x: (B, L, D), is_audio: (B, L) bool -> each
+    token through its own modality's copy, (B, L, D_out)."""
+
+    def __init__(self, make):
+        super().__init__()
+        self.text, self.audio = make(), make()
+
+    def forward(self, x, is_audio):
+        y_text, y_audio = self.text(x[~is_audio]), self.audio(x[is_audio])
+        y = y_text.new_empty(*x.shape[:-1], y_text.size(-1))
+        y[~is_audio], y[is_audio] = y_text, y_audio
+        return y
+
+def layer(config, make):
+    """A layer of a block: one shared copy, or (arch mot) a PerModality pair."""
+    return PerModality(make) if config.arch == "mot" else make()
+
+def through(layer, x, is_audio):
+    return layer(x, is_audio) if isinstance(layer, PerModality) else layer(x)
+
 class SelfAttention(nn.Module):
 
     def __init__(self, config):
         super().__init__()
         self.n_head = config.n_head
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)  # q, k, v at once
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.c_attn = layer(config, lambda: nn.Linear(config.n_embd, 3 * config.n_embd, bias=False))  # q, k, v at once
+        self.c_proj = layer(config, lambda: nn.Linear(config.n_embd, config.n_embd, bias=False))
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, mask, backend, rope, past_kv=None):
+    def forward(self, x, mask, backend, rope, is_audio, past_kv=None):
         """x: (B, L, D) -> (B, L, D), and the keys and values it attended to, each (B, H, T + L, hd):
         past_kv, the cached (k, v) of T earlier tokens (or None), followed by this chunk's.
-        rope: the chunk's (cos, sin) from `rotary`; cached keys are stored already turned."""
+        rope: the chunk's (cos, sin) from `rotary`; cached keys are stored already turned.
+        is_audio: (B, L) bool, which projections a token goes through (arch mot)."""
         B, L, D = x.shape
-        q, k, v = self.c_attn(x).split(D, dim=2)
+        q, k, v = through(self.c_attn, x, is_audio).split(D, dim=2)
         q, k, v = (z.view(B, L, self.n_head, D // self.n_head).transpose(1, 2) for z in (q, k, v))
         q, k = rotate(q, rope), rotate(k, rope)
         if past_kv is not None:
             k, v = torch.cat([past_kv[0], k], 2), torch.cat([past_kv[1], v], 2)
         y = attend(q, k, v, mask, backend)
         y = y.transpose(1, 2).contiguous().view(B, L, D)
-        return self.resid_dropout(self.c_proj(y)), (k, v)
+        return self.resid_dropout(through(self.c_proj, y, is_audio)), (k, v)
 
 class MLP(nn.Module):
 
@@ -179,16 +203,16 @@ class Block(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=False)
+        self.ln_1 = layer(config, lambda: nn.LayerNorm(config.n_embd, bias=False))
         self.attn = SelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=False)
-        self.mlp = MLP(config)
+        self.ln_2 = layer(config, lambda: nn.LayerNorm(config.n_embd, bias=False))
+        self.mlp = layer(config, lambda: MLP(config))
 
-    def forward(self, x, mask, backend, rope, past_kv=None):
-        """x: (B, L, D) -> (B, L, D), and the (k, v) of the cache plus the chunk."""
-        a, kv = self.attn(self.ln_1(x), mask, backend, rope, past_kv)
+    def forward(self, x, mask, backend, rope, is_audio, past_kv=None):
+        """x: (B, L, D), is_audio: (B, L) bool -> (B, L, D), and the (k, v) of the cache plus the chunk."""
+        a, kv = self.attn(through(self.ln_1, x, is_audio), mask, backend, rope, is_audio, past_kv)
         x = x + a
-        x = x + self.mlp(self.ln_2(x))
+        x = x + through(self.mlp, through(self.ln_2, x, is_audio), is_audio)
         return x, kv
 
 
@@ -278,7 +302,7 @@ class KVCache:
 # -----------------------------------------------------------------------------
 # The model
 
-ARCHS = ("sct", "dense")                          # where the text head reads: layer U, or on top
+ARCHS = ("sct", "dense", "mot")                   # text head at layer U, or on top of shared / per-modality layers
 ATTN_BACKENDS = ("auto", "math", "sdpa", "flex")  # auto: flex on CUDA, sdpa elsewhere
 
 @dataclass
@@ -286,14 +310,15 @@ class ModelConfig:
     vocab_size: int
     latent_dim: int = 128     # floats per audio token (tokenizer.LATENT_DIM)
     n_layer: int = 6          # U understanding layers (the text head reads layer U)
-    n_gen_layer: int = 3      # G generation layers on top (the paper: G = U / 2); `dense` shares all U + G
+    n_gen_layer: int = 3      # G generation layers on top (the paper: G = U / 2); dense and mot share all U + G
     n_head: int = 4
     n_embd: int = 192
     block_size: int = 2048    # longest sequence
     dropout: float = 0.0      # on embeddings and residual branches (never on attention weights, so backends agree)
-    arch: str = "sct"         # "sct": text head at layer U | "dense": both heads on top of U + G layers
+    arch: str = "sct"         # "sct": text head at layer U | "dense", "mot": both heads on top of U + G layers
     attn: str = "auto"        # "auto" (flex on CUDA, sdpa elsewhere) | "math" | "sdpa" | "flex"
     token_shift: bool = True  # add a learned map of the previous token's embedding to each input (see embed)
+    cot: bool = True          # audio turns write tool calls and read the plan first (False: the paper's "no CoT")
 
     def __post_init__(self):
         """Refuse a shape that cannot work, naming the flags (ValueError), before anything is built."""
@@ -316,7 +341,8 @@ class AudioChatModel(nn.Module):
         super().__init__()
         self.config = config
         n_blocks = config.n_layer + config.n_gen_layer
-        # SCT and dense have the same layers; they differ only in where the text head reads
+        # SCT and dense have the same layers and differ only in where the text head reads; mot is dense
+        # with a copy of every layer's weights per modality
         self.text_layer = config.n_layer if config.arch == "sct" else n_blocks
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.audio_in = nn.Linear(config.latent_dim, config.n_embd, bias=False)
@@ -418,14 +444,14 @@ class AudioChatModel(nn.Module):
         else:
             mask = transfusion_mask(span_id, doc_id)
         x, _ = self.embed(tokens, audio, t, span_id, starts=starts)
-        rope = self.rope(pos)
+        rope, is_audio = self.rope(pos), span_id >= 0
         for block in self.blocks[:self.text_layer]:
-            x, _ = block(x, mask, backend, rope)
+            x, _ = block(x, mask, backend, rope, is_audio)
         text_logits = self.text_head(x)
         if layers == "text":
             return text_logits, None
         for block in self.blocks[self.text_layer:]:
-            x, _ = block(x, mask, backend, rope)
+            x, _ = block(x, mask, backend, rope, is_audio)
         return text_logits, self.audio_head(x, audio, t)
 
     # ---- decoding with the key/value cache ----
@@ -443,7 +469,7 @@ class AudioChatModel(nn.Module):
             past = cache.kv[i]
             seen = past[0].size(2) if past is not None else 0   # this layer's cache: the chunk's first position
             mask = torch.cat([within.new_ones(B, n, seen), within], dim=2)
-            x, kv = self.blocks[i](x, mask, backend, self.rope(torch.arange(seen, seen + n, device=x.device)), past)
+            x, kv = self.blocks[i](x, mask, backend, self.rope(torch.arange(seen, seen + n, device=x.device)), span_id >= 0, past)
             if commit:  # kv already holds the cached keys and values followed by the chunk's
                 cache.kv[i] = kv
         return x

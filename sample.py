@@ -18,6 +18,8 @@ How a turn runs (the same sequence layout as training, tokenizer.encode_dialogue
      an audio span of the plan's duration is opened, and the audio is sampled after the cached
      prefix with DPM-Solver++ (or DDIM) and classifier-free guidance (diffusion.sample_audio);
   4. the clean audio is committed to the cache, so the next edit conditions on it, as in training.
+A model trained with --cot=false (the paper's "no CoT" baseline) skips 2 and 3: its audio span
+follows the request directly, NO_PLAN_DURATION long for a story, as long as the story for an edit.
 
 Read line by line: Chat (_feed, _decode, generate, understand). Skim: load_audio / resample,
 save_turn and the command line.
@@ -35,6 +37,8 @@ from tokenizer import SR, HOP, PATCH, SPECIAL_TOKENS, AudioCodec
 from simulate_data import MAX_DURATION, PlanError, parse_calls, plan_to_text, plot_story, run_calls
 from diffusion import SAMPLERS, check_sampling, sample_audio
 from train import load_checkpoint, one_line, opt, parse_config, pick_device
+
+NO_PLAN_DURATION = 4.7   # s: a story's length without a chain of thought (no plan says it): the data's mean
 
 
 # -----------------------------------------------------------------------------
@@ -138,6 +142,7 @@ class Chat:
         self.generator = torch.Generator(self.device).manual_seed(seed)
         self.guided, self.full = cfg_scale != 1.0, False
         self.seed, self.plan = seed, None   # the studio's layout seed and the current story's plan
+        self.duration = None                # without a chain of thought: the current story's length, s
         # row 0: the dialogue; row 1 (with guidance): the same dialogue with every word -> <|null|>
         self.cache = model.new_cache(2 if self.guided else 1)
         self.ids = {name: tok.special(name) for name in SPECIAL_TOKENS}
@@ -215,6 +220,11 @@ class Chat:
         instruction or a full dialogue."""
         start = time.time()
         self._user(instruction, then=3)   # <|user|>, <|end|>, <|assistant|>
+        if not self.model.config.cot:   # the paper's "no CoT" baseline: the audio follows the request directly
+            self._say("<|end|>", "<|assistant|>")
+            self.duration = self.duration or NO_PLAN_DURATION   # an edit keeps the story's length
+            wav = self._audio([], self.duration)
+            return Turn(text="", wav=wav, seconds=time.time() - start)
         text, stop = self._decode(self._say("<|end|>", "<|assistant|>"))
         try:
             if stop != self.ids["<|tool|>"]:
@@ -225,18 +235,39 @@ class Chat:
             if close:
                 self._say(*close)
             return Turn(text=text, error=f"the studio refused the calls: {e}", failure=e.kind, seconds=time.time() - start)
-        tool = self.tok.encode_ordinary(plan_to_text(plan))
-        n_tokens = round(plan["duration"] * SR / HOP) // PATCH
+        wav = self._audio(self.tok.encode_ordinary(plan_to_text(plan)), plan["duration"])
+        self.plan = plan
+        return Turn(text=text, plan=plan, wav=wav, seconds=time.time() - start)
+
+    def _audio(self, tool, duration):
+        """Feed the tool's answer (ids) and <|audio|>, sample a span of `duration` s and close the
+        turn. -> wav (2, N) at SR."""
+        n_tokens = round(duration * SR / HOP) // PATCH
         self._check_room(len(tool) + n_tokens + 3)   # the plan, <|audio|>, the span, <|/audio|>, <|end|>
         self._feed(tool + [self.ids["<|audio|>"]], [True] * len(tool) + [False])
         z = sample_audio(self.model, self.cache, n_tokens, steps=self.steps, sampler=self.sampler,
                          cfg_scale=self.cfg_scale, generator=self.generator)[0]
         self._say("<|/audio|>", "<|end|>")
-        self.plan = plan
-        wav = self.codec.decode(AudioCodec.unpatchify(z.float().cpu())).numpy()
-        return Turn(text=text, plan=plan, wav=wav, seconds=time.time() - start)
+        return self.codec.decode(AudioCodec.unpatchify(z.float().cpu())).numpy()
 
     edit = generate   # the same turn: the tool calls say whether they start a story or change it
+
+    @torch.no_grad()
+    def given(self, instruction, calls, plan, wav):
+        """Commit an audio turn made elsewhere (ground truth's) as if the model had made it: the
+        request, the calls and the studio's plan (none without a chain of thought), then the clean
+        audio wav (2, N) at SR. The paper's Table 5 edits from it. ValueError if it does not fit."""
+        z = AudioCodec.patchify(self.codec.encode(torch.as_tensor(wav)))
+        calls, tool = (self.tok.encode_ordinary(calls), self.tok.encode_ordinary(plan_to_text(plan))) if self.model.config.cot \
+            else ([], [])
+        self._user(instruction, then=len(calls) + len(tool) + len(z) + 6)
+        self._say("<|end|>", "<|assistant|>")
+        if self.model.config.cot:
+            self._feed(calls + [self.ids["<|tool|>"]] + tool, [True] * len(calls) + [False] + [True] * len(tool))
+        self._say("<|audio|>")
+        self._feed_audio(z)
+        self._say("<|/audio|>", "<|end|>")
+        self.plan, self.duration = plan, plan["duration"]
 
     @torch.no_grad()
     def understand(self, audio, request="Who says what, and when?"):
@@ -341,7 +372,7 @@ def main(argv):
                     raise ValueError("say which wav: /understand FILE [REQUEST]")
                 turn = chat.understand(path, request or config.request)
             elif command == "/edit":
-                if chat.plan is None:
+                if chat.plan is None and chat.duration is None:
                     raise ValueError("there is no story to edit yet: ask for one first")
                 turn = chat.edit(rest)
             elif command.startswith("/"):

@@ -31,7 +31,7 @@ from model import AudioChatModel, ModelConfig, rotary, rotate, span_positions, t
 from diffusion import add_noise, alpha_sigma, cfg, ddim_sample, dpmpp_2m_sample, sample_audio, sample_noise_levels, \
     shift_noise_level, transfusion_forcing_loss
 from train import collate, parse_config
-from sample import Chat, SampleConfig, load_audio, save_turn
+from sample import NO_PLAN_DURATION, Chat, SampleConfig, load_audio, save_turn
 
 TMP = tempfile.mkdtemp(prefix="audiochat_test_")  # scratch space shared by the tests of one run
 
@@ -373,11 +373,11 @@ def test_model_mask_rule_and_span_positions_by_hand():
     span_id = torch.tensor([[-1, 0, 0, 0, -1, -1, 1, 1, -1, 2], [3, 3, -1, 4, 4, 4, 4, -1, -1, -1]])
     assert span_positions(span_id).tolist() == [[0, 0, 1, 2, 0, 0, 0, 1, 0, 0], [0, 1, 0, 0, 1, 2, 3, 0, 0, 0]]
 
-def backend_outputs(attn, doc_id=None, device="cpu"):
-    """tiny_model(attn=attn) on random_batch -> [logits, v] (0 on padding) and, but for flex on a CPU, every gradient."""
+def backend_outputs(attn, doc_id=None, device="cpu", arch="sct"):
+    """tiny_model(arch, attn) on random_batch -> [logits, v] (0 on padding) and, but for flex on a CPU, every gradient."""
     grad, doc_id = attn != "flex" or device != "cpu", None if doc_id is None else doc_id.to(device)
     tokens, audio, t, span_id = (z.to(device) for z in random_batch())
-    model, x = tiny_model(attn=attn).to(device), audio.clone().requires_grad_(grad)
+    model, x = tiny_model(arch, attn).to(device), audio.clone().requires_grad_(grad)
     with torch.set_grad_enabled(grad), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
         logits, v = (y * (1 if doc_id is None else (doc_id >= 0)[..., None]) for y in model(tokens, x, t, span_id, doc_id))
@@ -386,11 +386,11 @@ def backend_outputs(attn, doc_id=None, device="cpu"):
     return [logits, v] + ([x.grad, *(p.grad for p in model.parameters())] if grad else [])
 
 def test_model_attention_backends_agree():
-    """math, sdpa and flex: the same outputs, packed or not; math and sdpa the same gradients."""
-    for doc_id in (None, torch.tensor([[0] * 12 + [1] * 12, [0] * 20 + [-1] * 4])):   # two documents; one, then padding
-        ref = backend_outputs("math", doc_id)
+    """math, sdpa and flex: the same outputs, packed or not; math and sdpa the same gradients (SCT, and MoT's routing)."""
+    for arch, doc_id in [(a, d) for a in ("sct", "mot") for d in (None, torch.tensor([[0] * 12 + [1] * 12, [0] * 20 + [-1] * 4]))]:
+        ref = backend_outputs("math", doc_id, arch=arch)   # two documents; one, then padding
         for b in ("sdpa", "flex"):
-            assert all(torch.allclose(r, out, atol=1e-5) for r, out in zip(ref, backend_outputs(b, doc_id))), (b, doc_id)
+            assert all(torch.allclose(r, out, atol=1e-5) for r, out in zip(ref, backend_outputs(b, doc_id, arch=arch))), (b, doc_id)
 
 def test_model_flex_backward_on_cuda():
     """flex forward and backward against math on CUDA."""
@@ -422,7 +422,7 @@ def test_model_what_each_output_sees():
     alone = model(tokens[:1, 14:], audio[:1, 14:], t[:1, 14:], span_id[:1, 14:])
     packed = model(tokens[:1], audio[:1], t[:1], span_id[:1], doc_id=torch.tensor([[1] * 14 + [0] * 10]))
     assert all(torch.allclose(a, p[:, 14:], atol=1e-5) for a, p in zip(alone, packed))   # ... so packing changes nothing
-    for model in (model, tiny_model(arch="dense")):
+    for model in (model, tiny_model(arch="dense"), tiny_model(arch="mot")):
         logits, v = model(tokens, audio, t, span_id)
         with torch.no_grad():
             for p in model.blocks[model.config.n_layer:].parameters():
@@ -431,6 +431,19 @@ def test_model_what_each_output_sees():
         sct = model.config.arch == "sct"
         assert not torch.allclose(v, v2, atol=1e-4) and torch.allclose(logits, logits2, atol=1e-6) == sct, sct
         assert none is None and torch.allclose(text_logits, logits2, atol=1e-6), sct
+
+def test_mot_sends_each_modality_through_its_own_weights():
+    """MoT: text tokens use only the text copies, audio tokens only the audio copies; attention is shared."""
+    mot, (tokens, audio, t, span_id) = tiny_model(arch="mot"), random_batch()
+    text_only = (tokens, audio, t, torch.full_like(span_id, -1))
+    for inputs, unused in ((text_only, "audio"), (random_batch(), None)):
+        mot.zero_grad()
+        logits, v = mot(*inputs)
+        (logits.square().mean() + v.square().mean()).backward()
+        grads = {name: p.grad is not None and p.grad.abs().sum() > 0 for name, p in mot.blocks.named_parameters()}
+        assert all(g == (f".{unused}." not in name) for name, g in grads.items()), (unused, grads)
+    n = {arch: sum(p.numel() for p in tiny_model(arch=arch).blocks.parameters()) for arch in ("sct", "dense", "mot")}
+    assert n["sct"] == n["dense"] and n["mot"] == 2 * n["sct"]   # a copy of every block weight per modality
 
 def test_model_audio_embedding_norm_matches_text():
     """A patch enters at the text embeddings' mean norm, whatever its scale."""
@@ -533,7 +546,7 @@ def test_caches_match_full_forward():
     t = torch.where(span_id >= 0, torch.rand(span_id.shape), 0.0)
     chunks = [*(slice(i, i + 1) for i in range(5)), slice(5, 9), *(slice(i, i + 1) for i in range(9, 12)), slice(12, 15),
               *(slice(i, i + 1) for i in range(15, 18))]
-    for arch in ("sct", "dense"):   # text: the U layers; a span: all layers, G catching up
+    for arch in ("sct", "dense", "mot"):   # text: the U layers; a span: all layers, G catching up
         model = tiny_model(arch=arch)
         logits, v = model(tokens, audio, t, span_id)
         cache = model.new_cache(1)
@@ -590,13 +603,14 @@ def tiny_dataset():
 def run_train(*flags):
     return train.train(parse_config(train.TrainConfig, [f"--data_dir={tiny_dataset()}", *TINY, *flags], train.PRESETS))
 
-def untrained_checkpoint():
-    """A 1+1-layer untrained model on tiny_dataset's tokenizer and codec: its plans are garbage."""
-    path = os.path.join(TMP, "untrained.pt")
+def untrained_checkpoint(name="untrained.pt", **model_args):
+    """A 1+1-layer untrained model (ModelConfig model_args) on tiny_dataset's tokenizer and codec: its plans are garbage."""
+    path = os.path.join(TMP, name)
     if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         tok, meta = BPETokenizer.load(f"{tiny_dataset()}/tokenizer.json"), json.load(open(f"{tiny_dataset()}/meta.json"))
         torch.manual_seed(0)
-        model = AudioChatModel(ModelConfig(vocab_size=tok.vocab_size, n_layer=1, n_gen_layer=1, n_head=2, n_embd=32))
+        model = AudioChatModel(ModelConfig(vocab_size=tok.vocab_size, n_layer=1, n_gen_layer=1, n_head=2, n_embd=32, **model_args))
         train.save_checkpoint(path, model, torch.optim.AdamW(model.parameters()), model.config, train.TrainConfig(), tok,
                               AudioCodec.from_state_dict(meta["codec"]), 0, None)
     return path
@@ -714,6 +728,29 @@ def test_chat_feeds_the_model_the_training_sequence():
     assert torch.equal(tokens[0][text], seq["tokens"][text])
     assert torch.equal(tokens[1][text], torch.where(seq["is_plain_text"], tok.special("<|null|>"), seq["tokens"])[text])
     assert heard.any() and torch.allclose(audio[:, heard], seq["audio"][heard].expand(2, -1, -1), atol=1e-5)
+
+def test_no_cot_trains_and_chats_without_a_plan():
+    """--cot=false: an audio turn is <|assistant|><|audio|> span <|/audio|><|end|>, in training and in the chat;
+    the chat's story is NO_PLAN_DURATION long, an edit keeps its length, and ground truth's turns can be given."""
+    d, audios = make_dialogue(5)
+    chat = Chat.from_checkpoint(untrained_checkpoint(), "cpu", steps=1, cfg_scale=1.0, seed=d["seed"])
+    chat.model.config.cot, extend, committed = False, chat.model.extend, []
+    chat.model.extend = lambda cache, tokens, *a, commit=True, **k: (committed.append(tokens) if commit else None,
+                                                                     extend(cache, tokens, *a, commit=commit, **k))[1]
+    turns = [chat.generate(d["turns"][0]["text"]), chat.edit(d["turns"][2]["text"])]
+    assert all(t.text == "" and t.plan is None and t.wav.shape == (2, round(NO_PLAN_DURATION * SR)) for t in turns)
+    seq = encode_dialogue({"turns": d["turns"][:4]}, [chat.codec.encode(t.wav) for t in turns], chat.tok, cot=False)
+    text = seq["span_id"] < 0   # (a span's token ids are placeholders)
+    assert torch.equal(torch.cat(committed, 1)[0][text], seq["tokens"][text]) and chat.tok.special("<|tool|>") not in seq["tokens"]
+    learned = seq["tokens"][1:][seq["text_target"][:-1]].tolist()   # the model learns to open the audio, then to end
+    assert learned == [chat.tok.special(s) for s in ("<|audio|>", "<|end|>") * 2]
+    chat.model.config.cot = True   # ground truth's turn given: the same tokens as the training sequence
+    given, committed[:] = Chat(chat.model, chat.tok, chat.codec, steps=1, cfg_scale=1.0), []
+    given.given(d["turns"][0]["text"], d["turns"][1]["text"], d["turns"][1]["plan"], audios[0])
+    seq = encode_dialogue({"turns": d["turns"][:2]}, [chat.codec.encode(audios[0])], chat.tok)
+    text = seq["span_id"] < 0
+    assert torch.equal(torch.cat(committed, 1)[0][text], seq["tokens"][text]) and given.plan == d["turns"][1]["plan"]
+    chat.model.extend = extend
 
 def test_chat_cached_decoding_equals_full_recompute_and_bad_turns_are_reported():
     """Cached greedy decoding = eval's recompute baseline; empty requests refused; invalid calls reported, chat goes on."""
@@ -907,13 +944,19 @@ def test_evaluate_end_to_end_writes_the_paper_tables():
     os.makedirs(out, exist_ok=True)
     judge()   # make sure the cache exists, then lend it
     shutil.copy(TEST_JUDGE, os.path.join(out, "judge.pt"))
-    results = E.evaluate(E.EvalConfig(ckpt=[untrained_checkpoint()], n=2, data_dir=tiny_dataset(), out_dir=out, steps=2))
+    nocot = untrained_checkpoint("nocot/ckpt.pt", arch="mot", cot=False)   # an ablation beside it: no plans, no plan metrics
+    results = E.evaluate(E.EvalConfig(ckpt=[untrained_checkpoint(), nocot], n=2, data_dir=tiny_dataset(), out_dir=out, steps=2))
     assert json.load(open(f"{out}/eval.json")) == json.loads(json.dumps(results)) and os.path.isfile(f"{out}/eval.png")
     assert {"judge", "n", "systems", "listening"} <= set(results) and results["n"] == 2
     page = open(os.path.join(out, "report.html")).read()   # the page, and every file it plays or shows
     src = re.findall(r'src="([^"]+)"', page) + re.findall(r"src='([^']+)'", page)
     assert sum(".wav" in x for x in src) >= 4 and "Dialogue 2" in page and all(os.path.isfile(f"{out}/{x}") for x in src)
-    assert list(results["systems"]) == ["ground_truth", "audiochat", "cascade", "cascade_no_context"]
+    assert list(results["systems"]) == ["ground_truth", "audiochat", "cascade", "cascade_no_context", "audiochat_nocot",
+                                        "audiochat_from_gt_audio"] and list(results["heldout"]) == ["audiochat"]
+    no_plan, table5 = results["systems"]["audiochat_nocot"], results["systems"]["audiochat_from_gt_audio"]
+    assert no_plan["storytelling"]["planValidity"] is no_plan["storytelling"]["planRecall"] is None
+    assert no_plan["storytelling"]["multiFLAM"] is not None and no_plan["editing"]["overall"]["planValidity"] is None
+    assert set(table5["storytelling"].values()) == {None} and table5["editing"]["overall"]["planValidity"] == 0
     for name, r in results["systems"].items():   # the paper's three tables, for every system
         assert set(r["understanding"]) == {"tcpWER", "captionMultiFLAM"} and set(r["editing"]) == {"overall", *EDIT_KINDS}
         assert {"editFLAM", "deltaMultiFLAM", "KAD"} <= set(r["editing"]["overall"]) and len(r) == 3

@@ -362,7 +362,7 @@ class AudioCodec:
 # An understanding turn's user supplies the audio and the assistant answers in text (that turn's
 # "plan" is ground truth for evaluation only and never enters the sequence).
 
-def encode_dialogue(dialogue, latents, tok):
+def encode_dialogue(dialogue, latents, tok, cot=True):
     """A dialogue dict (see simulate_data.make_dialogue) + its audio as normalised frames -> one
     training sequence, a dict of tensors (L tokens, S audio spans):
       tokens (L,) long          text ids; audio positions hold <|pad|>
@@ -374,7 +374,9 @@ def encode_dialogue(dialogue, latents, tok):
                                 the <|end|> closing the turn (the plan and <|/audio|> are not)
       is_plain_text (L,) bool   user/assistant words (dropped to <|null|> for CFG)
     latents: list of (T, 64) tensors, indexed by the turns' "audio" fields. Every turn has "text";
-    an assistant audio turn has "tool" too (simulate_data.plan_to_text). ValueError for a malformed turn."""
+    an assistant audio turn has "tool" too (simulate_data.plan_to_text). cot=False (the paper's "no
+    CoT" baseline): an assistant audio turn is its audio alone, no calls and no plan. ValueError for
+    a malformed turn."""
 
     tokens, learn, plain, span_id, span_is_target, audio = [], [], [], [], [], {}
 
@@ -405,8 +407,9 @@ def encode_dialogue(dialogue, latents, tok):
         if not isinstance(turn.get("text"), str):
             raise ValueError(f"turn {k} ({role}) has no text")
         add([tok.special(f"<|{role}|>")], False, False)
-        add(tok.encode_ordinary(turn["text"]), is_assistant, True)
-        if "tool" in turn:
+        if cot or "tool" not in turn:
+            add(tok.encode_ordinary(turn["text"]), is_assistant, True)
+        if "tool" in turn and cot:
             add([tok.special("<|tool|>")], is_assistant, False)
             add(tok.encode_ordinary(turn["tool"]), False, True)
         if "audio" in turn:

@@ -5,7 +5,9 @@ stories with Audio Transfusion Forcing (text cross-entropy + 5 x v-prediction MS
     python train.py                                   # the preset for this machine (2-core CPU: minutes)
     python train.py --max_iters=50 --out_dir=out/smoke
     python train.py --init_from=resume --out_dir=out/smoke --max_iters=100
-    python train.py --arch=dense --out_dir=out/dense  # the paper's ablation: one shared stack
+    python train.py --arch=dense --out_dir=out/dense  # the paper's ablations: one shared stack,
+    python train.py --arch=mot --out_dir=out/mot      #   a mixture of transformers,
+    python train.py --cot=false --out_dir=out/nocot   #   no chain of thought
     torchrun --nproc_per_node=2 train.py --device=cpu # DDP (gloo on CPU, nccl on GPU)
     python train.py --help                            # every flag, with what it does
 
@@ -52,7 +54,8 @@ class TrainConfig:
     init_from: str = opt("scratch", "start from scratch, or resume from out_dir/ckpt.pt", choices=("scratch", "resume"))
     preset: str = opt("auto", "defaults sized for the machine (flags still win)", choices=("auto", "cpu", "gpu"))
     # model (ModelConfig)
-    arch: str = opt("sct", "sct (Self-Cascaded Transformer) or dense (one shared stack)", choices=ARCHS)
+    arch: str = opt("sct", "sct (Self-Cascaded Transformer), dense (one shared stack) or mot (per-modality weights)",
+                    choices=ARCHS)
     attn: str = opt("auto", "attention backend (auto: flex on CUDA, sdpa elsewhere)", choices=ATTN_BACKENDS)
     n_layer: int = opt(4, "U: understanding layers (the text head reads layer U)", lo=1)
     n_gen_layer: int = opt(2, "G: generation layers on top (the diffusion head reads layer U+G)", lo=0)
@@ -61,6 +64,7 @@ class TrainConfig:
     block_size: int = opt(1024, "longest packed sequence, in tokens", lo=16)
     dropout: float = opt(0.0, "dropout probability", lo=0.0, hi=0.99)
     token_shift: bool = opt(True, "mix the previous token's embedding into each input (model.AudioChatModel.embed)")
+    cot: bool = opt(True, "audio turns write tool calls and read the studio's plan first (false: the audio follows the request)")
     # optimisation
     batch_size: int = opt(4, "sequences per step per process", lo=1)
     max_iters: int = opt(2400, "training steps", lo=0)
@@ -196,7 +200,7 @@ def load_tokenizers(data_dir):
         sys.exit(f"error: {data_dir!r} holds no readable dataset ({one_line(e)}); "
                  f"delete it, or give another --data_dir, to simulate one")
 
-def load_dataset(data_dir, split, tok, codec, required=True):
+def load_dataset(data_dir, split, tok, codec, required=True, cot=True):
     """Every dialogue of one split as an encode_dialogue sequence (dict of tensors, see tokenizer.py)."""
     shards = sorted(glob.glob(os.path.join(data_dir, f"{split}_*.pt")))
     if not shards and required:
@@ -206,7 +210,7 @@ def load_dataset(data_dir, split, tok, codec, required=True):
         shard = torch.load(path, weights_only=True)
         for text, raws in zip(shard["dialogues"], shard["audio"]):
             latents = [codec.normalize(raw.float()) for raw in raws]
-            seqs.append(encode_dialogue(json.loads(text), latents, tok))
+            seqs.append(encode_dialogue(json.loads(text), latents, tok, cot))
     return seqs
 
 def user_audio(seq):
@@ -493,9 +497,9 @@ def train(config):
         dist.barrier()
 
     tok, codec = load_tokenizers(config.data_dir)
-    train_seqs = load_dataset(config.data_dir, "train", tok, codec)
+    train_seqs = load_dataset(config.data_dir, "train", tok, codec, cot=config.cot)
     train_seqs += load_dataset(config.data_dir, "listen", tok, codec, required=False)
-    val_seqs = load_dataset(config.data_dir, "val", tok, codec)
+    val_seqs = load_dataset(config.data_dir, "val", tok, codec, cot=config.cot)
     train_rows = pack(train_seqs, config.block_size, config.seed)
     val_rows = pack(val_seqs, config.block_size, config.seed)
     if not train_rows or not val_rows:
