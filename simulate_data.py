@@ -294,7 +294,7 @@ REF = re.compile(r'"[^"]*"|(?:(' + "|".join(ORDINALS) + r') )?(\w+)')   # "words
 PLACEMENT = re.compile(r"start|end|halfway|(after|while) (.+)")
 
 def call_to_text(call):
-    """{"name", "args"} -> one line, e.g. 'speak(ben, "hello my friend", after 1, left)'."""
+    """{"name", "args"} -> one line, e.g. 'speak(ben, "hello my friend", after ava, left)'."""
     args = call["args"]
     return f"{call['name']}({', '.join(json.dumps(args[k]) if k == 'text' else args[k] for k in ARG_ORDER if k in args)})"
 
