@@ -663,11 +663,10 @@ def run_audiochat(model, tok, codec, ep, config):
 
 FROM_TRUTH = "_from_gt_audio"   # the first model's Table 5 system: audiochat_from_gt_audio
 
-def run_from_truth(model, tok, codec, ep, config):
-    """The paper's Table 5: each edit conditioned on ground truth's turns before it (their audio, not the
-    model's own), one sample.Chat per edit -> {"story": ground truth's, "edits": the model's, "before": the
-    ground-truth turn each edit changes, "answer": None}."""
-    truth = run_ground_truth(ep)
+def run_from_truth(model, tok, codec, ep, config, truth):
+    """The paper's Table 5: each edit conditioned on ground truth's turns before it (their audio in `truth`,
+    run_ground_truth's, not the model's own), one sample.Chat per edit -> {"story": ground truth's, "edits":
+    the model's, "before": the ground-truth turn each edit changes, "answer": None}."""
     done, edits = [(ep.story, truth["story"]), *zip(ep.edits, truth["edits"])], []
     for k, request in enumerate(ep.edits, start=1):
         chat = Chat(model, tok, codec, sampler=config.sampler, steps=config.steps, cfg_scale=config.cfg, seed=ep.seed)
@@ -723,7 +722,7 @@ def score_episode(judge, ep, run):
                                   intent, reference_before, ep.seed),
             "deltaMultiFLAM": delta_multiflam(judge, before.wav, after.wav, plan(before, reference_before),
                                               plan(after, request["plan"])) if heard else None,
-            "planFailure": after.failure, "planned": planned, "emb": embedding(judge, after, request["plan"]["duration"])})
+            "planFailure": after.failure, "emb": embedding(judge, after, request["plan"]["duration"])})
         before, reference_before = after, request["plan"]
     if answer is not None and ep.task == "transcribe":
         record["answer"]["tcp"] = tcp_wer(reference_segments(ep.scene), parse_transcript(answer.text))
@@ -971,7 +970,7 @@ def evaluate(config):
         runs.update({name: run_audiochat(model, tok, codec, ep, config) for name, (model, tok, codec, _) in models.items()})
         runs["cascade"] = run_cascade(runs[first], ep)   # the cascades render the first model's plans
         runs["cascade_no_context"] = run_cascade(runs[first], ep, context=False)
-        runs[first + FROM_TRUTH] = run_from_truth(*models[first][:3], ep, config)
+        runs[first + FROM_TRUTH] = run_from_truth(*models[first][:3], ep, config, runs["ground_truth"])
         for name, run in runs.items():
             records[name].append(score_episode(judge, ep, run))
         if i < config.report_n:

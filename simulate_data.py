@@ -352,11 +352,11 @@ def resolve(plan, ref, tool):
         hits = [s for s in plan["sources"] if s.get("text") == ref[1:-1]]
     elif m[2] in VOICES and not m[1]:
         hits = [s for s in plan["sources"] if s.get("voice") == m[2]]
-    else:
-        hits = [s for s in plan["sources"] if s.get("sound") == m[2]]
-        hits = sorted(hits, key=lambda x: (x["start"], x["id"])) if m[1] else hits
-        n = ORDINALS.index(m[1]) if m[1] else 0
-        hits = hits[n:n + 1] if m[1] else hits
+    else:   # in time order, as same_kind counts them
+        hits = sorted((s for s in plan["sources"] if s.get("sound") == m[2]), key=lambda x: (x["start"], x["id"]))
+        if m[1]:
+            n = ORDINALS.index(m[1])
+            hits = hits[n:n + 1]
     if len(hits) != 1:
         have = ", ".join(ref_of(plan, s["id"]) for s in plan["sources"]) or "nothing"
         raise PlanError(f"{tool}: {_show(ref)} names {'no source' if not hits else f'{len(hits)} sources'} "
