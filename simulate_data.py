@@ -11,11 +11,10 @@ the sound designer's tool calls, in the request's own terms; the studio lays the
     python simulate_data.py data              # the dataset `python train.py` simulates (train / listen / val / test)
     python simulate_data.py --demo out/demo   # 3 dialogues as markdown + wav + png
 
-Read line by line: Part 1 the plan, 2 the mixer, 3 the tools and the studio, 4 the agents, 5 the
-dialogues.
-Skim: 6 the picture, 7 the dataset writer, and everything under the "synthesizers" banner at the
-end (DSP helpers, the formant speech synthesizer, the sound effects and the beds): the parts above
-use only their names and the speech timing, never how they sound.
+Read line by line: Part 1 the plan, 2 the mixer, 3 the tools and the studio, 4 the agents, 5 the dialogues.
+Skim: 6 the picture, 7 the dataset writer, and everything under the "synthesizers" banner at the end (DSP
+helpers, the formant speech synthesizer, the sound effects and the beds): the parts above use only their
+names and the speech timing, never how they sound.
 """
 
 import copy
@@ -113,7 +112,6 @@ class PlanError(ValueError):
     past_end: a source starts before 0 s or ends after the story; other: the rest."""
 
     def __init__(self, message, kind="other"):
-        assert kind in PLAN_ERROR_KINDS, kind
         super().__init__(message)
         self.kind = kind
 
@@ -202,15 +200,11 @@ def plan_to_text(plan):
 # another source's stem. Dry signals are cached: re-rendering an edited plan only synthesizes
 # what changed.
 
-def content_key(src):
-    """What a source's sound is made of (not where or how loud it is)."""
-    name = src["voice"] if src["type"] == "speech" else src["sound"]
-    return (src["type"], name, src.get("text", ""), round(src["dur"], 1))
-
 @functools.lru_cache(maxsize=128)
 def dry_signal(seed, sid, kind, name, text, dur):
-    """Mono dry signal (round(dur * SR),) float32 of one source, read-only, from its own
-    generator seeded by (seed, id, content) only."""
+    """Mono dry signal (round(dur * SR),) float32 of one source, read-only, from its own generator
+    seeded by (seed, id, content) only; the content is what its sound is made of: its type, voice or
+    sound name, text ("" for a sound) and dur in s, never where or how loud it plays."""
     rng = np.random.default_rng([seed, sid, zlib.crc32(f"{kind}|{name}|{text}|{dur}".encode())])
     n = round(dur * SR)
     if kind == "speech":
@@ -225,39 +219,28 @@ def dry_signal(seed, sid, kind, name, text, dur):
     x.flags.writeable = False
     return x
 
-def pan_gains(pan):
-    """Constant-power pan law: pan in [-1, 1] -> (left, right) gains with L^2 + R^2 = 1."""
-    theta = (pan + 1) * np.pi / 4
-    return np.cos(theta), np.sin(theta)
-
 def limiter(x, threshold=0.75, ceiling=0.99):
     """Memoryless soft limiter: identity below `threshold`, a tanh knee above that never exceeds
     `ceiling`. Memoryless, because a compressor's release would let a loud new source change
     its neighbours' level, breaking 'an edit changes only what was asked'."""
-    y = x.copy()
-    loud = np.abs(x) > threshold
-    a = np.abs(x[loud])
-    y[loud] = np.sign(x[loud]) * (threshold + (ceiling - threshold) * np.tanh((a - threshold) / (ceiling - threshold)))
-    return y
+    knee = threshold + (ceiling - threshold) * np.tanh((np.abs(x) - threshold) / (ceiling - threshold))
+    return np.where(np.abs(x) > threshold, np.sign(x) * knee, x)
 
 def render(plan, seed, stems=False):
     """Plan -> stereo mix (2, N) float32, N = duration * SR (PlanError if the plan is invalid).
-    With stems=True -> (mix, {id: (2, N) stem}), stems taken before the limiter."""
+    With stems=True -> (mix, {id: (2, N) stem}), stems taken before the limiter. Pan law:
+    constant power (L^2 + R^2 = 1), pan in [-1, 1] -> left, right gains cos, sin of (pan + 1) pi / 4."""
     validate_plan(plan)
     n = round(plan["duration"] * SR)
-    mix = np.zeros((2, n), np.float32)
-    out = {}
+    mix, out = np.zeros((2, n), np.float32), {}
     for s in plan["sources"]:
-        dry = dry_signal(seed, s["id"], *content_key(s))
-        i0 = round(s["start"] * SR)
-        seg = dry[: n - i0]
-        stem = np.zeros((2, n), np.float32)
-        g = 10 ** (s["gain_db"] / 20)
-        for c, p in enumerate(pan_gains(s["pan"])):
-            stem[c, i0:i0 + len(seg)] = g * p * seg
+        name = s["voice"] if s["type"] == "speech" else s["sound"]
+        i0, theta = round(s["start"] * SR), (s["pan"] + 1) * np.pi / 4
+        seg = dry_signal(seed, s["id"], s["type"], name, s.get("text", ""), round(s["dur"], 1))[: n - i0]
+        stem = out[s["id"]] = np.zeros((2, n), np.float32)
+        for c, p in enumerate((np.cos(theta), np.sin(theta))):
+            stem[c, i0:i0 + len(seg)] = 10 ** (s["gain_db"] / 20) * p * seg
         mix += stem
-        if stems:
-            out[s["id"]] = stem
     mix = limiter(mix)
     return (mix, out) if stems else mix
 
