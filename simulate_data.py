@@ -313,33 +313,29 @@ def find(plan, sid, tool):
             return s
     raise PlanError(f"{tool}: source {sid} is gone (an earlier call removed it)", "unknown_ref")
 
-def same_kind(plan, s):
-    """The sources a REF to s must tell it apart from: the voice's lines, or the sound's sources,
-    in time order."""
-    key = "voice" if s["type"] == "speech" else "sound"
-    return sorted((x for x in plan["sources"] if x.get(key) == s[key]), key=lambda x: (x["start"], x["id"]))
+def in_time_order(plan, key, value):
+    """The sources whose `key` (voice, text or sound) is value, in time order: how a REF counts them."""
+    return sorted((s for s in plan["sources"] if s.get(key) == value), key=lambda s: (s["start"], s["id"]))
 
 def ref_of(plan, sid):
     """How the designer names source sid: 'ben' (his only line), '"hello my friend"' (one of
     several lines of its voice), 'bell' or 'second bell'."""
     s = find(plan, sid, "ref")
-    same = same_kind(plan, s)
-    if s["type"] == "speech":
-        return s["voice"] if len(same) == 1 else json.dumps(s["text"])
-    return s["sound"] if len(same) == 1 else f"{ORDINALS[same.index(s)]} {s['sound']}"
+    key = "voice" if s["type"] == "speech" else "sound"
+    same = in_time_order(plan, key, s[key])
+    if len(same) == 1:
+        return s[key]
+    return json.dumps(s["text"]) if key == "voice" else f"{ORDINALS[same.index(s)]} {s['sound']}"
 
 def resolve(plan, ref, tool):
     """A REF -> the one source of plan it names. PlanError (unknown_ref) for none or several."""
-    m = REF.fullmatch(ref)
+    ordinal, name = REF.fullmatch(ref).groups()
     if ref[0] == '"':
-        hits = [s for s in plan["sources"] if s.get("text") == ref[1:-1]]
-    elif m[2] in VOICES and not m[1]:
-        hits = [s for s in plan["sources"] if s.get("voice") == m[2]]
-    else:   # in time order, as same_kind counts them
-        hits = sorted((s for s in plan["sources"] if s.get("sound") == m[2]), key=lambda x: (x["start"], x["id"]))
-        if m[1]:
-            n = ORDINALS.index(m[1])
-            hits = hits[n:n + 1]
+        hits = in_time_order(plan, "text", ref[1:-1])
+    else:
+        hits = in_time_order(plan, "voice" if name in VOICES and not ordinal else "sound", name)
+    if ordinal:
+        hits = hits[ORDINALS.index(ordinal):][:1]
     if len(hits) != 1:
         have = ", ".join(ref_of(plan, s["id"]) for s in plan["sources"]) or "nothing"
         raise PlanError(f"{tool}: {_show(ref)} names {'no source' if not hits else f'{len(hits)} sources'} "
@@ -374,7 +370,7 @@ def place(plan, src, at, ref, rng, last):
     else:     # anywhere: for a line, a time when its voice is silent
         free = [t / 10 for t in range(int((D - d) * 10 + 1e-6) + 1) if all(
             s.get("voice") != src.get("voice") or t / 10 >= s["start"] + s["dur"] or t / 10 + d <= s["start"] for s in fg)]
-        start = free[int(rng.integers(len(free)))] if free else 0.0
+        start = pick(rng, free) if free else 0.0
     return min(max(0.0, ceil_tenth(start)), round(D - d, 1))
 
 def run_calls(calls, plan, seed):
@@ -399,14 +395,12 @@ def run_calls(calls, plan, seed):
             sid = max((s["id"] for s in plan["sources"]), default=0) + 1
             rng = np.random.default_rng([seed, sid])
             kind = "speech" if name == "speak" else name
-            src = {"id": sid, "type": kind, **{k: a[k] for k in ("voice", "text", "sound") if k in a}}
+            src = {"id": sid, "type": kind, **{k: a[k] for k in ("voice", "text", "sound") if k in a}, "start": 0.0}
             src["dur"] = derived_dur(src) or plan["duration"]
-            if src["type"] in ("speech", "sfx"):
-                at, ref = PLACEMENT.fullmatch(a["at"]).groups() if a.get("at", "").startswith(("after", "while")) \
-                    else (a.get("at"), None)
-                src["start"] = place(plan, src, at, ref and lookup(ref, at), rng, last)
-            else:
-                src["start"] = 0.0
+            if kind in ("speech", "sfx"):   # a bed starts at 0 s and lasts the whole story
+                m = PLACEMENT.fullmatch(a.get("at", ""))   # None: the call leaves the time open
+                at, ref = (m[1] or m[0], m[2] and lookup(m[2], m[1])) if m else (None, None)
+                src["start"] = place(plan, src, at, ref, rng, last)
             src["gain_db"] = int(rng.integers(GAIN_RANGES[kind][0], GAIN_RANGES[kind][1] + 1))
             src["pan"] = pan_for(a.get("side"), rng) if kind in ("speech", "sfx") else 0.0
             plan["sources"].append({k: src[k] for k in SOURCE_KEYS[kind]})
