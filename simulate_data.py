@@ -622,22 +622,19 @@ class UserAgent:
 
     def request(self, phase, plan, rng):
         """phase: "story" | "edit" | "understand" -> (text, intent)."""
-        if phase == "story":
-            intent = self.story_intent(rng)
-            return self.word_story(intent, rng), intent
-        if phase == "edit":
-            intent = self.edit_intent(plan, rng)
-            return self.word_edit(intent, plan, rng), intent
-        task = pick(rng, ["transcribe", "describe"])
-        return pick(rng, UNDERSTAND_WORDS[task]), {"kind": "understand", "task": task}
+        if phase == "understand":
+            task = pick(rng, ["transcribe", "describe"])
+            return pick(rng, UNDERSTAND_WORDS[task]), {"kind": "understand", "task": task}
+        story = phase == "story"
+        intent = self.story_intent(rng) if story else self.edit_intent(plan, rng)
+        return (self.word_story(intent, rng) if story else self.word_edit(intent, plan, rng)), intent
 
     def story_intent(self, rng):
         """1-3 lines by 1-2 voices, 0-2 sound effects, 0-2 beds: 2-5 sources whose foreground
         takes at most 4.6 s (the studio's story then lasts about 4-7 s)."""
         while True:
             voices = list(rng.choice(list(VOICES), size=int(rng.integers(1, 3)), replace=False))
-            n_lines = int(rng.integers(len(voices), 4))
-            n_sfx = int(rng.integers(0, 3))
+            n_lines, n_sfx = int(rng.integers(len(voices), 4)), int(rng.integers(0, 3))
             beds = [b for b, p in (("ambience", 0.5), ("music", 0.3)) if rng.random() < p]
             if not 2 <= n_lines + n_sfx + len(beds) <= 5:
                 continue
@@ -651,23 +648,21 @@ class UserAgent:
             for i, e in enumerate(events):   # 'while' only right after a line (a later insert may split them)
                 if e["type"] == "sfx":
                     e["during"] = e["during"] and events[i - 1]["type"] == "speech"
-            busy = sum(derived_dur(e) for e in events if not e.get("during"))
-            if busy <= 4.6:
-                bed_list = [{"type": b, "sound": pick(rng, list(SOUNDS[b]))} for b in beds]
-                return {"kind": "story", "events": events, "beds": bed_list}
+            if sum(derived_dur(e) for e in events if not e.get("during")) <= 4.6:
+                beds = [{"type": b, "sound": pick(rng, list(SOUNDS[b]))} for b in beds]
+                return {"kind": "story", "events": events, "beds": beds}
 
     def word_story(self, intent, rng):
+        """A story intent in words: an opening, its events in order (a 'while' one joined to the
+        line before it), then its beds."""
         parts = []
         for e in intent["events"]:
             where = pick(rng, WHERE_WORDS[e["where"]])
-            if e["type"] == "speech":
-                clause = pick(rng, SAY_WORDS).format(voice=e["voice"], text=e["text"], where=where)
-            else:
-                clause = pick(rng, SOUND_WORDS[e["sound"]][0]) + where
+            clause = (pick(rng, SAY_WORDS).format(voice=e["voice"], text=e["text"], where=where) if e["type"] == "speech"
+                      else pick(rng, SOUND_WORDS[e["sound"]][0]) + where)
             if e.get("during"):
-                parts[-1] += pick(rng, WHILE_WORDS).format(clause=clause)
-            else:
-                parts.append(clause)
+                clause = parts.pop() + pick(rng, WHILE_WORDS).format(clause=clause)
+            parts.append(clause)
         text = pick(rng, STORY_OPENINGS) + parts[0]
         for p in parts[1:]:
             j = pick(rng, STORY_JOINERS)
@@ -680,22 +675,18 @@ class UserAgent:
         """One edit of a random kind (or of `kind`) on a random source of the plan (ids in the intent)."""
         srcs = plan["sources"]
         kind = kind or pick(rng, EDIT_KINDS)
-        if not srcs:          # everything was removed: the only possible edit is an add
+        if not srcs or kind == "remove" and len(srcs) == 1:   # nothing to edit, or to remove: add a source
             kind = "add"
         if kind == "multi":   # two ops on different sources, at most one of them an add
             while True:       # redraw both: a fixed first op could admit no valid second one
                 ops = [self.edit_intent(plan, rng, pick(rng, EDIT_KINDS[:-1])),
                        self.edit_intent(plan, rng, "add" if len(srcs) < 2 else pick(rng, EDIT_KINDS[:-1]))]
-                adds = [op for op in ops if op["edit"] == "add"]
+                adds, removes = ([op for op in ops if op["edit"] == e] for e in ("add", "remove"))
                 targets = [op["target"] for op in ops if "target" in op]
-                removes = [op for op in ops if op["edit"] == "remove"]
                 if len(adds) < 2 and len(removes) < len(srcs) and len(set(targets)) == len(targets) and \
                         not any(op.get("after") in targets for op in adds):
                     return {"kind": "edit", "edit": "multi", "ops": ops}
-        if kind == "remove" and len(srcs) < 2:
-            kind = "add"
         if kind == "add":
-            have = {s["sound"] for s in srcs if s["type"] != "speech"}
             voices = sorted({s["voice"] for s in srcs if s["type"] == "speech"})
             choice = pick(rng, ["sfx", "sfx", "speech", "bed"])
             if choice == "speech":
@@ -704,28 +695,25 @@ class UserAgent:
             elif choice == "bed" and not any(s["type"] in ("ambience", "music") for s in srcs):
                 b = pick(rng, ["ambience", "music"])
                 new = {"type": b, "sound": pick(rng, list(SOUNDS[b]))}
-            else:
-                new = {"type": "sfx", "sound": pick(rng, [s for s in SFX if s not in have])}
+            else:   # a sound effect the story does not have yet
+                new = {"type": "sfx", "sound": pick(rng, [s for s in SFX if s not in {x.get("sound") for x in srcs}])}
             op = {"kind": "edit", "edit": "add", "source": new, "when": None, "where": None}
             if new["type"] in ("speech", "sfx"):
                 fg = [s for s in srcs if s["type"] in ("speech", "sfx")]
-                op["when"] = pick(rng, ["start", "end", "halfway", "after", None] if fg else ["start", "end", "halfway", None])
+                op["when"] = pick(rng, [w for w in ("start", "end", "halfway", "after", None) if fg or w != "after"])
                 op["where"] = pick(rng, ["left", "right", "center", None])
                 if op["when"] == "after":
                     op["after"] = pick(rng, fg)["id"]
             return op
         target = pick(rng, srcs)
         op = {"kind": "edit", "edit": kind, "target": target["id"]}
-        if kind == "change":
-            if target["type"] == "speech":
-                others = {s["voice"] for s in srcs if s["type"] == "speech" and s is not target}
-                if rng.random() < 0.5:   # another voice, keeping the story at two voices at most
-                    voices = sorted(others) if len(others) >= 2 else list(VOICES)
-                    op["to"] = {"voice": pick(rng, [v for v in voices if v != target["voice"]])}
-                else:
-                    op["to"] = {"text": random_line(rng, max_words=4)}
-            else:
-                op["to"] = {"sound": pick(rng, [s for s in SOUNDS[target["type"]] if s != target["sound"]])}
+        if kind == "change" and target["type"] != "speech":
+            op["to"] = {"sound": pick(rng, [s for s in SOUNDS[target["type"]] if s != target["sound"]])}
+        elif kind == "change" and rng.random() < 0.5:   # another voice, keeping the story at two voices at most
+            others = sorted({s["voice"] for s in srcs if s["type"] == "speech" and s is not target})
+            op["to"] = {"voice": pick(rng, [v for v in (others if len(others) >= 2 else VOICES) if v != target["voice"]])}
+        elif kind == "change":
+            op["to"] = {"text": random_line(rng, max_words=4)}
         elif kind == "volume":
             amount = pick(rng, [3, 6, 6, 10])
             can_up, can_down = target["gain_db"] + amount <= GAIN_RANGE[1], target["gain_db"] - amount >= GAIN_RANGE[0]
@@ -757,12 +745,8 @@ class UserAgent:
                     else pick(rng, WHEN_WORDS[op["when"]]))
             where = pick(rng, WHERE_WORDS[op["where"]])
             return what + (when + where if rng.random() < 0.5 else where + when)
-        s = find(plan, op["target"], op["edit"])
-        key, to = op["edit"], op.get("to", {})
-        if key == "change":
-            key = "change_" + ("sound" if "sound" in to else "voice" if "voice" in to else "text")
-        elif key == "volume":
-            key = op["direction"]
+        s, to = find(plan, op["target"], op["edit"]), op.get("to", {})   # a change's new voice, text or sound
+        key = {"change": f"change_{next(iter(to), '')}", "volume": op.get("direction")}.get(op["edit"], op["edit"])
         how = pick(rng, HOW_WORDS[op["amount"]]) if "amount" in op else ""
         side = [pick(rng, ways) for ways in SIDE_WORDS[op["where"]]] if "where" in op else ("", "")
         words = dict(ref=self.refer(plan, s["id"], rng), voice=to.get("voice"), text=to.get("text"),
@@ -771,12 +755,12 @@ class UserAgent:
         return pick(rng, EDIT_WORDS[key]).format(**words)
 
     def word_edit(self, intent, plan, rng):
-        if intent["edit"] == "multi":
-            a, b = (self.word_op(op, plan, rng) for op in intent["ops"])
-            text = pick(rng, MULTI_WORDS).format(a=a, b=b)
-        else:
-            text = self.word_op(intent, plan, rng)
+        """An edit intent in words: its one op, or its two joined (MULTI_WORDS); a sentence."""
+        ops = [self.word_op(op, plan, rng) for op in intent.get("ops", [intent])]
+        text = pick(rng, MULTI_WORDS).format(a=ops[0], b=ops[1]) if len(ops) == 2 else ops[0]
         return text[0].upper() + text[1:] + "."
+
+EDIT_TOOLS = {"remove": "remove", "volume": "set_gain", "move": "set_pan", "change": "replace"}   # an edit's tool
 
 class DesignerAgent:
     """The simulated sound designer: respond(plan, intent) -> tool calls. It reads the structured
@@ -794,31 +778,26 @@ class DesignerAgent:
                 lines += [e] if e["type"] == "speech" else []
             return calls + [self.create(b, None, None) for b in intent["beds"]]
         calls = []
-        for op in intent["ops"] if intent["edit"] == "multi" else [intent]:
+        for op in intent.get("ops", [intent]):
             e = op["edit"]
             if e == "add":
                 at = f"after {ref_of(plan, op['after'])}" if op["when"] == "after" else op["when"]
                 calls.append(self.create(op["source"], at, op["where"]))
-            elif e == "remove":
-                calls.append({"name": "remove", "args": {"ref": ref_of(plan, op["target"])}})
-            elif e == "volume":
-                step = next(k for k, db in STEPS.items() if db == op["amount"] * (1 if op["direction"] == "up" else -1))
-                calls.append({"name": "set_gain", "args": {"ref": ref_of(plan, op["target"]), "step": step}})
-            elif e == "move":
-                calls.append({"name": "set_pan", "args": {"ref": ref_of(plan, op["target"]), "side": op["where"]}})
-            else:
-                s = find(plan, op["target"], "replace")   # the user names a line to change by its words
-                ref = json.dumps(s["text"]) if s["type"] == "speech" else ref_of(plan, s["id"])
-                calls.append({"name": "replace", "args": {"ref": ref, **op["to"]}})
+                continue
+            s = find(plan, op["target"], e)   # the user names a line to change by its words
+            ref = json.dumps(s["text"]) if e == "change" and s["type"] == "speech" else ref_of(plan, s["id"])
+            sign = 1 if op.get("direction") == "up" else -1
+            args = ({"step": next(k for k, db in STEPS.items() if db == sign * op["amount"])} if e == "volume" else
+                    {"side": op["where"]} if e == "move" else op.get("to", {}))
+            calls.append({"name": EDIT_TOOLS[e], "args": {"ref": ref, **args}})
         return calls
 
     def create(self, src, at, side):
-        """The call that creates src (dict with type and voice/text or sound), placed `at`, on `side`."""
-        name = {"speech": "speak"}.get(src["type"], src["type"])
+        """The call that creates src (dict with type and voice/text or sound), placed `at`, on `side`
+        (both None for a bed)."""
         args = {k: src[k] for k in ("voice", "text", "sound") if k in src}
-        if src["type"] in ("speech", "sfx"):
-            args.update({k: v for k, v in (("at", at), ("side", side)) if v})
-        return {"name": name, "args": args}
+        args.update({k: v for k, v in (("at", at), ("side", side)) if v})
+        return {"name": "speak" if src["type"] == "speech" else src["type"], "args": args}
 
 
 # -----------------------------------------------------------------------------
