@@ -817,25 +817,25 @@ def caption(plan):
     rows = sorted((s["start"], s["start"] + s["dur"], s.get("voice") or s["sound"]) for s in plan["sources"])
     return "\n".join(f"{a:.1f}-{b:.1f} {name}" for a, b, name in rows)
 
-def _turn(user, designer, plan, seed, phase, rng):
+def _turn(plan, seed, phase, rng):
     """One user request + the designer's calls, run by the studio -> (text, intent, calls, new plan).
     The agents may propose the impossible (a line that no longer fits, a voice over itself): the
     studio refuses with a PlanError and the user asks for something else."""
     for _ in range(200):
-        text, intent = user.request(phase, plan, rng)
-        calls = designer.respond(plan, intent)
+        text, intent = UserAgent().request(phase, plan, rng)
+        calls = DesignerAgent().respond(plan, intent)
         try:
             return text, intent, calls, run_calls(calls, plan, seed)
         except PlanError:
             continue
     raise RuntimeError(f"no feasible {phase} request found in 200 tries")
 
-def understanding_turns(user, designer, rng, audios):
+def understanding_turns(rng, audios):
     """The user supplies a fresh, independent scene and asks for its transcript or its caption
     -> [user turn, assistant turn]; the scene's audio is appended to audios."""
-    text, intent = user.request("understand", None, rng)
+    text, intent = UserAgent().request("understand", None, rng)
     scene_seed = int(rng.integers(2 ** 31))
-    scene = _turn(user, designer, None, scene_seed, "story", rng)[3]
+    scene = _turn(None, scene_seed, "story", rng)[3]
     audios.append(render(scene, scene_seed))
     answer = transcript(scene) if intent["task"] == "transcribe" else caption(scene)
     return [{"role": "user", "text": text, "audio": len(audios) - 1, "intent": {**intent, "scene_seed": scene_seed}},
@@ -846,16 +846,14 @@ def make_dialogue(seed):
     1-2 edit turns (all rendered with the same seed, so untouched sources stay sample-identical),
     then an understanding turn about a fresh, independent scene. An assistant audio turn's text
     is its tool calls, its "tool" the studio's answer (plan_to_text), its "plan" that plan."""
-    rng = np.random.default_rng(seed)
-    user, designer = UserAgent(), DesignerAgent()
-    plan, turns, audios = None, [], []
+    rng, plan, turns, audios = np.random.default_rng(seed), None, [], []
     for phase in ["story"] + ["edit"] * int(rng.integers(1, 3)):
-        text, intent, calls, plan = _turn(user, designer, plan, seed, phase, rng)
+        text, intent, calls, plan = _turn(plan, seed, phase, rng)
         audios.append(render(plan, seed))
         turns.append({"role": "user", "text": text, "intent": intent})
         turns.append({"role": "assistant", "text": "\n".join(map(call_to_text, calls)), "tool": plan_to_text(plan),
                       "plan": plan, "audio": len(audios) - 1})
-    turns += understanding_turns(user, designer, rng, audios)
+    turns += understanding_turns(rng, audios)
     return {"seed": seed, "turns": turns}, audios
 
 LISTENING_TURNS = (2, 6)   # understanding turns per listening dialogue (inclusive range)
@@ -864,11 +862,9 @@ def make_listening_dialogue(seed):
     """seed -> (dialogue, audios) like make_dialogue, but only understanding turns: 2-6 fresh
     scenes to transcribe or describe. Hearing is learned from clips, and these give more clips
     per simulated second than full dialogues, spread over the positions of a sequence."""
-    rng = np.random.default_rng(seed)
-    user, designer = UserAgent(), DesignerAgent()
-    turns, audios = [], []
+    rng, turns, audios = np.random.default_rng(seed), [], []
     for _ in range(int(rng.integers(LISTENING_TURNS[0], LISTENING_TURNS[1] + 1))):
-        turns += understanding_turns(user, designer, rng, audios)
+        turns += understanding_turns(rng, audios)
     return {"seed": seed, "turns": turns}, audios
 
 
