@@ -130,8 +130,7 @@ def phoneme_timeline(voice, text):
     if unknown:
         raise PlanError(f"unknown word {_show(unknown[0])} in {_show(text)}: lines use the {len(VOCAB)}-word "
                         "vocabulary (VOCAB)", "malformed")
-    rate = VOICES[voice].rate
-    segs, t = [], 0.0
+    rate, segs, t = VOICES[voice].rate, [], 0.0
     for wi, word in enumerate(words):
         if wi:
             t += WORD_GAP / rate
@@ -330,10 +329,8 @@ def ref_of(plan, sid):
 def resolve(plan, ref, tool):
     """A REF -> the one source of plan it names. PlanError (unknown_ref) for none or several."""
     ordinal, name = REF.fullmatch(ref).groups()
-    if ref[0] == '"':
-        hits = in_time_order(plan, "text", ref[1:-1])
-    else:
-        hits = in_time_order(plan, "voice" if name in VOICES and not ordinal else "sound", name)
+    key = "text" if ref[0] == '"' else "voice" if name in VOICES and not ordinal else "sound"   # "words" | voice | sound
+    hits = in_time_order(plan, key, ref[1:-1] if key == "text" else name)
     if ordinal:
         hits = hits[ORDINALS.index(ordinal):][:1]
     if len(hits) != 1:
@@ -1113,26 +1110,21 @@ SPEECH_TAIL = 0.03   # s of release after the last phoneme
 
 def _one_slip(code):
     """Every phoneme sequence one substitution, insertion or deletion away from code, and code."""
-    out = {code}
-    for i in range(len(code) + 1):
-        out.update(code[:i] + (p,) + code[i:] for p in PHONEMES)           # insertions
-        if i < len(code):
-            out.add(code[:i] + code[i + 1:])                                # deletions
-            out.update(code[:i] + (p,) + code[i + 1:] for p in PHONEMES)   # substitutions
-    return out
+    splits = [(code[:i], code[i:]) for i in range(len(code) + 1)]
+    return ({code} | {a + (p,) + b for a, b in splits for p in PHONEMES}            # insertions
+            | {a + b[1:] for a, b in splits if b}                                  # deletions
+            | {a + (p,) + b[1:] for a, b in splits if b for p in PHONEMES})        # substitutions
 
 def _assign_word_codes():
     """A fixed phoneme code per word: CVC for one syllable, CVCV or CVCVC for more, drawn until it
     is >= 2 phoneme edits from every earlier code (no two words one slip apart)."""
-    rng = np.random.default_rng(1234)
-    shapes = ["CVC", "CVCV", "CVCVC"]
-    codes, taken = {}, set()
+    rng, codes, taken = np.random.default_rng(1234), {}, set()
     for word in VOCAB:
         groups = len(re.findall("[aeiouy]+", word))          # vowel groups: about the syllables
         groups -= word.endswith("e") and groups > 1          # silent final e: "home" is one syllable
         level = 0 if groups <= 1 else 1 + int(rng.integers(2))
         for attempt in range(10_000):   # when the short codes run out, a longer shape
-            shape = shapes[min(level + attempt // 300, 2)]
+            shape = ("CVC", "CVCV", "CVCVC")[min(level + attempt // 300, 2)]
             code = tuple(pick(rng, VOWELS) if s == "V" else pick(rng, CONSONANTS) for s in shape)
             if code not in taken:
                 codes[word] = code
@@ -1165,8 +1157,7 @@ def synth_speech(voice, text, rng):
     known = ~np.isnan(F[0])   # during noise and silence the tract already moves to the next sound
     F = np.stack([np.interp(idx, idx[known], row[known]) for row in F]) * v.formant
     F, av = smooth(F, 7), smooth(av, 5)
-    t = idx * CTRL / SR
-    f0 = v.f0 * (1 + 0.06 - 0.12 * t / max(end, 1e-3)) * (1 + smooth(accent, 15)) \
+    f0 = v.f0 * (1 + 0.06 - 0.12 * (idx * CTRL / SR) / max(end, 1e-3)) * (1 + smooth(accent, 15)) \
         * (1 + 0.02 * (random_curve(rng, C * CTRL, 4, CTRL) - 0.5))
     x = formant_tone(f0, F, np.array([90, 110, 170]) * v.formant, v.tilt, n, top=4000, amp=av)
     voiced = upsample(av, n)
