@@ -390,8 +390,7 @@ def run_calls(calls, plan, seed):
             raise PlanError("new_story() starts a turn, it cannot come in the middle of one")
         if name in ("speak", "sfx", "ambience", "music"):
             sid = max((s["id"] for s in plan["sources"]), default=0) + 1
-            rng = np.random.default_rng([seed, sid])
-            kind = "speech" if name == "speak" else name
+            rng, kind = np.random.default_rng([seed, sid]), "speech" if name == "speak" else name
             src = {"id": sid, "type": kind, **{k: a[k] for k in ("voice", "text", "sound") if k in a}, "start": 0.0}
             src["dur"] = derived_dur(src) or plan["duration"]
             if kind in ("speech", "sfx"):   # a bed starts at 0 s and lasts the whole story
@@ -672,7 +671,7 @@ class UserAgent:
         """One edit of a random kind (or of `kind`) on a random source of the plan (ids in the intent)."""
         srcs = plan["sources"]
         kind = kind or pick(rng, EDIT_KINDS)
-        if not srcs or kind == "remove" and len(srcs) == 1:   # nothing to edit, or to remove: add a source
+        if not srcs or kind == "remove" and len(srcs) == 1:   # an empty story, or a remove that would empty it
             kind = "add"
         if kind == "multi":   # two ops on different sources, at most one of them an add
             while True:       # redraw both: a fixed first op could admit no valid second one
@@ -781,7 +780,7 @@ class DesignerAgent:
                 at = f"after {ref_of(plan, op['after'])}" if op["when"] == "after" else op["when"]
                 calls.append(self.create(op["source"], at, op["where"]))
                 continue
-            s = find(plan, op["target"], e)   # the user names a line to change by its words
+            s = find(plan, op["target"], e)   # a line to change is named by its words, as the user does
             ref = json.dumps(s["text"]) if e == "change" and s["type"] == "speech" else ref_of(plan, s["id"])
             sign = 1 if op.get("direction") == "up" else -1
             args = ({"step": next(k for k, db in STEPS.items() if db == sign * op["amount"])} if e == "volume" else
