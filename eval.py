@@ -31,14 +31,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from tokenizer import SR, HOP, FRAME_RATE, N_MELS, AudioCodec
+from tokenizer import HOP, FRAME_RATE, N_MELS, AudioCodec
 from model import AudioChatModel, document_split, flex_block_mask, transfusion_mask
 from diffusion import SAMPLERS, cfg, rand, sample_audio, transfusion_forcing_loss
 from train import (PRESETS, TrainConfig, autocast_for, collate, load_checkpoint, load_dataset, load_tokenizers, model_config,
                    opt, pack, parse_config, pick_device, plot_losses, user_audio)
 from sample import Chat, Turn
-from simulate_data import (AMBIENCES, EDIT_KINDS, MUSIC, PLAN_ERROR_KINDS, SFX, VOICES, DesignerAgent, PlanError,
-                           UserAgent, dry_signal, find, pick, plan_to_text, plot_story, render, run_calls, side_of)
+from simulate_data import (EDIT_KINDS, PLAN_ERROR_KINDS, DesignerAgent, PlanError, UserAgent, dry_signal, find,
+                           plan_to_text, plot_story, render, run_calls, side_of)
+from world import AMBIENCES, MUSIC, SFX, SR, VOICES, pick
 
 # -----------------------------------------------------------------------------
 # Part 1: the metrics (read line by line)

@@ -33,8 +33,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tokenizer import SR, HOP, PATCH, SPECIAL_TOKENS, AudioCodec
+from tokenizer import HOP, PATCH, SPECIAL_TOKENS, AudioCodec
 from simulate_data import MAX_DURATION, PlanError, parse_calls, plan_to_text, plot_story, run_calls
+from world import SR
 from diffusion import SAMPLERS, check_sampling, sample_audio
 from train import load_checkpoint, one_line, opt, parse_config, pick_device
 

@@ -22,10 +22,10 @@ sys.path.insert(0, HERE)
 import eval as E
 import simulate_data
 import train
-from simulate_data import (AMBIENCES, EDIT_KINDS, LISTENING_TURNS, MAX_DURATION, MUSIC, PLAN_ERROR_KINDS, SFX,
-                           SPLIT_SEEDS, SR, VOCAB, VOICES, WORD_CODES, PlanError, UserAgent, call_to_text, caption,
-                           dry_signal, make_dialogue, make_listening_dialogue, parse_calls, plan_to_text, render,
-                           run_calls, speech_duration, synth_speech, transcript, validate_plan)
+from simulate_data import (EDIT_KINDS, LISTENING_TURNS, MAX_DURATION, PLAN_ERROR_KINDS, SPLIT_SEEDS, PlanError,
+                           UserAgent, call_to_text, caption, dry_signal, make_dialogue, make_listening_dialogue,
+                           parse_calls, plan_to_text, render, run_calls, transcript, validate_plan)
+from world import AMBIENCES, MUSIC, SFX, SR, VOCAB, VOICES, WORD_CODES, speech_duration, synth_speech
 from tokenizer import BPETokenizer, AudioCodec, encode_dialogue, SPECIAL_TOKENS, HOP, FRAME_RATE, N_MELS, PATCH, LATENT_DIM
 from model import AudioChatModel, ModelConfig, rotary, rotate, span_positions, transfusion_mask
 from diffusion import add_noise, alpha_sigma, cfg, ddim_sample, dpmpp_2m_sample, sample_audio, sample_noise_levels, \
@@ -185,7 +185,7 @@ def test_render_is_seeded_and_every_sound_renders_cleanly():
 
 def test_speech_is_learnable():
     """Ridge regression on log-mels tells words of unseen voices and of an unseen seed, voices of unseen words."""
-    from simulate_data import _one_slip
+    from world import _one_slip
     codes = list(WORD_CODES.values())   # no two words one slip apart
     assert len(set(codes)) == len(VOCAB) >= 100 and not any(set(_one_slip(c)) & set(codes[:i] + codes[i + 1:])
                                                             for i, c in enumerate(codes))

@@ -25,10 +25,11 @@ from collections import Counter
 import numpy as np
 import torch
 
-# -----------------------------------------------------------------------------
-# constants (owned here; every other file imports them: this file imports no other of the project)
+from world import SR   # Hz, the audio format of the whole project (the toy world's)
 
-SR = 16000                    # Hz, the audio format of the whole project (stereo float32, (2, N))
+# -----------------------------------------------------------------------------
+# constants (owned here, SR aside; every other file imports them: this file imports only SR from world.py)
+
 FRAME_RATE = 40               # frames per second: the paper's VAE latent rate
 HOP = SR // FRAME_RATE        # 400 samples between frames
 N_FFT = 1024                  # STFT window: 64 ms, long enough to resolve a voice's harmonics
