@@ -422,8 +422,7 @@ def test_model_what_each_output_sees():
 def test_mot_sends_each_modality_through_its_own_weights():
     """MoT: text tokens use only the text copies, audio tokens only the audio copies; attention is shared."""
     mot, (tokens, audio, t, span_id) = tiny_model(arch="mot"), random_batch()
-    text_only = (tokens, audio, t, torch.full_like(span_id, -1))
-    for inputs, unused in ((text_only, "audio"), (random_batch(), None)):
+    for inputs, unused in (((tokens, audio, t, torch.full_like(span_id, -1)), "audio"), (random_batch(), None)):   # no span
         mot.zero_grad()
         logits, v = mot(*inputs)
         (logits.square().mean() + v.square().mean()).backward()
@@ -531,8 +530,7 @@ def test_caches_match_full_forward():
     layout = [("text", 5), ("audio", 4), ("text", 3), ("audio", 3), ("text", 3)]
     tokens, audio, span_id = (z[None] for z in random_sequence(layout, seed=4))
     t = torch.where(span_id >= 0, torch.rand(span_id.shape), 0.0)
-    chunks = [*(slice(i, i + 1) for i in range(5)), slice(5, 9), *(slice(i, i + 1) for i in range(9, 12)), slice(12, 15),
-              *(slice(i, i + 1) for i in range(15, 18))]
+    chunks = [slice(a, b) for a, b in itertools.pairwise([*range(6), 9, 10, 11, 12, 15, 16, 17, 18])]   # a span whole
     for arch in ("sct", "dense", "mot"):   # text: the U layers; a span: all layers, G catching up
         model = tiny_model(arch=arch)
         logits, v = model(tokens, audio, t, span_id)
@@ -614,9 +612,8 @@ def test_train_resume_is_exact():
     assert {f"val_x0_t{k}" for k in range(5)} <= set(open(os.path.join(straight, "log.csv")).readline().strip().split(","))
     ckpt = torch.load(os.path.join(straight, "ckpt.pt"), weights_only=True)
     assert ckpt["iter_num"] == 6 and {"model", "optimizer", "model_args", "config", "tokenizer", "codec"} <= set(ckpt)
-    val = ckpt["val"]   # the last validation: losses, and the x0-hat error in 5 bins of the noise level
-    assert set(val) == {"loss", "ce", "mse", "x0_err"} and len(val["x0_err"]) == 5
-    assert val["x0_err"][-1] > 0.5, val   # nearly untrained: at t near 1 it knows almost nothing of x0
+    val = ckpt["val"]   # the last validation: losses, the x0-hat error in 5 bins of the noise level (near t = 1, nearly
+    assert set(val) == {"loss", "ce", "mse", "x0_err"} and len(val["x0_err"]) == 5 and val["x0_err"][-1] > 0.5, val  # all)
     run_train(f"--out_dir={half}", "--max_iters=3", *flags)
     resumed = run_train(f"--out_dir={half}", "--max_iters=6", "--init_from=resume", *flags)
     a, b = ([float(r["loss"]) for r in rs if r.get("loss", "") != ""] for rs in (rows, resumed))
@@ -758,17 +755,15 @@ def test_chat_cached_decoding_equals_full_recompute_and_bad_turns_are_reported()
 
 def test_load_audio_resamples_and_refuses_long_audio():
     import soundfile as sf
-    path = os.path.join(TMP, "mono44k.wav")
-    sf.write(path, (0.3 * np.sin(2 * np.pi * 440 * np.arange(int(44100 * 1.25)) / 44100)).astype(np.float32), 44100)
+    path, t = os.path.join(TMP, "mono44k.wav"), np.arange(2 * 44100) / 44100
+    sf.write(path, (0.3 * np.sin(2 * np.pi * 440 * t[:int(44100 * 1.25)])).astype(np.float32), 44100)
     wav = load_audio(path)
     assert wav.shape == (2, 20800) and np.allclose(wav[0], wav[1])  # 1.25 s -> 1.3 s of whole tenths, mono -> stereo
     assert abs(np.argmax(np.abs(np.fft.rfft(wav[0, :16000]))) - 440) <= 1   # still at 440 Hz after resampling
     sf.write(path, np.zeros(16000 * 9, np.float32), 16000)
     raises(ValueError, lambda: load_audio(path), "at most")
-    edge = np.zeros(2 * 44100, np.float32)   # silent 1 s, then loud to the last sample: its end must not wrap to 0 s
-    edge[44100:] = 0.8 * np.sin(2 * np.pi * 440 * np.arange(44100) / 44100)
-    sf.write(path, edge, 44100)
-    wav = load_audio(path)
+    sf.write(path, (0.8 * np.sin(2 * np.pi * 440 * t) * (t >= 1)).astype(np.float32), 44100)
+    wav = load_audio(path)   # silent 1 s, then loud to the last sample: its end must not wrap to 0 s
     assert np.abs(wav[:, :int(0.95 * SR)]).max() < 1e-3 and abs(np.abs(wav[:, int(1.1 * SR):]).max() - 0.8) < 0.01
     pcm = (0.5 * np.sin(np.arange(SR) / 10) * 32767).astype(np.int16)   # integer samples are scaled like a wav file's
     assert abs(np.abs(load_audio(pcm)).max() - 0.5) < 1e-3
