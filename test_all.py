@@ -110,7 +110,7 @@ def test_validate_plan_and_tool_calls_refuse_with_the_kinds_eval_counts():
     assert plan == again and raises(PlanError, lambda: run_calls(parse_calls("remove(ava)"), None, 0)).kind == "other"
     two = run_calls(parse_calls("sfx(dog_bark, end)"), plan, 0)   # two barks: the user says which, and so does a REF
     for ref, sid in [("first dog_bark", 2), ("second dog_bark", 4), ('"the old dog runs home"', 1), ("ava", 1)]:
-        assert [s["id"] for s in run_calls(parse_calls(f"remove({ref})"), two, 0)["sources"]] == [i for i in (1, 2, 3, 4) if i != sid]
+        assert {s["id"] for s in run_calls(parse_calls(f"remove({ref})"), two, 0)["sources"]} == {1, 2, 3, 4} - {sid}, ref
     assert raises(PlanError, lambda: run_calls(parse_calls("remove(dog_bark)"), two, 0), "2 sources").kind == "unknown_ref"
     rng = np.random.default_rng(0)   # any text at all: calls that run, or a PlanError
     pieces = ["speak(", "sfx(", "remove(", "set_gain(", "replace(", "new_story()", ")", ", ", '"', "ava", "bell", "home",
@@ -378,10 +378,10 @@ def backend_outputs(attn, doc_id=None, device="cpu", arch="sct"):
 
 def test_model_attention_backends_agree():
     """math, sdpa and flex: the same outputs, packed or not; math and sdpa the same gradients (SCT, and MoT's routing)."""
-    for arch, doc_id in [(a, d) for a in ("sct", "mot") for d in (None, torch.tensor([[0] * 12 + [1] * 12, [0] * 20 + [-1] * 4]))]:
+    for arch, doc_id in itertools.product(("sct", "mot"), (None, torch.tensor([[0] * 12 + [1] * 12, [0] * 20 + [-1] * 4]))):
         ref = backend_outputs("math", doc_id, arch=arch)   # two documents; one, then padding
         for b in ("sdpa", "flex"):
-            assert all(torch.allclose(r, out, atol=1e-5) for r, out in zip(ref, backend_outputs(b, doc_id, arch=arch))), (b, doc_id)
+            assert all(torch.allclose(r, out, atol=1e-5) for r, out in zip(ref, backend_outputs(b, doc_id, arch=arch))), b
 
 def test_model_flex_backward_on_cuda():
     """flex forward and backward against math on CUDA."""
@@ -874,8 +874,7 @@ def test_plan_and_caption_metrics_and_heldout_requests():
 
 @functools.lru_cache()
 def judge():
-    """A smaller judge than eval.py's (120 stories, 500 steps: ~1 min on 2 cores, ~91% frame F1 instead of ~95%),
-    cached where test_evaluate_end_to_end's eval.py looks for it."""
+    """eval.py's judge, smaller (120 stories, 500 steps: ~1 min on 2 cores, ~91% frame F1, not ~95%), in TMP/eval."""
     return E.load_or_train_judge(os.path.join(TMP, "eval", "judge.pt"), verbose=False, n_stories=120, steps=500)
 
 @functools.lru_cache()
