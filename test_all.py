@@ -7,7 +7,7 @@ and chat, evaluation): known answers (read first: BPE, the mask, the loss by han
     python test_all.py codec bpe  # the tests whose name contains one of these words
     python -m pytest test_all.py  # the same under pytest
 """
-import contextlib, copy, functools, io, itertools, json, os, random, re, shutil, subprocess, sys, tempfile, time
+import contextlib, functools, io, itertools, json, os, random, re, subprocess, sys, tempfile, time
 import traceback, warnings
 from unittest import mock
 
@@ -86,7 +86,7 @@ def test_validate_plan_and_tool_calls_refuse_with_the_kinds_eval_counts():
             (lambda p: p["sources"].append(dict(p["sources"][0], id=5, start=0.9, pan=0.0)), "self_overlap", 5),
             (src(1, gain_db=12), "other", 2), (src(0, voice="zed"), "malformed", 0),
             (src(1, sound="meteor"), "malformed", 0), (src(2, sound="dog_bark"), "malformed", 0)]:
-        p = copy.deepcopy(_good_plan())
+        p = _good_plan()
         mutate(p)
         assert raises(PlanError, lambda: validate_plan(p), *([f"source {sid}"] if sid else [])).kind == kind, (kind, p)
     story = parse_calls('new_story()\nspeak(ava, "the old dog runs home", left)\nsfx(dog_bark, while ava)\nambience(rain)')
@@ -110,7 +110,7 @@ def test_validate_plan_and_tool_calls_refuse_with_the_kinds_eval_counts():
     assert plan == again and raises(PlanError, lambda: run_calls(parse_calls("remove(ava)"), None, 0)).kind == "other"
     two = run_calls(parse_calls("sfx(dog_bark, end)"), plan, 0)   # two barks: the user says which, and so does a REF
     for ref, sid in [("first dog_bark", 2), ("second dog_bark", 4), ('"the old dog runs home"', 1), ("ava", 1)]:
-        assert [s["id"] for s in run_calls(parse_calls(f"remove({ref})"), two, 0)["sources"]] == [i for i in (1, 2, 3, 4) if i != sid]
+        assert {s["id"] for s in run_calls(parse_calls(f"remove({ref})"), two, 0)["sources"]} == {1, 2, 3, 4} - {sid}, ref
     assert raises(PlanError, lambda: run_calls(parse_calls("remove(dog_bark)"), two, 0), "2 sources").kind == "unknown_ref"
     rng = np.random.default_rng(0)   # any text at all: calls that run, or a PlanError
     pieces = ["speak(", "sfx(", "remove(", "set_gain(", "replace(", "new_story()", ")", ", ", '"', "ava", "bell", "home",
@@ -141,13 +141,11 @@ def test_tool_calls_of_every_dialogue_replay_to_its_plans():
                 assert plan == a["plan"] and a["tool"] == plan_to_text(plan) and 4.0 <= plan["duration"] <= MAX_DURATION
                 assert len({s["voice"] for s in plan["sources"] if s["type"] == "speech"}) <= 2
                 edits.add(u["intent"].get("edit"))
-            elif u["intent"]["task"] == "transcribe":   # one line per speech source, in time order
-                said = sorted((s for s in a["plan"]["sources"] if "voice" in s), key=lambda s: (s["start"], s["voice"]))
-                lines = [f"{s['start']:.1f}-{s['start'] + s['dur']:.1f} {s['voice']}: {s['text']}" for s in said]
-                assert a["text"] == transcript(a["plan"]) and a["text"].splitlines() == lines
-            else:   # one line per source, in time order
+            else:   # a transcript (one line per speech source) or a caption (one per source), in time order
+                said = u["intent"]["task"] == "transcribe"
+                assert a["text"] == (transcript if said else caption)(a["plan"])
                 starts = [float(x.split("-")[0]) for x in a["text"].splitlines()]
-                assert a["text"] == caption(a["plan"]) and starts == sorted(s["start"] for s in a["plan"]["sources"])
+                assert starts == sorted(s["start"] for s in a["plan"]["sources"] if "voice" in s or not said)
         heard = [json.dumps(a["plan"]) for u, a in zip(turns[::2], turns[1::2]) if u["intent"]["kind"] == "understand"]
         assert clips == list(range(len(audios))) and len(set(heard)) == len(heard)   # fresh scenes
         assert listening or (2 <= len(turns[1]["plan"]["sources"]) <= 5 and json.dumps(turns[1]["plan"]) not in heard)
@@ -175,11 +173,10 @@ def test_render_is_seeded_and_every_sound_renders_cleanly():
     rows += [{"type": "speech", "voice": v, "text": "hello my friend", "dur": speech_duration(v, "hello my friend")}
              for v in VOICES]
     for i, r in enumerate(rows):
-        name = r.get("sound", r.get("voice"))
         x = render({"duration": 4.0, "sources": [{"id": 1, **r, "start": 0.2, "gain_db": 6, "pan": 0.3}]}, seed=i)
-        assert np.isfinite(x).all() and np.abs(x).max() < 1.0, f"{name} clips"
-        assert np.sqrt(np.mean(x[:, int(0.2 * SR): int((0.2 + r["dur"]) * SR)] ** 2)) > 0.01, f"{name} is (nearly) silent"
-        assert np.abs(x[:, : int(0.2 * SR)]).max() == 0, f"{name} sounds before its start"
+        assert np.isfinite(x).all() and np.abs(x).max() < 1.0, f"{r} clips"
+        assert np.sqrt(np.mean(x[:, int(0.2 * SR): int((0.2 + r["dur"]) * SR)] ** 2)) > 0.01, f"{r} is (nearly) silent"
+        assert np.abs(x[:, : int(0.2 * SR)]).max() == 0, f"{r} sounds before its start"
     loud = {**_good_plan(), "sources": [dict(s, gain_db=6) for s in _good_plan()["sources"]]}
     assert np.abs(render(loud, seed=0)).max() < 1.0   # a dense mix at full gain stays below clipping: the limiter
 
@@ -187,8 +184,7 @@ def test_speech_is_learnable():
     """Ridge regression on log-mels tells words of unseen voices and of an unseen seed, voices of unseen words."""
     from world import _one_slip
     codes = list(WORD_CODES.values())   # no two words one slip apart
-    assert len(set(codes)) == len(VOCAB) >= 100 and not any(set(_one_slip(c)) & set(codes[:i] + codes[i + 1:])
-                                                            for i, c in enumerate(codes))
+    assert len(set(codes)) == len(VOCAB) >= 100 and not any(set(_one_slip(c)) & (set(codes) - {c}) for c in codes)
     words = VOCAB[::5][:22]   # 22 words x 6 voices x 3 seeds
     keys = [(v, w, s) for v in VOICES for w in words for s in range(3)]
     raws = [AudioCodec().encode_raw(np.stack([x, x]))[:, :32]
@@ -258,8 +254,7 @@ def test_bpe_known_merges_roundtrip_specials_save_load():
     for text in ["", " ", "\n\n  x \t", "the old dog runs home", '{"start": 0.4, "gain_db": -12, "pan": -0.4}',
                  "héllo wörld ☔ 雨 🐕 -0.5e3 don't it's", "<|us<|user|>er|> <|nope|> <|pad|><|null|>",
                  "<|user|>Tell a story<|end|><|assistant|>{}<|audio|><|/audio|><|end|>"]:
-        ids = tok.encode(text)
-        assert tok.decode(ids) == text and all(0 <= i < tok.vocab_size == 400 for i in ids), text
+        assert tok.decode(ids := tok.encode(text)) == text and all(0 <= i < tok.vocab_size == 400 for i in ids), text
     assert tok.encode("<|user|>hi<|end|>") == [tok.special("<|user|>")] + tok.encode("hi") + [tok.special("<|end|>")]
     plain = tok.encode_ordinary("<|audio|>")   # special strings in text stay text: no forged roles
     assert len(plain) > 1 and not set(plain) & set(tok.special_ids.values()) and tok.decode(plain) == "<|audio|>"
@@ -329,12 +324,10 @@ def test_encode_dialogue_layout():
     assert seq["tokens"].tolist() == expect and seq["tokens"].dtype == seq["span_id"].dtype == torch.long
     assert seq["text_target"].tolist() == [bool(a) for ids, a, _ in pieces for _ in ids][1:] + [False]  # i learns token i+1
     assert seq["is_plain_text"].tolist() == [bool(p) for ids, _, p in pieces for _ in ids]
-    span = seq["span_id"]
+    span, audio = seq["span_id"], seq["audio"]   # spans 0, 1, 2 on the <|pad|> runs hold the patchified latents in order
     assert ((span >= 0) == (seq["tokens"] == P)).all() and seq["span_is_target"].tolist() == [True, True, False]
-    for s in range(3):   # spans 0, 1, 2, each on consecutive positions, hold the patchified latents in order
-        pos = (span == s).nonzero().flatten()
-        assert (pos.diff() == 1).all() and torch.equal(seq["audio"][pos], AudioCodec.patchify(lat[s]))
-    assert seq["audio"].shape == (len(expect), 128) and (seq["audio"][span < 0] == 0).all()
+    assert span[span >= 0].tolist() == [0] * 4 + [1] * 6 + [2] * 2 and (audio[span < 0] == 0).all()
+    assert audio.shape == (len(expect), 128) and torch.equal(audio[span >= 0], torch.cat([*map(AudioCodec.patchify, lat)]))
 
 
 # -----------------------------------------------------------------------------
@@ -349,13 +342,11 @@ def tiny_model(arch="sct", attn="sdpa", seed=0):
     torch.nn.init.normal_(model.shift.weight, std=0.3)
     return model
 
-def random_sequence(layout, latent=8, seed=0):
-    """layout: list of ("text", n) / ("audio", n) pieces -> tokens (L,), audio (L, latent), span_id (L,)."""
-    g, span_id = torch.Generator().manual_seed(seed), []
-    for k, (kind, n) in enumerate(layout):
-        span_id += [-1] * n if kind == "text" else [sum(p[0] == "audio" for p in layout[:k])] * n
-    span_id = torch.tensor(span_id)
-    return torch.randint(0, 40, span_id.shape, generator=g), torch.randn(len(span_id), latent, generator=g), span_id
+def random_sequence(layout, seed=0):
+    """layout: list of ("text", n) / ("audio", n) pieces -> tokens (L,), audio (L, 8), span_id (L,): spans 0, 1, ..."""
+    g, spans = torch.Generator().manual_seed(seed), itertools.count()
+    span_id = torch.tensor([i for kind, n in layout for i in [-1 if kind == "text" else next(spans)] * n])
+    return torch.randint(0, 40, span_id.shape, generator=g), torch.randn(len(span_id), 8, generator=g), span_id
 
 def random_batch():
     """Two rows of 24: text 0-4, span 0 at 5-10, text, span 1 at 15-19, text; and text 0-8, spans at 9-12 and 15-21."""
@@ -387,10 +378,10 @@ def backend_outputs(attn, doc_id=None, device="cpu", arch="sct"):
 
 def test_model_attention_backends_agree():
     """math, sdpa and flex: the same outputs, packed or not; math and sdpa the same gradients (SCT, and MoT's routing)."""
-    for arch, doc_id in [(a, d) for a in ("sct", "mot") for d in (None, torch.tensor([[0] * 12 + [1] * 12, [0] * 20 + [-1] * 4]))]:
+    for arch, doc_id in itertools.product(("sct", "mot"), (None, torch.tensor([[0] * 12 + [1] * 12, [0] * 20 + [-1] * 4]))):
         ref = backend_outputs("math", doc_id, arch=arch)   # two documents; one, then padding
         for b in ("sdpa", "flex"):
-            assert all(torch.allclose(r, out, atol=1e-5) for r, out in zip(ref, backend_outputs(b, doc_id, arch=arch))), (b, doc_id)
+            assert all(torch.allclose(r, out, atol=1e-5) for r, out in zip(ref, backend_outputs(b, doc_id, arch=arch))), b
 
 def test_model_flex_backward_on_cuda():
     """flex forward and backward against math on CUDA."""
@@ -400,19 +391,15 @@ def test_model_flex_backward_on_cuda():
     assert len(pairs) > 2 and all(torch.allclose(a, b, atol=1e-4) for a, b in pairs)
 
 def test_model_what_each_output_sees():
-    """No output sees the future, another row or document (rope: relative positions); a span sees itself whole; with
-    sct the text never sees the generation layers."""
+    """No output sees the future, another row or document (rope); a span sees itself whole; sct's text never sees G."""
     model, (tokens, audio, t, span_id) = tiny_model(), random_batch()
     logits, v = model(tokens, audio, t, span_id)
-    tok2, aud2 = tokens.clone(), audio.clone()
-    tok2[0, 13], aud2[0, 17] = (tok2[0, 13] + 1) % 40, aud2[0, 17] + 1.0   # a future text token, a later span
-    logits2, v2 = model(tok2, aud2, t, span_id)
+    tok2, aud2, aud3 = tokens.clone(), audio.clone(), audio.clone()   # 2: a future text token, a later span; 3: span 0
+    tok2[0, 13], aud2[0, 17], aud3[0, 9] = (tok2[0, 13] + 1) % 40, aud2[0, 17] + 1, aud3[0, 9] + 1   # (5-10), late in it ...
+    (logits2, v2), (logits3, v3) = model(tok2, aud2, t, span_id), model(tokens, aud3, t, span_id)
     assert torch.allclose(logits[0, :13], logits2[0, :13], atol=1e-6) and torch.allclose(v[0, :13], v2[0, :13], atol=1e-6)
     assert not torch.allclose(logits[0, 17:], logits2[0, 17:], atol=1e-4)
-    aud3 = audio.clone()
-    aud3[0, 9] += 1.0                          # a later token of span 0 ...
-    logits3, v3 = model(tokens, aud3, t, span_id)
-    assert not torch.allclose(v[0, 5], v3[0, 5], atol=1e-4)  # ... reaches an earlier token of it
+    assert not torch.allclose(v[0, 5], v3[0, 5], atol=1e-4)  # ... reaches its first token
     assert torch.allclose(logits[0, :5], logits3[0, :5], atol=1e-6)  # but not the text before the span
     assert torch.equal(logits[1], logits3[1]) and torch.equal(v[1], v3[1])  # nor the other row
     q, k = torch.randn(2, 3, 1, 16), torch.randn(2, 3, 1, 16)   # rope: (m, n) scores as (m + c, n + c) ...
@@ -428,15 +415,14 @@ def test_model_what_each_output_sees():
             for p in model.blocks[model.config.n_layer:].parameters():
                 p.add_(0.5 * torch.randn_like(p))
         (logits2, v2), (text_logits, none) = (model(tokens, audio, t, span_id, layers=k) for k in ("all", "text"))
-        sct = model.config.arch == "sct"
+        sct = model.config.arch == "sct"   # its text layers never see the generation layers; dense's and mot's do
         assert not torch.allclose(v, v2, atol=1e-4) and torch.allclose(logits, logits2, atol=1e-6) == sct, sct
         assert none is None and torch.allclose(text_logits, logits2, atol=1e-6), sct
 
 def test_mot_sends_each_modality_through_its_own_weights():
     """MoT: text tokens use only the text copies, audio tokens only the audio copies; attention is shared."""
     mot, (tokens, audio, t, span_id) = tiny_model(arch="mot"), random_batch()
-    text_only = (tokens, audio, t, torch.full_like(span_id, -1))
-    for inputs, unused in ((text_only, "audio"), (random_batch(), None)):
+    for inputs, unused in (((tokens, audio, t, torch.full_like(span_id, -1)), "audio"), (random_batch(), None)):   # no span
         mot.zero_grad()
         logits, v = mot(*inputs)
         (logits.square().mean() + v.square().mean()).backward()
@@ -544,8 +530,7 @@ def test_caches_match_full_forward():
     layout = [("text", 5), ("audio", 4), ("text", 3), ("audio", 3), ("text", 3)]
     tokens, audio, span_id = (z[None] for z in random_sequence(layout, seed=4))
     t = torch.where(span_id >= 0, torch.rand(span_id.shape), 0.0)
-    chunks = [*(slice(i, i + 1) for i in range(5)), slice(5, 9), *(slice(i, i + 1) for i in range(9, 12)), slice(12, 15),
-              *(slice(i, i + 1) for i in range(15, 18))]
+    chunks = [slice(a, b) for a, b in itertools.pairwise([*range(6), 9, 10, 11, 12, 15, 16, 17, 18])]   # a span whole
     for arch in ("sct", "dense", "mot"):   # text: the U layers; a span: all layers, G catching up
         model = tiny_model(arch=arch)
         logits, v = model(tokens, audio, t, span_id)
@@ -627,9 +612,8 @@ def test_train_resume_is_exact():
     assert {f"val_x0_t{k}" for k in range(5)} <= set(open(os.path.join(straight, "log.csv")).readline().strip().split(","))
     ckpt = torch.load(os.path.join(straight, "ckpt.pt"), weights_only=True)
     assert ckpt["iter_num"] == 6 and {"model", "optimizer", "model_args", "config", "tokenizer", "codec"} <= set(ckpt)
-    val = ckpt["val"]   # the last validation: losses, and the x0-hat error in 5 bins of the noise level
-    assert set(val) == {"loss", "ce", "mse", "x0_err"} and len(val["x0_err"]) == 5
-    assert val["x0_err"][-1] > 0.5, val   # nearly untrained: at t near 1 it knows almost nothing of x0
+    val = ckpt["val"]   # the last validation: losses, and the x0-hat error in 5 bins of t (near t = 1, still large)
+    assert set(val) == {"loss", "ce", "mse", "x0_err"} and len(val["x0_err"]) == 5 and val["x0_err"][-1] > 0.5, val
     run_train(f"--out_dir={half}", "--max_iters=3", *flags)
     resumed = run_train(f"--out_dir={half}", "--max_iters=6", "--init_from=resume", *flags)
     a, b = ([float(r["loss"]) for r in rs if r.get("loss", "") != ""] for rs in (rows, resumed))
@@ -656,15 +640,13 @@ def test_text_only_stage_cuts_the_audio_and_the_answers_about_it():
 def test_command_lines_refuse_bad_input_in_one_line():
     """train, sample, eval: a bad flag, out dir or checkpoint is one error line (no traceback), before any work."""
     TC, SC, EC = train.TrainConfig, SampleConfig, E.EvalConfig
-    for cls, flags, word in [(TC, ["--nonsense=1"], "unknown argument"), (SC, ["--cfg=loud"], "--cfg"),
-                             (TC, ["--max_iters=ten"], "--max_iters"), (TC, ["--n_listen=-1"], "--n_listen"),
-                             (EC, ["--ckpt", "a.pt", "--bogus=1"], "--bogus")]:
-        expect_exit(lambda: parse_config(cls, flags), word)
-    rules = [(TC, "--eval_interval=0", ">= 1"), (TC, "--log_interval=0", ">= 1"), (TC, "--batch_size=0", ">= 1"),
-             (TC, "--arch=foo", "sct | dense"), (TC, "--noise_shift=nan", "finite"), (SC, "--steps=0", "1..1000"),
-             (SC, "--sampler=euler", "ddim | dpmpp"), (EC, "--steps=-1", "1..1000")]
-    for cls, flag, rule in rules:
-        expect_exit(lambda: parse_config(cls, [flag]), flag.split("=")[0], rule)   # off the menu or out of range
+    for cls, flags, word in [   # unknown, unparseable, off the menu or out of range: the flag named, and the rule
+            (TC, "--nonsense=1", "unknown argument"), (SC, "--cfg=loud", "--cfg"), (TC, "--max_iters=ten", "--max_iters"),
+            (TC, "--n_listen=-1", "--n_listen"), (EC, "--ckpt a.pt --bogus=1", "--bogus"), (TC, "--eval_interval=0", ">= 1"),
+            (TC, "--log_interval=0", ">= 1"), (TC, "--batch_size=0", ">= 1"), (TC, "--arch=foo", "sct | dense"),
+            (TC, "--noise_shift=nan", "finite"), (SC, "--steps=0", "1..1000"), (SC, "--sampler=euler", "ddim | dpmpp"),
+            (EC, "--steps=-1", "1..1000")]:
+        expect_exit(lambda: parse_config(cls, flags.split()), flags.split()[-1].split("=")[0], word)
     for flags, words in [(["--n_embd=60", "--n_head=4"], "odd width 15"), (["--n_embd=96", "--n_head=32"], "odd width 3"),
                          (["--n_head=7"], "not divisible"), (["--attn=flex"], "--attn=sdpa")]:   # a shape or backend
         expect_exit(lambda: train.check_config(parse_config(TC, flags, train.PRESETS), "cpu"), *words)
@@ -713,9 +695,8 @@ def test_chat_feeds_the_model_the_training_sequence():
     chat.model.extend, chat._decode = recording_extend, forced_decode
     for u, a in zip(d["turns"][::2], d["turns"][1::2]):
         forced[:] = tok.encode_ordinary(a["text"]) + [tok.special("<|tool|>" if "audio" in a else "<|end|>")]
-        kind = u["intent"]["kind"]
-        reply = (chat.understand(audios[u["audio"]], u["text"]) if kind == "understand" else
-                 (chat.generate if kind == "story" else chat.edit)(u["text"]))
+        turn = {"story": chat.generate, "edit": chat.edit}.get(u["intent"]["kind"])   # else understand
+        reply = turn(u["text"]) if turn else chat.understand(audios[u["audio"]], u["text"])
         assert reply.text == a["text"] and not forced and not reply.error, (reply.text, reply.error)
         if "audio" in a:   # the audio turns come back and save as files
             assert reply.plan == a["plan"] and reply.wav.shape == audios[a["audio"]].shape and np.isfinite(reply.wav).all()
@@ -750,7 +731,6 @@ def test_no_cot_trains_and_chats_without_a_plan():
     seq = encode_dialogue({"turns": d["turns"][:2]}, [chat.codec.encode(audios[0])], chat.tok)
     text = seq["span_id"] < 0
     assert torch.equal(torch.cat(committed, 1)[0][text], seq["tokens"][text]) and given.plan == d["turns"][1]["plan"]
-    chat.model.extend = extend
 
 def test_chat_cached_decoding_equals_full_recompute_and_bad_turns_are_reported():
     """Cached greedy decoding = eval's recompute baseline; empty requests refused; invalid calls reported, chat goes on."""
@@ -773,17 +753,15 @@ def test_chat_cached_decoding_equals_full_recompute_and_bad_turns_are_reported()
 
 def test_load_audio_resamples_and_refuses_long_audio():
     import soundfile as sf
-    path = os.path.join(TMP, "mono44k.wav")
-    sf.write(path, (0.3 * np.sin(2 * np.pi * 440 * np.arange(int(44100 * 1.25)) / 44100)).astype(np.float32), 44100)
+    path, t = os.path.join(TMP, "mono44k.wav"), np.arange(2 * 44100) / 44100
+    sf.write(path, (0.3 * np.sin(2 * np.pi * 440 * t[:int(44100 * 1.25)])).astype(np.float32), 44100)
     wav = load_audio(path)
     assert wav.shape == (2, 20800) and np.allclose(wav[0], wav[1])  # 1.25 s -> 1.3 s of whole tenths, mono -> stereo
     assert abs(np.argmax(np.abs(np.fft.rfft(wav[0, :16000]))) - 440) <= 1   # still at 440 Hz after resampling
     sf.write(path, np.zeros(16000 * 9, np.float32), 16000)
     raises(ValueError, lambda: load_audio(path), "at most")
-    edge = np.zeros(2 * 44100, np.float32)   # silent 1 s, then loud to the last sample: its end must not wrap to 0 s
-    edge[44100:] = 0.8 * np.sin(2 * np.pi * 440 * np.arange(44100) / 44100)
-    sf.write(path, edge, 44100)
-    wav = load_audio(path)
+    sf.write(path, (0.8 * np.sin(2 * np.pi * 440 * t) * (t >= 1)).astype(np.float32), 44100)
+    wav = load_audio(path)   # silent 1 s, then loud to the last sample: its end must not wrap to 0 s
     assert np.abs(wav[:, :int(0.95 * SR)]).max() < 1e-3 and abs(np.abs(wav[:, int(1.1 * SR):]).max() - 0.8) < 0.01
     pcm = (0.5 * np.sin(np.arange(SR) / 10) * 32767).astype(np.int16)   # integer samples are scaled like a wav file's
     assert abs(np.abs(load_audio(pcm)).max() - 0.5) < 1e-3
@@ -815,20 +793,18 @@ def test_tcpwer_properties_collar_speaker_permutations_and_transcript_parser():
         assert r["errors"] == plain if k < 200 else plain <= r["errors"] <= len(a) + len(b)
         assert r["ins"] + r["del"] + r["sub"] == r["errors"] and r["ins"] - r["del"] == len(b) - len(a)
     counts = lambda r: (r["errors"], r["sub"], r["ins"], r["del"])  # noqa: E731
-    ref = [("ava", 0.0, 2.0, "the old dog")]
-    far = [("ava", 0.0, 1.4, "the old"), ("ava", 30.0, 30.5, "cat")]   # "cat" 28 s late: outside the 5 s collar
-    assert counts(E.tcp_wer(ref, [("ava", 0.0, 2.0, "the old cat")], collar=5.0)) == (1, 1, 0, 0)
-    assert counts(E.tcp_wer(ref, far, collar=5.0)) == (2, 0, 1, 1)
-    assert counts(E.tcp_wer(ref, far, collar=40.0))[:2] == (1, 1)  # a collar wide enough makes it a substitution again
+    ref, far = [("ava", 0.0, 2.0, "the old dog")], [("ava", 0.0, 1.4, "the old"), ("ava", 30.0, 30.5, "cat")]  # 28 s late
+    for hyp, collar, want in [([("ava", 0.0, 2.0, "the old cat")], 5.0, (1, 1, 0, 0)), (far, 5.0, (2, 0, 1, 1)),
+                              (far, 40.0, (1, 1, 0, 0))]:   # "cat" outside the 5 s collar; a wider one: a substitution again
+        assert counts(E.tcp_wer(ref, hyp, collar=collar)) == want, (hyp, collar)
     ref = [("ava", 0.0, 1.5, "hello my friend"), ("ben", 1.0, 2.5, "the old dog runs home"), ("ava", 3.0, 4.0, "come here"),
            ("cleo", 4.0, 5.0, "go away")]
     hyp = [("ava", 0.1, 1.4, "hello my friend"), ("ben", 1.2, 2.5, "the dog runs home"), ("cleo", 3.0, 4.0, "come here now"),
            ("ava", 4.0, 5.0, "go away")]
     base = counts(E.tcp_wer(ref, hyp))
-    renamed = [({"ava": "x", "ben": "y", "cleo": "z"}[s], a, b, t) for s, a, b, t in reversed(hyp)]
-    for perm in itertools.permutations(["p", "q", "r"]):   # speakers are matched, whatever their names and order
-        rel = dict(zip(["ava", "ben", "cleo"], perm))
-        assert counts(E.tcp_wer(ref, renamed)) == counts(E.tcp_wer(ref, [(rel[s], a, b, t) for s, a, b, t in hyp])) == base
+    for perm in itertools.permutations("pqr"):   # speakers are matched, whatever their names and order
+        renamed = [(dict(zip(["ava", "ben", "cleo"], perm))[s], a, b, t) for s, a, b, t in hyp]
+        assert counts(E.tcp_wer(ref, renamed)) == counts(E.tcp_wer(ref, renamed[::-1])) == base
     cross = E.tcp_wer([("ava", 0.0, 1.0, "a b")], [("ben", 0.0, 1.0, "a b")])
     assert E.tcp_wer(ref, ref)["errors"] == 0 < base[0] and cross["errors"] == 0 and cross["assignment"] == {"ava": "ben"}
     for ep in episodes():
@@ -867,15 +843,13 @@ def test_plan_and_caption_metrics_and_heldout_requests():
     """captionMultiFLAM, planValidity, planRecall, plan_edit_done by known answers; held-out wording is in no table."""
     assert E.plan_validity([None, "syntax", "past_end"]) == 100 / 3 and E.plan_validity([]) is None
     for ep in episodes():
-        plan, lines = ep.story["plan"], caption(ep.story["plan"]).splitlines()
+        plan, lines = ep.story["plan"], caption(ep.story["plan"]).splitlines()   # a line per source
         assert E.caption_multiflam(caption(plan), plan) == 100.0 and E.caption_multiflam("garbage\n\n-", plan) == 0.0
         assert E.caption_multiflam("\n".join(lines[1:]), plan) == 100.0 * (len(lines) - 1) / len(lines)
-        shifted = "\n".join(f"{float(a.split('-')[0]) + 20:.1f}-{float(a.split('-')[1]) + 20:.1f} {n}"
-                            for a, n in (x.split(" ", 1) for x in lines))
-        assert E.caption_multiflam(shifted, plan) == 0.0   # the right names at the wrong times
+        late = caption({**plan, "sources": [dict(s, start=s["start"] + 20) for s in plan["sources"]]})
+        assert E.caption_multiflam(late, plan) == 0.0   # the right names at the wrong times
         assert E.plan_recall(plan, plan) == 100.0 and E.plan_recall(plan, None) == 0.0
-        n = len(plan["sources"])
-        assert E.plan_recall(plan, {**plan, "sources": plan["sources"][:-1]}) == 100.0 * (n - 1) / n
+        assert E.plan_recall(plan, {**plan, "sources": plan["sources"][:-1]}) == 100.0 * (len(lines) - 1) / len(lines)
     words = lambda text: set(re.findall(r"[a-z']+", text.lower()))   # noqa: E731
     tables = [getattr(simulate_data, name) for name in dir(simulate_data)
               if name.endswith("_WORDS") or name.startswith("STORY_") or name in ("BED_JOINERS", "MULTI_WORDS")]
@@ -896,12 +870,10 @@ def test_plan_and_caption_metrics_and_heldout_requests():
         assert E.plan_edit_done(change, plan, run_calls(parse_calls(calls), plan, 0)) == done, calls
     assert not E.plan_edit_done(bark, plan, None)
 
-TEST_JUDGE = os.path.join(TMP, "judge.pt")
-
 @functools.lru_cache()
 def judge():
-    """A smaller judge than eval.py's (120 stories, 500 steps: ~1 min on 2 cores, ~91% frame F1 instead of ~95%)."""
-    return E.load_or_train_judge(TEST_JUDGE, verbose=False, n_stories=120, steps=500)
+    """eval.py's judge, smaller (120 stories, 500 steps: ~1 min on 2 cores, ~91% frame F1, not ~95%), in TMP/eval."""
+    return E.load_or_train_judge(os.path.join(TMP, "eval", "judge.pt"), verbose=False, n_stories=120, steps=500)
 
 @functools.lru_cache()
 def episodes():
@@ -940,16 +912,13 @@ def test_judge_quality_multiflam_editflam_and_drift():
 
 def test_evaluate_end_to_end_writes_the_paper_tables():
     """An untrained checkpoint (garbage plans: its audio metrics 0 or missing, never a crash): eval.json, the report."""
-    out = os.path.join(TMP, "eval")
-    os.makedirs(out, exist_ok=True)
-    judge()   # make sure the cache exists, then lend it
-    shutil.copy(TEST_JUDGE, os.path.join(out, "judge.pt"))
+    out, _ = os.path.join(TMP, "eval"), judge()   # the judge cached in out
     nocot = untrained_checkpoint("nocot/ckpt.pt", arch="mot", cot=False)   # an ablation beside it: no plans, no plan metrics
     results = E.evaluate(E.EvalConfig(ckpt=[untrained_checkpoint(), nocot], n=2, data_dir=tiny_dataset(), out_dir=out, steps=2))
     assert json.load(open(f"{out}/eval.json")) == json.loads(json.dumps(results)) and os.path.isfile(f"{out}/eval.png")
     assert {"judge", "n", "systems", "listening"} <= set(results) and results["n"] == 2
     page = open(os.path.join(out, "report.html")).read()   # the page, and every file it plays or shows
-    src = re.findall(r'src="([^"]+)"', page) + re.findall(r"src='([^']+)'", page)
+    src = re.findall(r"""src=["']([^"']+)""", page)
     assert sum(".wav" in x for x in src) >= 4 and "Dialogue 2" in page and all(os.path.isfile(f"{out}/{x}") for x in src)
     assert list(results["systems"]) == ["ground_truth", "audiochat", "cascade", "cascade_no_context", "audiochat_nocot",
                                         "audiochat_from_gt_audio"] and list(results["heldout"]) == ["audiochat"]
@@ -985,10 +954,9 @@ def test_bench_writes_bench_json():
             return [kv for k, v in (x.items() if isinstance(x, dict) else ((key, v) for v in x)) for kv in numbers(v, k)]
         return [(key, x)] if isinstance(x, (int, float)) and not isinstance(x, bool) else []
     for ckpt in ([], [untrained_checkpoint()]):
-        out, j = os.path.join(TMP, f"bench{len(ckpt)}"), E.Judge(width=16)
+        out, j = os.path.join(TMP, f"bench{len(ckpt)}"), E.Judge(width=16)   # an untrained judge, cached
         os.makedirs(out, exist_ok=True)
-        torch.save({"model": j.state_dict(), "args": {"width": 16, "dilations": [c.dilation[0] for c in j.convs]},
-                    "classes": E.CLASSES, "info": {"frameF1": 50.0}}, os.path.join(out, "judge.pt"))
+        torch.save(dict(model=j.state_dict(), args=j.args, classes=E.CLASSES, info={"frameF1": 50.0}), f"{out}/judge.pt")
         config = parse_config(E.EvalConfig, ["--bench", f"--out_dir={out}", "--steps=2", "--device=cpu",
                                              f"--data_dir={tiny_dataset()}", *(f"--ckpt={c}" for c in ckpt)])
         with one_thread(), mock.patch.multiple(E, SAMPLER_RUNS=(("ddim", 4), ("dpmpp", 2)), SAMPLER_STORIES=1, E2E_STORIES=1,
