@@ -12,8 +12,8 @@ Read Part 1 line by line: the metrics, each as the paper (or MeetEval, or kadtk)
   Part 2  the judge, "FLAM-lite": the stand-in for OpenFLAM, trained on simulator ground truth, cached in OUT_DIR;
   Part 3  the systems: ground truth, AudioChat (sample.Chat; its edits also from ground truth's audio,
           Table 5), the cascade with and without context;
-  Part 4  every system on the first n test dialogues: the tables, eval.json, eval.png, report.html (a few
-          dialogues turn by turn: players, spectrograms, plans; then the tables and the loss curves);
+  Part 4  every system on the first n test dialogues: the tables, eval.json, eval.png, report.html (the
+          tables and loss curves, then a few dialogues turn by turn: players, spectrograms, plans);
   Part 5  the speed bench (--bench).
 The numbers are only as good as the judge (its held-out frame F1 is printed with them), and they are
 not comparable with the paper's: the world, the judge and the embedding are toys.
@@ -109,12 +109,6 @@ def exposed_frames(src, plan, T):
             others[span_frames(s, T)] += 1
     return span[others[span] == others[span].min()] if len(span) else span
 
-def level_db(energy, frames):   # loudness of the mix (both channels) over frames
-    return 10 * np.log10(energy[:, frames].sum(0).mean() + 1e-12)
-
-def balance_db(energy, frames):   # right-minus-left level of the mix over frames (> 0: to the right)
-    return 10 * np.log10((energy[1, frames].sum() + 1e-12) / (energy[0, frames].sum() + 1e-12))
-
 def edit_flam(judge, wav_before, wav_after, plan_before, plan_after, intent, reference_plan, seed=0):
     """editFLAM (editing instruction following, higher is better): 100 if the asked edit happened, else 0.
 
@@ -168,14 +162,15 @@ def _edit_done(op, seen, wav_before, wav_after, plan_before, plan_after, referen
     frames = exposed_frames(now, plan_after, min(wav_before.shape[1], wav_after.shape[1]) // HOP)
     if not len(frames):
         return False
-    e_before, e_after = frame_energy(wav_before), frame_energy(wav_after)
-    if op["edit"] == "volume":
+    energy = [frame_energy(w) for w in (wav_before, wav_after)]
+    if op["edit"] == "volume":   # the level of the mix (both channels) over the frames, in dB
+        level = [10 * np.log10(e[:, frames].sum(0).mean() + 1e-12) for e in energy]
         sign = 1 if op["direction"] == "up" else -1
-        moved = level_db(e_after, frames) - level_db(e_before, frames)
-        return sign * (now["gain_db"] - target["gain_db"]) > 0 and sign * moved >= 1.0
-    b_before, b_after = balance_db(e_before, frames), balance_db(e_after, frames)   # move
-    sign = {"left": -1, "right": 1}.get(op["where"], -np.sign(b_before))
-    return side_of(now["pan"]) == op["where"] and sign * (b_after - b_before) >= 1.0
+        return sign * (now["gain_db"] - target["gain_db"]) > 0 and sign * (level[1] - level[0]) >= 1.0
+    # move: the right-minus-left balance of the mix over the frames, in dB (> 0: to the right)
+    balance = [10 * np.log10((e[1, frames].sum() + 1e-12) / (e[0, frames].sum() + 1e-12)) for e in energy]
+    sign = {"left": -1, "right": 1}.get(op["where"], -np.sign(balance[0]))
+    return side_of(now["pan"]) == op["where"] and sign * (balance[1] - balance[0]) >= 1.0
 
 # 1b. KAD: kernel audio distance (arXiv 2502.15602; kadtk), an unbiased MMD^2 between the judge's
 # embeddings of reference audio and of the audio being evaluated.
@@ -860,10 +855,6 @@ def plot(results, path):
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
-# report.html: the tables, eval.png and the loss curves, then a few test dialogues turn by turn: the
-# user's words, and for the ground truth, AudioChat-mini and the cascade side by side the plan, a
-# player and the spectrogram with the plan's timeline. Its wavs and pictures are beside it, in report/.
-
 REPORT_CSS = """
 body { font-family: sans-serif; max-width: 1500px; margin: auto; } td, th { border: 1px solid #ccc; padding: 0.3em; }
 table { border-collapse: collapse; } .user { background: #eef4ff; padding: 0.5em; margin: 1em 0 0.5em; }
@@ -888,8 +879,9 @@ def report_cell(title, turn, media_dir, stem):
     return html + "</div>"
 
 def write_report(results, showcase, ckpt_paths, out_dir):
-    """out_dir/report.html (+ out_dir/report/): showcase is [(Episode, {system: run})] with the runs of
-    ground_truth, audiochat and cascade."""
+    """out_dir/report.html, its wavs and pictures in out_dir/report/: the tables, eval.png and the loss curves,
+    then each showcase dialogue ([(Episode, {system: run})]) turn by turn: the user's words, and for ground_truth,
+    audiochat and cascade side by side the plan, a player and the spectrogram with the plan's timeline."""
     media = os.path.join(out_dir, "report")
     os.makedirs(media, exist_ok=True)
     html = ["<!doctype html><html><head><meta charset='utf-8'><title>AudioChat-mini report</title>"
@@ -973,8 +965,6 @@ def evaluate(config):
 # here (a training step beside the same layers as a plain causal LM under the same per-document mask; decoding
 # and audio sampling through their caches beside re-running everything), and real-time factors (a sample.Chat
 # story turn; the toy cascade's simulator), on the first test dialogues of --data_dir, encoded as in training.
-# Without --ckpt the model is a random one of train.py's preset size (speed does not depend on weights), and
-# the rows that need a trained model (the samplers, scored by the judge; end to end) are skipped.
 
 BENCH_DIALOGUES, DECODE_TOKENS, SAMPLER_STORIES, E2E_STORIES = 16, 100, 4, 3
 SAMPLER_RUNS = (("ddim", 150), ("dpmpp", 10), ("dpmpp", 15), ("dpmpp", 25))
@@ -1164,8 +1154,9 @@ def bench_table(results):
 def bench(config, repeats=3, model_overrides=None):
     """The bench's rows on config.device: the table printed, OUT_DIR/bench.json written -> its dict. The model
     is config.ckpt's first checkpoint (then the samplers and end-to-end rows run too, the judge cached in
-    OUT_DIR/judge.pt), else a random one of train.py's preset size changed by model_overrides (TrainConfig
-    fields), with the dataset's tokenizer and codec. repeats: timed calls per figure, after a warm-up."""
+    OUT_DIR/judge.pt), else (speed does not depend on weights) a random one of train.py's preset size changed
+    by model_overrides (TrainConfig fields), with the dataset's tokenizer and codec; the rows that need a trained
+    model are skipped. repeats: timed calls per figure, after a warm-up."""
     t_start, device = time.perf_counter(), pick_device(config.device)
     episodes, train_config = load_episodes(config.data_dir, BENCH_DIALOGUES), parse_config(TrainConfig, [], PRESETS)
     if config.ckpt:
