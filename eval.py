@@ -8,20 +8,19 @@ split), a judge model, the paper's metrics, and the paper's systems side by side
     python eval.py --bench [--ckpt out/ckpt.pt]                  # speed tables, OUT_DIR/bench.json
     python eval.py --help                                        # every flag
 
-The judge is trained once and cached in OUT_DIR/judge.pt; report.html shows a few dialogues turn by
-turn (players, spectrograms, plans), then the tables and the loss curves.
-
 Read Part 1 line by line: the metrics, each as the paper (or MeetEval, or kadtk) defines it. Skim the rest:
-  Part 2  the judge, "FLAM-lite": the stand-in for OpenFLAM, trained on simulator ground truth;
+  Part 2  the judge, "FLAM-lite": the stand-in for OpenFLAM, trained on simulator ground truth, cached in OUT_DIR;
   Part 3  the systems: ground truth, AudioChat (sample.Chat; its edits also from ground truth's audio,
           Table 5), the cascade with and without context;
-  Part 4  every system on the first n test dialogues: the tables, eval.json, eval.png, report.html;
+  Part 4  every system on the first n test dialogues: the tables, eval.json, eval.png, report.html (the
+          tables and loss curves, then a few dialogues turn by turn: players, spectrograms, plans);
   Part 5  the speed bench (--bench).
 The numbers are only as good as the judge (its held-out frame F1 is printed with them), and they are
 not comparable with the paper's: the world, the judge and the embedding are toys.
 """
 import glob, itertools, json, os, re, sys, time
 import multiprocessing as mp
+from collections import Counter
 from dataclasses import dataclass
 from html import escape
 
@@ -61,8 +60,7 @@ def source_class(src):
 
 def span_frames(src, T):
     """The frames of a source's span [start, start + dur) at FRAME_RATE, clipped to T -> slice."""
-    a = round(src["start"] * FRAME_RATE)
-    return slice(min(a, T), min(round((src["start"] + src["dur"]) * FRAME_RATE), T))
+    return slice(min(round(src["start"] * FRAME_RATE), T), min(round((src["start"] + src["dur"]) * FRAME_RATE), T))
 
 def span_probability(probs, src):
     """Mean judge probability of src's class over its span, from probs (T, C); 0 without audio (None)
@@ -78,19 +76,15 @@ def multiflam(judge, wav, plan):
 
 def untouched(plan_before, plan_after):
     """The sources an edit must leave alone: same id, content, timing, gain and pan in both plans."""
-    after = {s["id"]: s for s in plan_after["sources"]}
-    return [s for s in plan_before["sources"] if after.get(s["id"]) == s]
+    return [s for s in plan_before["sources"] if s in plan_after["sources"]]
 
 def delta_multiflam(judge, wav_before, wav_after, plan_before, plan_after):
     """deltaMultiFLAM (editing consistency, lower is better): the mean absolute change, in % points, of
     the judge's span probability of each source the edit must leave alone, from the audio before the
     edit to the audio after. Missing audio (None) is silence: an edit that loses the audio counts all
     it lost. None when the edit leaves no source alone."""
-    keep = untouched(plan_before, plan_after)
-    if not keep:
-        return None
-    pb, pa = judge.probs(wav_before), judge.probs(wav_after)
-    return 100.0 * float(np.mean([abs(span_probability(pa, s) - span_probability(pb, s)) for s in keep]))
+    keep, pb, pa = untouched(plan_before, plan_after), judge.probs(wav_before), judge.probs(wav_after)
+    return 100.0 * float(np.mean([abs(span_probability(pa, s) - span_probability(pb, s)) for s in keep])) if keep else None
 
 def content(src):
     """What a source is, as a request names it: type, voice or sound, and the words of a line."""
@@ -115,16 +109,6 @@ def exposed_frames(src, plan, T):
         if s["id"] != src["id"]:
             others[span_frames(s, T)] += 1
     return span[others[span] == others[span].min()] if len(span) else span
-
-def level_db(energy, frames):   # loudness of the mix (both channels) over frames
-    return 10 * np.log10(energy[:, frames].sum(0).mean() + 1e-12)
-
-def balance_db(energy, frames):   # right-minus-left level of the mix over frames (> 0: to the right)
-    return 10 * np.log10((energy[1, frames].sum() + 1e-12) / (energy[0, frames].sum() + 1e-12))
-
-def mono_logmel(wav):   # (2, N) -> (T, 32) log-mel of left + right power: what is heard, wherever it is
-    raw = FRONT_END.encode_raw(wav)
-    return torch.logaddexp(raw[:, :N_MELS], raw[:, N_MELS:]).numpy()
 
 def edit_flam(judge, wav_before, wav_after, plan_before, plan_after, intent, reference_plan, seed=0):
     """editFLAM (editing instruction following, higher is better): 100 if the asked edit happened, else 0.
@@ -160,19 +144,18 @@ def _edit_done(op, seen, wav_before, wav_after, plan_before, plan_after, referen
         new = [s for s in plan_after["sources"] if s["id"] not in old_ids and content(s) == content(op["source"])]
         return any(detected("after", s) and not detected("before", s) for s in new)
     target = find_source(plan_before, find(reference_plan, op["target"], op["edit"]))
-    if target is None:
+    now = target and next((s for s in plan_after["sources"] if s["id"] == target["id"]), None)   # None: gone
+    if target is None or (now is None) != (op["edit"] == "remove"):
         return False
-    now = next((s for s in plan_after["sources"] if s["id"] == target["id"]), None)
     if op["edit"] == "remove":
-        return now is None and not detected("after", target)
-    if now is None:
-        return False
+        return not detected("after", target)
     if op["edit"] == "change":
         if content(now) != content({**target, **op["to"]}):
             return False
         if source_class(now) != source_class(target):
             return detected("after", now) and not detected("after", target)
-        heard, *renders = (mono_logmel(w) for w in (wav_after, render(plan_after, seed), render(plan_before, seed)))
+        heard, *renders = (torch.logaddexp(*FRONT_END.encode_raw(w).split(N_MELS, 1)).numpy()   # log-mel of L + R power
+                           for w in (wav_after, render(plan_after, seed), render(plan_before, seed)))
         T = min(len(heard), *(len(r) for r in renders))
         frames = np.union1d(*(np.arange(T)[span_frames(s, T)] for s in (target, now)))
         distance = [np.abs(heard[frames] - r[frames]).mean() for r in renders]
@@ -180,14 +163,15 @@ def _edit_done(op, seen, wav_before, wav_after, plan_before, plan_after, referen
     frames = exposed_frames(now, plan_after, min(wav_before.shape[1], wav_after.shape[1]) // HOP)
     if not len(frames):
         return False
-    e_before, e_after = frame_energy(wav_before), frame_energy(wav_after)
-    if op["edit"] == "volume":
+    energy = [frame_energy(w) for w in (wav_before, wav_after)]
+    if op["edit"] == "volume":   # the level of the mix (both channels) over the frames, in dB
+        level = [10 * np.log10(e[:, frames].sum(0).mean() + 1e-12) for e in energy]
         sign = 1 if op["direction"] == "up" else -1
-        moved = level_db(e_after, frames) - level_db(e_before, frames)
-        return sign * (now["gain_db"] - target["gain_db"]) > 0 and sign * moved >= 1.0
-    b_before, b_after = balance_db(e_before, frames), balance_db(e_after, frames)   # move
-    sign = {"left": -1, "right": 1}.get(op["where"], -np.sign(b_before))
-    return side_of(now["pan"]) == op["where"] and sign * (b_after - b_before) >= 1.0
+        return sign * (now["gain_db"] - target["gain_db"]) > 0 and sign * (level[1] - level[0]) >= 1.0
+    # move: the right-minus-left balance of the mix over the frames, in dB (> 0: to the right)
+    balance = [10 * np.log10((e[1, frames].sum() + 1e-12) / (e[0, frames].sum() + 1e-12)) for e in energy]
+    sign = {"left": -1, "right": 1}.get(op["where"], -np.sign(balance[0]))
+    return side_of(now["pan"]) == op["where"] and sign * (balance[1] - balance[0]) >= 1.0
 
 # 1b. KAD: kernel audio distance (arXiv 2502.15602; kadtk), an unbiased MMD^2 between the judge's
 # embeddings of reference audio and of the audio being evaluated.
@@ -280,12 +264,11 @@ def tcp_wer(reference, hypothesis, collar=5.0):
     best = min(itertools.permutations(range(len(options)), len(ref_spk)), key=total)
     assignment = {r: options[c] for r, c in zip(ref_spk, best)}
     stats = {k: sum(pair[r, h][k] for r, h in assignment.items()) for k in ("errors", "ins", "del", "sub")}
-    stats["errors"] += unpaired(set(assignment.values()))
-    stats["ins"] += unpaired(set(assignment.values()))
-    stats["length"] = length = sum(len(ws) for ws in ref.values())
-    stats["wer"] = stats["errors"] / length if length else float(stats["errors"] > 0)
-    stats["assignment"] = assignment
-    return stats
+    for k in ("errors", "ins"):   # an unpaired hypothesis speaker's words are insertions
+        stats[k] += unpaired(set(assignment.values()))
+    length = sum(len(ws) for ws in ref.values())
+    wer = stats["errors"] / length if length else float(stats["errors"] > 0)
+    return {**stats, "length": length, "wer": wer, "assignment": assignment}
 
 # 1d. Answers and plans: parse what a system wrote (any text) and score it against the truth.
 
@@ -300,12 +283,9 @@ def parse_transcript(text):
     """A transcription, one line per utterance "{start:.1f}-{end:.1f} {voice}: {words}"
     (simulate_data.transcript) -> tcp_wer segments [(voice, start, end, words)]. A line that does not
     parse adds no words: the reference words it may have meant become deletions."""
-    segments = []
-    for start, end, rest in _timed_lines(text):
-        voice, colon, words = rest.partition(":")
-        if colon and voice.strip() and " " not in voice.strip() and words.split():
-            segments.append((voice.strip(), start, end, " ".join(words.split())))
-    return segments
+    lines = ((start, end, *rest.partition(":")) for start, end, rest in _timed_lines(text))
+    return [(voice.strip(), start, end, " ".join(words.split())) for start, end, voice, colon, words in lines
+            if colon and voice.strip() and " " not in voice.strip() and words.split()]
 
 def reference_segments(plan):
     """The true transcript of a scene: its speech sources as tcp_wer segments."""
@@ -334,23 +314,17 @@ def plan_validity(failures):
 def plan_recall(reference_plan, plan):
     """Plan source recall in %: the share of the requested sources (the ground-truth plan's) that the
     system's plan names, matched by content, each of its sources used once; 0 for None (invalid)."""
-    pool = [content(s) for s in plan["sources"]] if plan else []
-    found = 0
-    for s in reference_plan["sources"]:
-        if content(s) in pool:
-            pool.remove(content(s))
-            found += 1
-    return 100.0 * found / max(1, len(reference_plan["sources"]))
+    asked, found = (Counter(map(content, p["sources"] if p else [])) for p in (reference_plan, plan))
+    return 100.0 * sum((asked & found).values()) / max(1, len(reference_plan["sources"]))   # & : matched once each
 
 
 # -----------------------------------------------------------------------------
 # Part 1b: requests as people write them
 #
-# A held-out set written before the user agent's phrase tables were widened, and kept out of them
-# (test_all checks each request has a word no table uses): does the model follow the request, or
-# the templates? Each item: a story request, the sources it asks for (a line as 'voice: words',
-# else the sound), and for most an edit request with the change it asks for (the intents' fields,
-# sources named the same way). Run through sample.Chat as a user would type them.
+# Each request has a word no phrase table of the user agent uses (test_all checks): does the model
+# follow the request, or the templates? Each item: a story request, the sources it asks for ('voice:
+# words' for a line, else the sound), and for most an edit request with the change it asks for (the
+# intents' fields, sources named the same way), run through sample.Chat as a user would type them.
 
 HELDOUT = [
     ("could you whip up a quick clip? ben says \"where is my dog\" and then a dog starts yapping off to the left", ["ben: where is my dog", "dog_bark"],
@@ -489,11 +463,10 @@ def _judge_scenes(seed, n_edits=2):
     return scenes + [(FRONT_END.encode_raw(FRONT_END.decode_raw(raw.float())).half(), plan)]
 
 class Judge(nn.Module):
-    """Raw log-mel frames (B, T, 64) -> per-frame class logits (B, T, C): residual 1-D convolutions with
-    growing dilation (~1.7 s of context: a dog's two woofs, a voice among its neighbours) on
-    standardised frames, then a 1x1 convolution. `embed` pools the last features over time (mean ++
-    std): the clip embedding KAD compares, as kadtk compares PANNs or CLAP embeddings. It lives on the CPU
-    (load_or_train_judge puts it there), as do the waveforms it hears."""
+    """Raw log-mel frames (B, T, 64) -> per-frame class logits (B, T, C), on the CPU: residual 1-D convolutions
+    with growing dilation (~1.7 s of context: a dog's two woofs, a voice among its neighbours) on standardised
+    frames, then a 1x1 convolution. `embed` pools the last features over time (mean ++ std): the clip embedding
+    KAD compares, as kadtk compares PANNs or CLAP embeddings."""
 
     def __init__(self, width=96, dilations=(1, 2, 4, 8, 16, 1)):
         super().__init__()
@@ -557,16 +530,14 @@ def train_judge(n_stories=500, steps=1500, batch_size=16, crop=160, lr=3e-3, mix
         stories = pool.map(_judge_scenes, range(JUDGE_SEEDS, JUDGE_SEEDS + n_stories), chunksize=4)
     n_val = max(1, n_stories // 10)   # held out by story: no version of a held-out scene is trained on
     train, val = [s for d in stories[n_val:] for s in d], [s for d in stories[:n_val] for s in d]
-    raws = [r.float() for r, _ in train]
-    labels = [frame_labels(p, r.shape[0]) for r, (_, p) in zip(raws, train)]
+    raws, labels = zip(*((r.float(), frame_labels(p, r.shape[0])) for r, p in train))
     frames, prior = torch.cat(raws), torch.cat(labels).mean(0).clamp(1e-4, 1 - 1e-4)
     judge = Judge(width)
     with torch.no_grad():   # FLAM: an untrained judge predicts each class's prior
         judge.mean.copy_(frames.mean(0))
         judge.std.copy_(frames.std(0).clamp(min=1e-3))
         judge.head.bias.copy_(torch.log(prior / (1 - prior)))
-    optimizer = torch.optim.AdamW(judge.parameters(), lr=lr, weight_decay=1e-4)
-    g = torch.Generator().manual_seed(seed)
+    optimizer, g = torch.optim.AdamW(judge.parameters(), lr=lr, weight_decay=1e-4), torch.Generator().manual_seed(seed)
     bar = tqdm(range(steps), desc="judge", unit="step", disable=not verbose)
     for step in bar:
         for group in optimizer.param_groups:   # cosine decay to 10 %
@@ -608,6 +579,7 @@ def load_or_train_judge(path="out/judge.pt", verbose=True, **train_kwargs):
 # StoryGen-Eval-toy is the dataset's test split: each dialogue is a story request, one or two edit
 # requests and an understanding request about a fresh scene. The shards store log-mels, not
 # waveforms, so the ground truth is rendered again from its plans: a pure function of (plan, seed).
+# A system's run is {"turns": [story, *edits], "answer"}, each a sample.Turn (answer None: no understanding).
 
 @dataclass
 class Episode:
@@ -623,14 +595,11 @@ class Episode:
 
 def load_episodes(data_dir, n):
     """The first n dialogues of data_dir's test split -> [Episode], in train.load_dataset's order."""
-    shards, texts = sorted(glob.glob(os.path.join(data_dir, "test_*.pt"))), []
+    shards = sorted(glob.glob(os.path.join(data_dir, "test_*.pt")))
     if not shards:
         sys.exit(f"error: no test shards in {data_dir!r} (python train.py simulates one; so does python simulate_data.py DIR)")
-    for path in shards:
-        texts += torch.load(path, weights_only=True)["dialogues"]
-        if len(texts) >= n:
-            break
-    return [episode(json.loads(text)) for text in texts[:n]]
+    texts = (text for path in shards for text in torch.load(path, weights_only=True)["dialogues"])   # a shard when needed
+    return [episode(json.loads(text)) for text in itertools.islice(texts, n)]
 
 def episode(dialogue):
     """A dialogue as simulate_data.make_dialogue writes it -> Episode."""
@@ -650,39 +619,38 @@ def rendered(turn, seed):
     return Turn(turn.text, turn.plan, wav, seconds=time.perf_counter() - t0)
 
 def run_ground_truth(ep):
-    """The reference: the dialogue's own plans, rendered, and the true answer -> {"story", "edits", "answer"} of Turns."""
+    """The reference run: the dialogue's own plans, rendered, and the true answer."""
     truth = [rendered(Turn(t["calls"], t["plan"]), ep.seed) for t in [ep.story, *ep.edits]]
-    return {"story": truth[0], "edits": truth[1:], "answer": Turn(ep.answer)}
+    return {"turns": truth, "answer": Turn(ep.answer)}
 
 def run_audiochat(model, tok, codec, ep, config):
     """AudioChat-mini in one sample.Chat per dialogue, as the paper's tables run it: the story, each
     edit conditioned on the model's OWN previous audio, then the understanding request about the
-    (re-rendered) true clip -> {"story", "edits", "answer"} of Turns with their seconds."""
+    (re-rendered) true clip -> its run, the Turns with their seconds."""
     chat = Chat(model, tok, codec, sampler=config.sampler, steps=config.steps, cfg_scale=config.cfg, seed=ep.seed)
-    return {"story": timed(chat.generate, ep.story["text"]), "edits": [timed(chat.edit, e["text"]) for e in ep.edits],
+    return {"turns": [timed(chat.generate, ep.story["text"]), *(timed(chat.edit, e["text"]) for e in ep.edits)],
             "answer": timed(chat.understand, render(ep.scene, ep.scene_seed), ep.request)}
 
 FROM_TRUTH = "_from_gt_audio"   # the first model's Table 5 system: audiochat_from_gt_audio
 
 def run_from_truth(model, tok, codec, ep, config, truth):
     """The paper's Table 5: each edit conditioned on ground truth's turns before it (their audio in `truth`,
-    run_ground_truth's, not the model's own), one sample.Chat per edit -> {"story": ground truth's, "edits":
-    the model's, "before": the ground-truth turn each edit changes, "answer": None}."""
-    done, edits = [(ep.story, truth["story"]), *zip(ep.edits, truth["edits"])], []
-    for k, request in enumerate(ep.edits, start=1):
+    run_ground_truth's, not the model's own), one sample.Chat per edit -> a run with ground truth's story,
+    the model's edits and "before": ground truth's turns, edit k changing turn k."""
+    requests, edits = [ep.story, *ep.edits], []
+    for k in range(1, len(requests)):
         chat = Chat(model, tok, codec, sampler=config.sampler, steps=config.steps, cfg_scale=config.cfg, seed=ep.seed)
-        for turn, made in done[:k]:
-            chat.given(turn["text"], turn["calls"], turn["plan"], made.wav)
-        edits.append(timed(chat.edit, request["text"]))
-    return {"story": truth["story"], "edits": edits, "before": [made for _, made in done[:-1]], "answer": None}
+        for request, made in zip(requests[:k], truth["turns"]):
+            chat.given(request["text"], request["calls"], request["plan"], made.wav)
+        edits.append(timed(chat.edit, requests[k]["text"]))
+    return {"turns": [truth["turns"][0], *edits], "before": truth["turns"], "answer": None}
 
 def run_cascade(chat_run, ep, context=True):
     """The toy WavJourney: the model's plans (its audiochat run's) rendered by the simulator's tools. With
     context, one render seed per dialogue, so what an edit keeps stays sample-identical; without (the
     paper's "Cascade (No audio context)"), a fresh seed per turn. It understands no audio: answer None."""
-    turns = [rendered(t, ep.seed if context else ep.seed + 1_000_003 * (k + 1))
-             for k, t in enumerate([chat_run["story"], *chat_run["edits"]])]
-    return {"story": turns[0], "edits": turns[1:], "answer": None}
+    turns = [rendered(t, ep.seed if context else ep.seed + 1_000_003 * (k + 1)) for k, t in enumerate(chat_run["turns"])]
+    return {"turns": turns, "answer": None}
 
 def laid_out(reference_plan, plan):
     """The requested scene where the system put it: each reference source at the span the system's
@@ -707,24 +675,23 @@ def score_episode(judge, ep, run):
     (a system that makes no audio must not look perfectly consistent)."""
     def plan(turn, reference):   # a turn with audio but no plan (--cot=false) is judged where ground truth's plan puts it
         return reference if turn.wav is not None and turn.plan is None else turn.plan
-    story, answer, planned = run["story"], run["answer"], run["story"].text != "" or run["story"].wav is None
+    (story, *edits), answer, requests = run["turns"], run["answer"], [ep.story, *ep.edits]
+    planned = story.text != "" or story.wav is None
     record = {"story": {"multiFLAM": multiflam(judge, story.wav, laid_out(ep.story["plan"], story.plan)), "planned": planned,
                         "planFailure": story.failure, "planRecall": plan_recall(ep.story["plan"], story.plan) if planned else None,
                         "seconds": story.seconds, "audio_s": 0.0 if story.wav is None else story.wav.shape[1] / SR,
                         "emb": embedding(judge, story, ep.story["plan"]["duration"])},
               "edits": [], "answer": {"task": ep.task, "tcp": None, "caption": None}}
-    before, reference_before = story, ep.story["plan"]
-    for k, (request, after) in enumerate(zip(ep.edits, run["edits"])):
-        before = run["before"][k] if "before" in run else before   # Table 5: ground truth's turn, else its own last
-        intent, heard = request["intent"], before.wav is not None and after.wav is not None   # audio implies a valid plan
+    for k, (request, after) in enumerate(zip(ep.edits, edits)):
+        before = run.get("before", run["turns"])[k]   # Table 5: ground truth's turn, else the system's own last
+        reference_before = requests[k]["plan"]
+        pb, pa = plan(before, reference_before), plan(after, request["plan"])
+        heard = before.wav is not None and after.wav is not None   # audio implies a valid plan
         record["edits"].append({
-            "kind": intent["edit"],
-            "editFLAM": edit_flam(judge, before.wav, after.wav, plan(before, reference_before), plan(after, request["plan"]),
-                                  intent, reference_before, ep.seed),
-            "deltaMultiFLAM": delta_multiflam(judge, before.wav, after.wav, plan(before, reference_before),
-                                              plan(after, request["plan"])) if heard else None,
+            "kind": request["intent"]["edit"],
+            "editFLAM": edit_flam(judge, before.wav, after.wav, pb, pa, request["intent"], reference_before, ep.seed),
+            "deltaMultiFLAM": delta_multiflam(judge, before.wav, after.wav, pb, pa) if heard else None,
             "planFailure": after.failure, "emb": embedding(judge, after, request["plan"]["duration"])})
-        before, reference_before = after, request["plan"]
     if answer is not None and ep.task == "transcribe":
         record["answer"]["tcp"] = tcp_wer(reference_segments(ep.scene), parse_transcript(answer.text))
     elif answer is not None:
@@ -889,10 +856,6 @@ def plot(results, path):
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
-# report.html: the tables, eval.png and the loss curves, then a few test dialogues turn by turn: the
-# user's words, and for the ground truth, AudioChat-mini and the cascade side by side the plan, a
-# player and the spectrogram with the plan's timeline. Its wavs and pictures are beside it, in report/.
-
 REPORT_CSS = """
 body { font-family: sans-serif; max-width: 1500px; margin: auto; } td, th { border: 1px solid #ccc; padding: 0.3em; }
 table { border-collapse: collapse; } .user { background: #eef4ff; padding: 0.5em; margin: 1em 0 0.5em; }
@@ -917,8 +880,9 @@ def report_cell(title, turn, media_dir, stem):
     return html + "</div>"
 
 def write_report(results, showcase, ckpt_paths, out_dir):
-    """out_dir/report.html (+ out_dir/report/): showcase is [(Episode, {system: run})] with the runs of
-    ground_truth, audiochat and cascade. -> the page's path."""
+    """out_dir/report.html, its wavs and pictures in out_dir/report/: the tables, eval.png and the loss curves,
+    then each showcase dialogue ([(Episode, {system: run})]) turn by turn: the user's words, and for ground_truth,
+    audiochat and cascade side by side the plan, a player and the spectrogram with the plan's timeline."""
     media = os.path.join(out_dir, "report")
     os.makedirs(media, exist_ok=True)
     html = ["<!doctype html><html><head><meta charset='utf-8'><title>AudioChat-mini report</title>"
@@ -942,17 +906,15 @@ def write_report(results, showcase, ckpt_paths, out_dir):
         for k, request in enumerate([ep.story, *ep.edits]):
             what = f"edit {k}" if k else "story"
             html.append(f"<div class='user'><b>user ({what}):</b> {escape(request['text'])}</div><div class='turn'>")
-            html += [report_cell(title, runs[name]["edits"][k - 1] if k else runs[name]["story"], media, f"d{d}_t{k}_{name}")
+            html += [report_cell(title, runs[name]["turns"][k], media, f"d{d}_t{k}_{name}")
                      for name, title in systems] + ["</div>"]
         html.append(f"<div class='user'><b>user (understanding):</b> {escape(ep.request)}</div><div class='turn'>")
         clip = Turn(ep.request, ep.scene, render(ep.scene, ep.scene_seed))
         html.append(report_cell("the clip (and its true plan)", clip, media, f"d{d}_clip"))
         html += [f"<div class='system'><h4>{escape(title)}</h4><pre>{escape(runs[name]['answer'].text)}</pre></div>"
                  for name, title in systems[:2]] + ["</div>"]   # the cascade understands no audio: no answer
-    path = os.path.join(out_dir, "report.html")
-    with open(path, "w") as f:
+    with open(os.path.join(out_dir, "report.html"), "w") as f:
         f.write("\n".join(html + ["</body></html>"]))
-    return path
 
 def evaluate(config):
     """Run every system on the first config.n test dialogues of config.data_dir, print the tables, write
@@ -988,8 +950,7 @@ def evaluate(config):
     for part in ("storytelling", "understanding"):   # Table 5's system tells no story of its own and answers nothing
         results["systems"][first + FROM_TRUTH][part] = dict.fromkeys(results["systems"][first + FROM_TRUTH][part])
     print("\n".join([line for table in result_tables(results) for line in markdown(*table)][1:] + ["", table_note(results)]))
-    os.makedirs(config.out_dir, exist_ok=True)
-    with open(os.path.join(config.out_dir, "eval.json"), "w") as f:
+    with open(os.path.join(config.out_dir, "eval.json"), "w") as f:   # out_dir holds judge.pt: it exists
         json.dump(results, f, indent=1)
     plot(results, os.path.join(config.out_dir, "eval.png"))
     if showcase:
@@ -1001,13 +962,10 @@ def evaluate(config):
 # -----------------------------------------------------------------------------
 # Part 5: the speed bench (python eval.py --bench) (skim)
 #
-# The README's Performance table, timed in one run on the current device: each figure sets a fast path beside
-# its baseline, written here (a training step beside the same layers trained as a plain causal LM, under the
-# same per-document mask; decoding and audio sampling through their caches beside re-running everything), or
-# is a real-time factor (a story turn of sample.Chat; the toy cascade's simulator). The inputs are the first
-# test dialogues of --data_dir, encoded as in training. Without --ckpt the model is a randomly initialised one
-# of train.py's preset size (speed does not depend on weights), and the rows that need a trained model (the
-# samplers, scored by the judge; end to end) are skipped.
+# The README's Performance table, timed on the current device: each fast path beside a short baseline written
+# here (a training step beside the same layers as a plain causal LM under the same per-document mask; decoding
+# and audio sampling through their caches beside re-running everything), and real-time factors (a sample.Chat
+# story turn; the toy cascade's simulator), on the first test dialogues of --data_dir, encoded as in training.
 
 BENCH_DIALOGUES, DECODE_TOKENS, SAMPLER_STORIES, E2E_STORIES = 16, 100, 4, 3
 SAMPLER_RUNS = (("ddim", 150), ("dpmpp", 10), ("dpmpp", 15), ("dpmpp", 25))
@@ -1104,9 +1062,8 @@ def prefix_rows(seq, span, null_id, device):
 @torch.no_grad()
 def sample_after(model, prefix, n, steps, sampler, cfg_scale, generator, cached=True):
     """The n-token audio span after `prefix` (prefix_rows) -> x0 (1, n, latent). cached: the prefix runs
-    once (model.extend), then diffusion.sample_audio steps on the span alone, as sample.Chat does; else
-    (the audio row's baseline) each denoiser call re-runs model.forward over prefix and span. The same
-    noise and the same x0 either way."""
+    once (model.extend), then diffusion.sample_audio steps on the span alone, as sample.Chat does; else (the
+    audio row's baseline) each denoiser call re-runs model.forward over prefix and span. The same x0 either way."""
     tokens, audio, t, span_id = prefix
     if cached:
         cache = model.new_cache(len(tokens))
@@ -1198,8 +1155,9 @@ def bench_table(results):
 def bench(config, repeats=3, model_overrides=None):
     """The bench's rows on config.device: the table printed, OUT_DIR/bench.json written -> its dict. The model
     is config.ckpt's first checkpoint (then the samplers and end-to-end rows run too, the judge cached in
-    OUT_DIR/judge.pt), else a random one of train.py's preset size changed by model_overrides (TrainConfig
-    fields), with the dataset's tokenizer and codec. repeats: timed calls per figure, after a warm-up."""
+    OUT_DIR/judge.pt), else (speed does not depend on weights) a random one of train.py's preset size changed
+    by model_overrides (TrainConfig fields), with the dataset's tokenizer and codec; the rows that need a trained
+    model are skipped. repeats: timed calls per figure, after a warm-up."""
     t_start, device = time.perf_counter(), pick_device(config.device)
     episodes, train_config = load_episodes(config.data_dir, BENCH_DIALOGUES), parse_config(TrainConfig, [], PRESETS)
     if config.ckpt:
