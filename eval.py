@@ -18,7 +18,7 @@ Read Part 1 line by line: the metrics, each as the paper (or MeetEval, or kadtk)
 The numbers are only as good as the judge (its held-out frame F1 is printed with them), and they are
 not comparable with the paper's: the world, the judge and the embedding are toys.
 """
-import glob, itertools, json, os, re, sys, time
+import glob, itertools, json, os, sys, time
 import multiprocessing as mp
 from collections import Counter
 from dataclasses import dataclass
@@ -35,7 +35,7 @@ from model import AudioChatModel, document_split, flex_block_mask, transfusion_m
 from diffusion import SAMPLERS, cfg, rand, sample_audio, transfusion_forcing_loss
 from train import (PRESETS, TrainConfig, autocast_for, collate, load_checkpoint, load_dataset, load_tokenizers, model_config,
                    opt, pack, parse_config, pick_device, plot_losses, user_audio)
-from sample import Chat, Turn
+from sample import Chat, Turn, timed_lines
 from simulate_data import (EDIT_KINDS, PLAN_ERROR_KINDS, DesignerAgent, PlanError, UserAgent, dry_signal, find,
                            plan_to_text, plot_story, render, run_calls, side_of)
 from world import AMBIENCES, MUSIC, SFX, SR, VOICES, pick
@@ -272,18 +272,11 @@ def tcp_wer(reference, hypothesis, collar=5.0):
 
 # 1d. Answers and plans: parse what a system wrote (any text) and score it against the truth.
 
-TIMED_LINE = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*-\s*(\d+(?:\.\d*)?)\s+(.+?)\s*$")
-
-def _timed_lines(text):
-    """Lines "{start}-{end} {rest}" with start <= end -> [(start, end, rest)]; other lines are dropped."""
-    matches = (TIMED_LINE.match(line) for line in text.splitlines())
-    return [(float(m[1]), float(m[2]), m[3]) for m in matches if m and float(m[1]) <= float(m[2])]
-
 def parse_transcript(text):
     """A transcription, one line per utterance "{start:.1f}-{end:.1f} {voice}: {words}"
     (simulate_data.transcript) -> tcp_wer segments [(voice, start, end, words)]. A line that does not
     parse adds no words: the reference words it may have meant become deletions."""
-    lines = ((start, end, *rest.partition(":")) for start, end, rest in _timed_lines(text))
+    lines = ((start, end, *rest.partition(":")) for start, end, rest in timed_lines(text))
     return [(voice.strip(), start, end, " ".join(words.split())) for start, end, voice, colon, words in lines
             if colon and voice.strip() and " " not in voice.strip() and words.split()]
 
@@ -296,7 +289,7 @@ def caption_multiflam(answer_text, true_plan):
     caption names (one line each, "{start:.1f}-{end:.1f} {sound or voice}", simulate_data.caption) with
     an overlapping span, each line used once. (The paper scores a caption against the audio with
     OpenFLAM; in a closed world a named source and its span are what the judge would look for.)"""
-    lines = [(a, b, name) for a, b, name in _timed_lines(answer_text) if " " not in name]
+    lines = [(a, b, name) for a, b, name in timed_lines(answer_text) if " " not in name]
     found = 0
     for s in sorted(true_plan["sources"], key=lambda s: s["start"]):
         a, b = s["start"], s["start"] + s["dur"]
@@ -681,7 +674,7 @@ def score_episode(judge, ep, run):
                         "planFailure": story.failure, "planRecall": plan_recall(ep.story["plan"], story.plan) if planned else None,
                         "seconds": story.seconds, "audio_s": 0.0 if story.wav is None else story.wav.shape[1] / SR,
                         "emb": embedding(judge, story, ep.story["plan"]["duration"])},
-              "edits": [], "answer": {"task": ep.task, "tcp": None, "caption": None}}
+              "edits": [], "answer": {"task": ep.task, "tcp": None, "caption": None, "pastEnd": None}}
     for k, (request, after) in enumerate(zip(ep.edits, edits)):
         before = run.get("before", run["turns"])[k]   # Table 5: ground truth's turn, else the system's own last
         reference_before = requests[k]["plan"]
@@ -692,6 +685,8 @@ def score_episode(judge, ep, run):
             "editFLAM": edit_flam(judge, before.wav, after.wav, pb, pa, request["intent"], reference_before, ep.seed),
             "deltaMultiFLAM": delta_multiflam(judge, before.wav, after.wav, pb, pa) if heard else None,
             "planFailure": after.failure, "emb": embedding(judge, after, request["plan"]["duration"])})
+    if answer is not None:
+        record["answer"]["pastEnd"] = answer.past_end > 0   # the chat cut or dropped lines past the clip's end
     if answer is not None and ep.task == "transcribe":
         record["answer"]["tcp"] = tcp_wer(reference_segments(ep.scene), parse_transcript(answer.text))
     elif answer is not None:
@@ -727,7 +722,8 @@ def aggregate(records, reference):
                              "planValidity": validity(stories), "planRecall": mean(s["planRecall"] for s in stories),
                              "planFailures": failures(stories), "latency_s": mean(s["seconds"] for s in stories),
                              "rtf": sum(s["seconds"] for s in stories) / audio_s if audio_s else None},
-            "editing": editing, "understanding": {"tcpWER": tcp_wer_, "captionMultiFLAM": mean(a["caption"] for a in answers)}}
+            "editing": editing, "understanding": {"tcpWER": tcp_wer_, "captionMultiFLAM": mean(a["caption"] for a in answers),
+                              "pastEnd": mean(100.0 * a["pastEnd"] for a in answers if a["pastEnd"] is not None)}}
 
 def answer_positions(seq):
     """(L - 1,) bool: the positions i whose next token belongs to the assistant's answer about the
@@ -806,8 +802,9 @@ def result_tables(results):
           for k, e in ((k, e["overall"]) for k, e in edits.items())]),
         ("Editing per sub-task: editFLAM ↑ / deltaMultiFLAM ↓", ["system", *(f"{e} (n={counts[e]})" for e in EDIT_KINDS)],
          [[k, *(f"{fmt(r[e]['editFLAM'])} / {fmt(r[e]['deltaMultiFLAM'])}" for e in EDIT_KINDS)] for k, r in edits.items()]),
-        ("Understanding (paper Table 3)", ["system", "tcpWER ↓", "captionMultiFLAM ↑"],
-         [[k, fmt(r["understanding"]["tcpWER"]), fmt(r["understanding"]["captionMultiFLAM"])] for k, r in systems.items()
+        ("Understanding (paper Table 3; pastEnd: % of answers placing sound past the clip's end)",
+         ["system", "tcpWER ↓", "captionMultiFLAM ↑", "pastEnd ↓"],
+         [[k, *(fmt(r["understanding"][m]) for m in ("tcpWER", "captionMultiFLAM", "pastEnd"))] for k, r in systems.items()
           if not k.endswith(FROM_TRUTH)]),
         (f"Why the models' plans fail: story / edit turns per PlanError kind (of {n} / {counts['overall']})",
          ["system", *PLAN_ERROR_KINDS],

@@ -26,6 +26,7 @@ save_turn and the command line.
 """
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ from diffusion import SAMPLERS, check_sampling, sample_audio
 from train import load_checkpoint, one_line, opt, parse_config, pick_device
 
 NO_PLAN_DURATION = 4.7   # s: a story's length without a chain of thought (no plan says it): the data's mean
+TIMED_LINE = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*-\s*(\d+(?:\.\d*)?)\s+(.+?)\s*$")   # an answer's "{start}-{end} {rest}"
 
 
 # -----------------------------------------------------------------------------
@@ -123,6 +125,7 @@ class Turn:
     error: str = None        # the message, when the studio refused the calls
     failure: str = None      # and that PlanError's kind (simulate_data.PLAN_ERROR_KINDS)
     seconds: float = 0.0     # wall-clock time of the turn
+    past_end: int = 0        # answer lines that placed sound past the clip's end (dropped, or cut at it)
 
 class Chat:
     """One dialogue with the model. generate(instruction) starts a story, edit(instruction) changes
@@ -283,7 +286,30 @@ class Chat:
         text, stop = self._decode(self._say("<|/audio|>", "<|end|>", "<|assistant|>"))
         if stop == self.ids["<|audio|>"]:  # an answer is text only: close the span the model opened
             self._say("<|/audio|>", "<|end|>")
-        return Turn(text=text, seconds=time.time() - start)
+        text, past_end = within_clip(text, len(z) * PATCH * HOP / SR)
+        return Turn(text=text, past_end=past_end, seconds=time.time() - start)
+
+
+def timed_lines(text):
+    """An answer's lines "{start}-{end} {rest}" (s) with start <= end -> [(start, end, rest)]; other lines are dropped."""
+    matches = (TIMED_LINE.match(line) for line in text.splitlines())
+    return [(float(m[1]), float(m[2]), m[3]) for m in matches if m and float(m[1]) <= float(m[2])]
+
+def within_clip(answer, seconds):
+    """An answer about a clip of `seconds` s -> (the answer, n): a timed line that starts at or past the
+    clip's end is dropped, one that runs past it ends there; n counts them. What the clip does not
+    contain cannot be heard in it, so such a line is wrong whatever its words."""
+    lines, n = [], 0
+    for line in answer.splitlines():
+        timed = timed_lines(line)
+        if timed and timed[0][1] > seconds + 0.01:   # answers give times to 0.1 s; a clip is whole tenths long
+            start, _, rest = timed[0]
+            n += 1
+            if start >= seconds:
+                continue
+            line = f"{start:.1f}-{seconds:.1f} {rest}"
+        lines.append(line)
+    return "\n".join(lines), n
 
 
 # -----------------------------------------------------------------------------
@@ -307,6 +333,8 @@ def save_turn(turn, out_dir, name):
 def report(turn, out_dir, name):
     """Print a turn (the model's text and the studio's plan, or the refusal) and save its files."""
     print(f"[{name}] {turn.error}\n  model wrote: {turn.text[:300]}" if turn.error else f"[{name}] {turn.text}")
+    if turn.past_end:
+        print(f"  ({turn.past_end} line(s) of the answer placed sound past the clip's end: dropped, or cut at it)")
     if turn.plan:
         print("  studio: " + plan_to_text(turn.plan).replace("\n", "\n          "))
     for path in save_turn(turn, out_dir, name):

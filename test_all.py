@@ -31,7 +31,7 @@ from model import AudioChatModel, ModelConfig, rotary, rotate, span_positions, t
 from diffusion import add_noise, alpha_sigma, cfg, ddim_sample, dpmpp_2m_sample, sample_audio, sample_noise_levels, \
     shift_noise_level, transfusion_forcing_loss
 from train import collate, parse_config
-from sample import NO_PLAN_DURATION, Chat, SampleConfig, load_audio, save_turn
+from sample import NO_PLAN_DURATION, Chat, SampleConfig, load_audio, save_turn, within_clip
 
 TMP = tempfile.mkdtemp(prefix="audiochat_test_")  # scratch space shared by the tests of one run
 
@@ -783,7 +783,8 @@ def levenshtein(a, b):
     return d[len(b)]
 
 def test_tcpwer_properties_collar_speaker_permutations_and_transcript_parser():
-    """tcpWER: the edit distance if all overlap, else bounded; the collar; speakers matched; transcripts parse back."""
+    """tcpWER: the edit distance if all overlap, else bounded; the collar; speakers matched; transcripts parse back;
+    the chat keeps an answer inside its clip."""
     rng = random.Random(0)
     for k in range(500):
         a, b = ([(w, s, s + (1.0 if k < 200 else rng.uniform(0, 2))) for w, s in
@@ -813,6 +814,8 @@ def test_tcpwer_properties_collar_speaker_permutations_and_transcript_parser():
     assert E.parse_transcript(text) == [("ava", 0.4, 1.9, "the old dog runs")]
     r = E.tcp_wer([("ava", 0.4, 1.9, "the old dog runs"), ("ben", 2.0, 3.0, "hello")], E.parse_transcript(text))
     assert (r["errors"], r["del"]) == (1, 1)   # the unparseable lines count as nothing: "hello" is missing
+    answer = "0.6-2.2 dan: come home\nnonsense line\n2.4-3.6 dan: come home\n0.0-2.0 rain"   # about a 2.0 s clip
+    assert within_clip(answer, 2.0) == ("0.6-2.0 dan: come home\nnonsense line\n0.0-2.0 rain", 2)   # cut, dropped
 
 def test_listening_profile_scores_exactly_the_answer_and_sees_the_clip():
     model, tok, codec, _ = train.load_checkpoint(untrained_checkpoint())
@@ -927,12 +930,13 @@ def test_evaluate_end_to_end_writes_the_paper_tables():
     assert no_plan["storytelling"]["multiFLAM"] is not None and no_plan["editing"]["overall"]["planValidity"] is None
     assert set(table5["storytelling"].values()) == {None} and table5["editing"]["overall"]["planValidity"] == 0
     for name, r in results["systems"].items():   # the paper's three tables, for every system
-        assert set(r["understanding"]) == {"tcpWER", "captionMultiFLAM"} and set(r["editing"]) == {"overall", *EDIT_KINDS}
+        assert set(r["understanding"]) == {"tcpWER", "captionMultiFLAM", "pastEnd"} and set(r["editing"]) == {"overall", *EDIT_KINDS}
         assert {"editFLAM", "deltaMultiFLAM", "KAD"} <= set(r["editing"]["overall"]) and len(r) == 3
         assert {"multiFLAM", "KAD", "planValidity", "planRecall", "latency_s", "rtf"} <= set(r["storytelling"]), name
     sy, ours = results["systems"], results["systems"]["audiochat"]
     gt, story, edit = sy["ground_truth"]["storytelling"], ours["storytelling"], ours["editing"]["overall"]
     assert gt["planValidity"] == 100 and gt["KAD"] is None and sy["cascade"]["understanding"]["tcpWER"] is None
+    assert sy["ground_truth"]["understanding"]["pastEnd"] == 0 and sy["cascade"]["understanding"]["pastEnd"] is None
     assert story["planValidity"] == story["multiFLAM"] == edit["editFLAM"] == 0 and edit["deltaMultiFLAM"] is None
     failed = story["planFailures"]   # an untrained model writes no tool calls
     assert set(failed) == set(PLAN_ERROR_KINDS) and failed["syntax"] == sum(failed.values()) == 2, failed
