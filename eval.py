@@ -18,7 +18,7 @@ Read Part 1 line by line: the metrics, each as the paper (or MeetEval, or kadtk)
 The numbers are only as good as the judge (its held-out frame F1 is printed with them), and they are
 not comparable with the paper's: the world, the judge and the embedding are toys.
 """
-import glob, itertools, json, os, sys, time
+import itertools, json, os, sys, time
 import multiprocessing as mp
 from collections import Counter
 from dataclasses import dataclass
@@ -34,7 +34,7 @@ from tokenizer import HOP, FRAME_RATE, N_MELS, AudioCodec
 from model import AudioChatModel, document_split, flex_block_mask, transfusion_mask
 from diffusion import SAMPLERS, cfg, rand, sample_audio, transfusion_forcing_loss
 from train import (PRESETS, TrainConfig, autocast_for, collate, load_checkpoint, load_dataset, load_tokenizers, model_config,
-                   opt, pack, parse_config, pick_device, plot_losses, user_audio)
+                   opt, pack, parse_config, pick_device, plot_losses, read_split, user_audio)
 from sample import Chat, Turn, timed_lines
 from simulate_data import (EDIT_KINDS, PLAN_ERROR_KINDS, DesignerAgent, PlanError, UserAgent, dry_signal, find,
                            plan_to_text, plot_story, render, run_calls, side_of)
@@ -588,11 +588,7 @@ class Episode:
 
 def load_episodes(data_dir, n):
     """The first n dialogues of data_dir's test split -> [Episode], in train.load_dataset's order."""
-    shards = sorted(glob.glob(os.path.join(data_dir, "test_*.pt")))
-    if not shards:
-        sys.exit(f"error: no test shards in {data_dir!r} (python train.py simulates one; so does python simulate_data.py DIR)")
-    texts = (text for path in shards for text in torch.load(path, weights_only=True)["dialogues"])   # a shard when needed
-    return [episode(json.loads(text)) for text in itertools.islice(texts, n)]
+    return [episode(dialogue) for dialogue, _ in itertools.islice(read_split(data_dir, "test"), n)]
 
 def episode(dialogue):
     """A dialogue as simulate_data.make_dialogue writes it -> Episode."""

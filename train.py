@@ -200,18 +200,20 @@ def load_tokenizers(data_dir):
         sys.exit(f"error: {data_dir!r} holds no readable dataset ({one_line(e)}); "
                  f"delete it, or give another --data_dir, to simulate one")
 
-def load_dataset(data_dir, split, tok, codec, required=True, cot=True):
-    """Every dialogue of one split as an encode_dialogue sequence (dict of tensors, see tokenizer.py)."""
+def read_split(data_dir, split, required=True):
+    """The one reader of a dataset: (dialogue dict, its audio [(T, 64) frames]) of one split, in order,
+    a shard read only when it is reached. One clear error for a split with no shards, if required."""
     shards = sorted(glob.glob(os.path.join(data_dir, f"{split}_*.pt")))
     if not shards and required:
         sys.exit(f"error: no {split} shards in {data_dir!r} (python simulate_data.py {data_dir})")
-    seqs = []
     for path in shards:
         shard = torch.load(path, weights_only=True)
-        for text, raws in zip(shard["dialogues"], shard["audio"]):
-            latents = [codec.normalize(raw.float()) for raw in raws]
-            seqs.append(encode_dialogue(json.loads(text), latents, tok, cot))
-    return seqs
+        yield from ((json.loads(text), raws) for text, raws in zip(shard["dialogues"], shard["audio"]))
+
+def load_dataset(data_dir, split, tok, codec, required=True, cot=True):
+    """Every dialogue of one split as an encode_dialogue sequence (dict of tensors, see tokenizer.py)."""
+    return [encode_dialogue(dialogue, [codec.normalize(raw.float()) for raw in raws], tok, cot)
+            for dialogue, raws in read_split(data_dir, split, required)]
 
 def user_audio(seq):
     """(L,) bool: the positions of audio the user supplied (an encode_dialogue dict's spans that
