@@ -811,9 +811,11 @@ def result_tables(results):
          ["system", "parameters", "val CE ↓", "val v-MSE ↓", "x̂₀ error ↓"],
          [[k, f"{v['params'] / 1e6:.2f}M", fmt(v["ce"], 3), fmt(v["mse"], 3), fmt(v["x0_err"] and v["x0_err"][-1], 2)]
           for k, v in models.items()]),
-        ("Does the model listen? Cross-entropy of the true answer (nats per token) with the clip / with the average "
-         "sound in its place: equal = the answer ignores the audio", ["system", *tasks],
-         [[k, *[f"{fmt(p[t]['ce_clip'], 3)} / {fmt(p[t]['ce_without_clip'], 3)} (n={p[t]['n']})" if t in p else "–"
+        ("Does the model listen? The listening gap: how much the clip lowers the true answer's cross-entropy (nats per "
+         "token) against the average sound in its place (0: the answer ignores the audio); in brackets, the two CEs",
+         ["system", *tasks],
+         [[k, *[f"{fmt(p[t]['ce_without_clip'] - p[t]['ce_clip'], 3)} "
+                f"({fmt(p[t]['ce_clip'], 3)} / {fmt(p[t]['ce_without_clip'], 3)}, n={p[t]['n']})" if t in p else "–"
                 for t in tasks]] for k, p in listening.items()]),
         ("Requests as people write them (eval.HELDOUT, wording no template uses), through sample.Chat",
          ["system", "story plans naming every asked source ↑", "edits making the asked change ↑"],
