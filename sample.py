@@ -25,6 +25,7 @@ Read line by line: Chat (_feed, _decode, generate, understand). Skim: load_audio
 save_turn and the command line.
 """
 import json
+import math
 import os
 import re
 import sys
@@ -276,8 +277,9 @@ class Chat:
     @torch.no_grad()
     def understand(self, audio, request="Who says what, and when?"):
         """Audio (a wav path or an array, see load_audio) + a request -> Turn whose text is the
-        answer (a timed transcript, or every sound with its time span). ValueError for unreadable
-        audio or an empty request, before anything enters the dialogue."""
+        answer (a timed transcript, or every sound with its time span), kept inside the clip (within_clip;
+        the dialogue keeps what the model wrote). ValueError for unreadable audio or an empty request,
+        before anything enters the dialogue."""
         start = time.time()
         z = AudioCodec.patchify(self.codec.encode(load_audio(audio)))
         self._user(request, then=len(z) + 5)   # <|user|>, the clip in its markers, <|end|>, <|assistant|>
@@ -297,20 +299,19 @@ def timed_lines(text):
 
 def within_clip(answer, seconds):
     """An answer about a clip of `seconds` s -> (the answer, n): a timed line that starts at or past the
-    clip's end is dropped, one that runs past it ends there; n counts them. What the clip does not
-    contain cannot be heard in it, so such a line is wrong whatever its words."""
-    lines, n = [], 0
-    for line in answer.splitlines():
-        timed = timed_lines(line)
-        if timed and timed[0][1] > seconds + 0.01:   # answers give times to 0.1 s; a clip is whole tenths long
-            start, _, rest = timed[0]
+    clip's end is dropped, one that runs past it ends there; n counts them (0: the answer as it came).
+    What the clip does not contain cannot be heard in it, so such a line is wrong whatever its words."""
+    end, lines, n = math.floor(seconds * 10 + 1e-6) / 10, [], 0   # answers give times to 0.1 s
+    for line in answer.splitlines(keepends=True):
+        m = TIMED_LINE.match(line)
+        if m and float(m[1]) <= float(m[2]) and float(m[2]) > end + 1e-6:
             n += 1
-            if start >= seconds:
+            if float(m[1]) >= end:
                 continue
-            line = f"{start:.1f}-{seconds:.1f} {rest}"
+            ending = line[len(line.rstrip("\r\n")):]
+            line = f"{m[1]}-{end:.1f} {m[3]}{ending}"
         lines.append(line)
-    return "\n".join(lines), n
-
+    return "".join(lines) if n else answer, n
 
 # -----------------------------------------------------------------------------
 # writing a turn for people: wav, plan, picture

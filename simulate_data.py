@@ -12,7 +12,8 @@ the request's own terms; the studio lays them out as the plan.
 
 Read line by line: Part 1 the plan, 2 the mixer, 3 the tools and the studio, 4 the agents, 5 the dialogues.
 Skim: 6 the picture, 7 the dataset writer. How the voices and sounds are made is world.py's (skim): this
-file uses only their names and the speech timing, never how they sound.
+file uses their names, their lengths (speech_duration, an effect's fixed length) and, in the mixer's
+dry_signal, the synthesizers themselves, never how they work.
 """
 
 import copy

@@ -66,7 +66,7 @@ def one_thread():
 
 
 # -----------------------------------------------------------------------------
-# the toy audio world (simulate_data.py)
+# the toy audio world (world.py) and the data simulator (simulate_data.py)
 
 def _good_plan():
     return {"duration": 5.0, "sources": [
@@ -816,6 +816,8 @@ def test_tcpwer_properties_collar_speaker_permutations_and_transcript_parser():
     assert (r["errors"], r["del"]) == (1, 1)   # the unparseable lines count as nothing: "hello" is missing
     answer = "0.6-2.2 dan: come home\nnonsense line\n2.4-3.6 dan: come home\n0.0-2.0 rain"   # about a 2.0 s clip
     assert within_clip(answer, 2.0) == ("0.6-2.0 dan: come home\nnonsense line\n0.0-2.0 rain", 2)   # cut, dropped
+    assert within_clip("0.45-3.0 x\r\n1.0-1.5 y\n", 2.35) == ("0.45-2.3 x\r\n1.0-1.5 y\n", 1)   # to the last whole tenth
+    assert within_clip(answer, 4.0)[0] is answer   # nothing past the end: the answer as it came
 
 def test_listening_profile_scores_exactly_the_answer_and_sees_the_clip():
     model, tok, codec, _ = train.load_checkpoint(untrained_checkpoint())
@@ -930,7 +932,8 @@ def test_evaluate_end_to_end_writes_the_paper_tables():
     assert no_plan["storytelling"]["multiFLAM"] is not None and no_plan["editing"]["overall"]["planValidity"] is None
     assert set(table5["storytelling"].values()) == {None} and table5["editing"]["overall"]["planValidity"] == 0
     for name, r in results["systems"].items():   # the paper's three tables, for every system
-        assert set(r["understanding"]) == {"tcpWER", "captionMultiFLAM", "pastEnd"} and set(r["editing"]) == {"overall", *EDIT_KINDS}
+        assert set(r["understanding"]) == {"tcpWER", "captionMultiFLAM", "pastEnd"}
+        assert set(r["editing"]) == {"overall", *EDIT_KINDS}
         assert {"editFLAM", "deltaMultiFLAM", "KAD"} <= set(r["editing"]["overall"]) and len(r) == 3
         assert {"multiFLAM", "KAD", "planValidity", "planRecall", "latency_s", "rtf"} <= set(r["storytelling"]), name
     sy, ours = results["systems"], results["systems"]["audiochat"]

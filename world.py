@@ -8,7 +8,8 @@ the seed (speech_duration), so the studio (simulate_data.py) lays out a plan unh
 with `python simulate_data.py --demo out/demo`.
 
 Read line by line: down to the "synthesizers" banner. Skim the rest (DSP helpers, the formant speech
-synthesizer, the effects, the beds): the other files use only their names and the speech timing.
+synthesizer, the effects, the beds, and the SFX / AMBIENCES / MUSIC tables at the end): the other files use
+their names and lengths, and call them only to render (simulate_data.dry_signal).
 """
 
 import functools
@@ -94,9 +95,11 @@ def speech_duration(voice, text):
 
 
 # =============================================================================
-# The synthesizers (skim). The rest of the project uses only their names (VOICES, SFX, AMBIENCES,
-# MUSIC) and the speech timing (phoneme_timeline). All of it works on whole numpy arrays, never sample by
-# sample, and draws its variation from the rng it is given (simulate_data.dry_signal seeds one per source).
+# The synthesizers (skim). The rest of the project uses their names (VOICES, SFX, AMBIENCES, MUSIC at the
+# end), their lengths (speech_duration; an effect's fixed length) and, in simulate_data.dry_signal, the
+# synthesizers. The timing above reads PHONEMES' durations, WORD_CODES, WORD_GAP and SPEECH_TAIL below.
+# All of it works on whole numpy arrays, never sample by sample, and draws its variation from the rng it is
+# given (dry_signal seeds one per source).
 # =============================================================================
 
 CTRL = 80   # control-rate hop in samples (200 Hz): envelopes, formants, pitch
