@@ -83,8 +83,11 @@ def delta_multiflam(judge, wav_before, wav_after, plan_before, plan_after):
     the judge's span probability of each source the edit must leave alone, from the audio before the
     edit to the audio after. Missing audio (None) is silence: an edit that loses the audio counts all
     it lost. None when the edit leaves no source alone."""
-    keep, pb, pa = untouched(plan_before, plan_after), judge.probs(wav_before), judge.probs(wav_after)
-    return 100.0 * float(np.mean([abs(span_probability(pa, s) - span_probability(pb, s)) for s in keep])) if keep else None
+    keep = untouched(plan_before, plan_after)
+    if not keep:   # nothing to compare: the judge need not run
+        return None
+    pb, pa = judge.probs(wav_before), judge.probs(wav_after)
+    return 100.0 * float(np.mean([abs(span_probability(pa, s) - span_probability(pb, s)) for s in keep]))
 
 def content(src):
     """What a source is, as a request names it: type, voice or sound, and the words of a line."""
@@ -683,10 +686,10 @@ def score_episode(judge, ep, run):
             "planFailure": after.failure, "emb": embedding(judge, after, request["plan"]["duration"])})
     if answer is not None:
         record["answer"]["pastEnd"] = answer.past_end > 0   # the chat cut or dropped lines past the clip's end
-    if answer is not None and ep.task == "transcribe":
-        record["answer"]["tcp"] = tcp_wer(reference_segments(ep.scene), parse_transcript(answer.text))
-    elif answer is not None:
-        record["answer"]["caption"] = caption_multiflam(answer.text, ep.scene)
+        if ep.task == "transcribe":
+            record["answer"]["tcp"] = tcp_wer(reference_segments(ep.scene), parse_transcript(answer.text))
+        else:
+            record["answer"]["caption"] = caption_multiflam(answer.text, ep.scene)
     return record
 
 def mean(values):

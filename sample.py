@@ -292,10 +292,14 @@ class Chat:
         return Turn(text=text, past_end=past_end, seconds=time.time() - start)
 
 
+def timed_line(line):
+    """One answer line "{start}-{end} {rest}" (s) with start <= end -> its TIMED_LINE match, else None."""
+    m = TIMED_LINE.match(line)
+    return m if m and float(m[1]) <= float(m[2]) else None
+
 def timed_lines(text):
-    """An answer's lines "{start}-{end} {rest}" (s) with start <= end -> [(start, end, rest)]; other lines are dropped."""
-    matches = (TIMED_LINE.match(line) for line in text.splitlines())
-    return [(float(m[1]), float(m[2]), m[3]) for m in matches if m and float(m[1]) <= float(m[2])]
+    """An answer's timed lines -> [(start, end, rest)]; other lines are dropped."""
+    return [(float(m[1]), float(m[2]), m[3]) for m in map(timed_line, text.splitlines()) if m]
 
 def within_clip(answer, seconds):
     """An answer about a clip of `seconds` s -> (the answer, n): a timed line that starts at or past the
@@ -303,8 +307,8 @@ def within_clip(answer, seconds):
     What the clip does not contain cannot be heard in it, so such a line is wrong whatever its words."""
     end, lines, n = math.floor(seconds * 10 + 1e-6) / 10, [], 0   # answers give times to 0.1 s
     for line in answer.splitlines(keepends=True):
-        m = TIMED_LINE.match(line)
-        if m and float(m[1]) <= float(m[2]) and float(m[2]) > end + 1e-6:
+        m = timed_line(line)
+        if m and float(m[2]) > end + 1e-6:
             n += 1
             if float(m[1]) >= end:
                 continue
@@ -312,6 +316,7 @@ def within_clip(answer, seconds):
             line = f"{m[1]}-{end:.1f} {m[3]}{ending}"
         lines.append(line)
     return "".join(lines) if n else answer, n
+
 
 # -----------------------------------------------------------------------------
 # writing a turn for people: wav, plan, picture
