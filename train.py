@@ -90,10 +90,10 @@ class TrainConfig:
 
 PRESETS = {  # applied under --preset, before the flags
     "cpu": dict(),
-    # one GPU, sized for a short slot (the README's GPU table); listening dialogues are untried on a GPU
+    # one GPU, sized for a short slot (the README's GPU table)
     "gpu": dict(n_layer=8, n_gen_layer=4, n_head=8, n_embd=512, batch_size=16, max_iters=2000, text_iters=300,
                 learning_rate=1e-3, min_lr=1e-4, warmup_iters=100, eval_interval=250, n_dialogues=10000,
-                n_listen=0),
+                n_listen=2500),
 }
 
 def accepted(f):
