@@ -68,17 +68,28 @@ def flex_block_mask(span_id, doc_id=None):
     B, L = span_id.shape
     return create_block_mask(mask_mod, B, None, L, L, device=span_id.device)
 
+def document_positions(doc_id):
+    """doc_id: (B, L) of packed rows (each document one run of the same id) -> (B, L) long, each
+    token's position inside its own document: every document starts at 0, as it will when sampled."""
+    pos = torch.arange(doc_id.size(1), device=doc_id.device).expand_as(doc_id)
+    starts = torch.ones_like(doc_id, dtype=torch.bool)
+    starts[:, 1:] = doc_id[:, 1:] != doc_id[:, :-1]
+    return pos - torch.where(starts, pos, 0).cummax(dim=1).values
+
 def document_split(span_id, doc_id):
     """The Transfusion mask for packed rows, one document at a time: nothing crosses a document
     boundary, so attention over a row of k documents is k attentions of one document each, and a
     dense kernel (sdpa) skips the cross-document blocks it would otherwise compute and mask.
     span_id, doc_id: (B, L) -> (index (n_docs, Lmax) long: each document's positions in the
-    flattened (B * L) row, B * L where it is padded; mask (n_docs, Lmax, Lmax) bool)."""
+    flattened (B * L) row, B * L where it is padded; mask (n_docs, Lmax, Lmax) bool).
+    Built without a loop over documents: on a GPU each loop step would wait for the device."""
     B, L = span_id.shape
-    rows = [b * L + (doc_id[b] == d).nonzero()[:, 0] for b in range(B) for d in range(int(doc_id[b].max()) + 1)]
-    index = torch.full((len(rows), max(len(r) for r in rows)), B * L, dtype=torch.long, device=span_id.device)
-    for i, r in enumerate(rows):
-        index[i, :len(r)] = r
+    real = doc_id >= 0
+    n_docs = doc_id.max(dim=1).values + 1                   # (B,) documents in each row
+    doc = (n_docs.cumsum(0) - n_docs)[:, None] + doc_id     # (B, L) each token's document, counted over the batch
+    pos = document_positions(doc_id)
+    index = torch.full((int(n_docs.sum()), int(pos[real].max()) + 1), B * L, dtype=torch.long, device=span_id.device)
+    index[doc[real], pos[real]] = torch.arange(B * L, device=span_id.device).view(B, L)[real]
     spans = torch.cat([span_id.reshape(-1), span_id.new_full((1,), -1)])[index]   # padding: text
     return index, transfusion_mask(spans)   # padding rows keep their causal diagonal: never NaN
 
@@ -430,12 +441,10 @@ class AudioChatModel(nn.Module):
         B, L = tokens.shape
         if L > self.config.block_size:
             raise ValueError(f"sequence of {L} tokens is longer than block_size {self.config.block_size}")
-        pos = torch.arange(L, device=tokens.device).expand(B, L)
-        starts = None
-        if doc_id is not None:  # each packed document starts at position 0, as it will when sampled
-            starts = torch.ones_like(doc_id, dtype=torch.bool)
-            starts[:, 1:] = doc_id[:, 1:] != doc_id[:, :-1]
-            pos = pos - torch.where(starts, pos, 0).cummax(dim=1).values
+        pos, starts = torch.arange(L, device=tokens.device).expand(B, L), None
+        if doc_id is not None:
+            pos = document_positions(doc_id)
+            starts = pos == 0   # token shift must not carry over from the document before
         backend = self.backend
         if backend == "flex":
             mask = flex_block_mask(span_id, doc_id)
