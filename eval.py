@@ -34,7 +34,7 @@ from tokenizer import HOP, FRAME_RATE, N_MELS, AudioCodec
 from model import AudioChatModel, document_split, flex_block_mask, transfusion_mask
 from diffusion import SAMPLERS, cfg, rand, sample_audio, transfusion_forcing_loss
 from train import (PRESETS, TrainConfig, autocast_for, collate, load_checkpoint, load_dataset, load_tokenizers, model_config,
-                   opt, pack, parse_config, pick_device, plot_losses, read_split, user_audio)
+                   opt, pack, parse_config, pick_device, pick_dtype, plot_losses, read_split, user_audio)
 from sample import Chat, Turn, timed_lines
 from simulate_data import (EDIT_KINDS, PLAN_ERROR_KINDS, DesignerAgent, PlanError, UserAgent, dry_signal, find,
                            plan_to_text, plot_story, render, run_calls, side_of)
@@ -995,9 +995,11 @@ def causal_lm_loss(model, tokens, doc_id):
     return F.cross_entropy(model.text_head(x)[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
 
 def bench_training(model, seqs, tok, batch_size, device, repeats):
-    """Seconds per training step (forward, backward, AdamW; bf16 autocast on CUDA) of a fresh model of model's
-    shape on rows packed as train.py packs them, with transfusion_forcing_loss and with causal_lm_loss on the
-    same tokens and document mask -> {"audiochat_s", "causal_lm_s", "slowdown": their ratio, "batch": [B, L], "attn"}."""
+    """Seconds per training step (forward, backward, AdamW) of a fresh model of model's shape on rows packed
+    as train.py packs them: with transfusion_forcing_loss and with causal_lm_loss on the same tokens and
+    document mask, in the precision train.py would pick here (pick_dtype), and the AudioChat step in the
+    other precision too (CUDA and CPU) -> {"audiochat_s", "causal_lm_s", "slowdown": their ratio,
+    "float32_s", "bfloat16_s", "dtype", "batch": [B, L], "attn"}."""
     torch.manual_seed(0)
     model = AudioChatModel(model.config).to(device)
     rows = sorted(pack(seqs, model.config.block_size, 0), key=lambda r: -sum(len(seqs[i]["tokens"]) for i in r))
@@ -1006,15 +1008,18 @@ def bench_training(model, seqs, tok, batch_size, device, repeats):
     optimizer, g = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), device.split(":")[0]), torch.Generator().manual_seed(0)
     losses = {"audiochat": lambda: transfusion_forcing_loss(model, batch, tok.special("<|null|>"), generator=g)[0],
               "causal_lm": lambda: causal_lm_loss(model, batch["tokens"], batch["doc_id"])}
-    def step(loss_fn):
-        with autocast_for(device):
+    def step(loss_fn, dtype):
+        with autocast_for(device, dtype):
             loss = loss_fn()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    s = {f"{k}_s": median_time(lambda: step(fn), device, repeats) for k, fn in losses.items()}
-    return {**s, "slowdown": s["audiochat_s"] / s["causal_lm_s"], "batch": list(batch["tokens"].shape),
-            "attn": model.backend}
+    dtype = pick_dtype("auto", device, model.config.n_embd)
+    s = {f"{k}_s": median_time(lambda: step(fn, dtype), device, repeats) for k, fn in losses.items()}
+    for other in {"float32", "bfloat16"} - {dtype} if device.startswith(("cuda", "cpu")) else ():
+        s[f"{other}_s"] = median_time(lambda: step(losses["audiochat"], other), device, repeats)
+    return {**s, f"{dtype}_s": s["audiochat_s"], "slowdown": s["audiochat_s"] / s["causal_lm_s"], "dtype": dtype,
+            "batch": list(batch["tokens"].shape), "attn": model.backend}
 
 @torch.no_grad()
 def recompute_decode(model, prompt, n, stop):
@@ -1133,7 +1138,9 @@ def bench_table(results):
     (B, L), (asked, decoded), sampling = training["batch"], decoding["tokens"], results["sampling"]
     turns = " / ".join(["story", *(f"edit {k}" for k in range(1, len(spans["rows"])))])
     rows = [[f"training step time, AudioChat / a causal LM of the same size, same per-document mask ({B} x {L} tokens, "
-             f"{training['attn']} attention)", f"{training['slowdown']:.2f}x"],
+             f"{training['attn']} attention, {training['dtype']})", f"{training['slowdown']:.2f}x"],
+            ["training step, float32 / bfloat16 autocast (seconds each)", "–" if "bfloat16_s" not in training else
+             f"{training['float32_s'] / training['bfloat16_s']:.2f}x ({training['float32_s']:.3f} / {training['bfloat16_s']:.3f} s)"],
             [f"greedy decoding, speed-up from the KV cache ({decoded} tokens after a {asked}-token request)",
              f"{decoding['speedup']:.1f}x"],
             [f"one audio span, speed-up from the prefix cache: {turns} ({sampling})",

@@ -390,6 +390,23 @@ def test_model_flex_backward_on_cuda():
     pairs = list(zip(backend_outputs("math", device="cuda"), backend_outputs("flex", device="cuda")))
     assert len(pairs) > 2 and all(torch.allclose(a, b, atol=1e-4) for a, b in pairs)
 
+def test_model_bf16_autocast():
+    """--dtype auto: float32 where bf16 does not pay (a CPU below width 256, MPS), bf16 on CUDA; under bf16 the
+    matmuls run in it and the outputs stay float32's to bf16 precision."""
+    assert [train.pick_dtype(*a) for a in (("auto", "cpu", 128), ("auto", "mps", 512), ("auto", "cuda", 128),
+                                           ("bfloat16", "cpu", 128))] == ["float32", "float32", "bfloat16", "bfloat16"]
+    model, (tokens, audio, t, span_id) = tiny_model(), random_batch()
+    with torch.no_grad():
+        for p in model.parameters():   # away from the zero-initialised heads: something to compare
+            p.add_(0.05 * torch.randn_like(p))
+    outputs = []
+    for dtype in ("float32", "bfloat16"):
+        with train.autocast_for("cpu", dtype):
+            outputs.append(model(tokens, audio, t, span_id))
+    (l32, v32), (l16, v16) = outputs
+    assert l32.dtype == torch.float32 and l16.dtype == torch.bfloat16
+    assert (l16.float() - l32).abs().max() < 0.05 * l32.abs().max() and (v16.float() - v32).abs().max() < 0.05 * v32.abs().max()
+
 def test_model_what_each_output_sees():
     """No output sees the future, another row or document (rope); a span sees itself whole; sct's text never sees G."""
     model, (tokens, audio, t, span_id) = tiny_model(), random_batch()

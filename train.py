@@ -40,6 +40,8 @@ from diffusion import alpha_sigma, transfusion_forcing_loss
 # -----------------------------------------------------------------------------
 # configuration: a dataclass whose every field is a --flag (the one config mechanism of the project)
 
+DTYPES = ("auto", "float32", "bfloat16")   # training precision (pick_dtype)
+
 def opt(default, help, choices=None, lo=None, hi=None):
     """A flag: its default, what it does, and what values it accepts (a set of choices or a range)."""
     return field(default=default, metadata={"help": help, "choices": choices, "lo": lo, "hi": hi})
@@ -85,6 +87,8 @@ class TrainConfig:
     log_interval: int = opt(10, "steps between progress-bar updates", lo=1)
     # system
     device: str = opt("auto", "auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps")
+    dtype: str = opt("auto", "precision of the forward and backward (autocast; weights and AdamW stay float32): auto picks "
+                     "bfloat16 on CUDA, and on a CPU from width 256 if its bf16 matmul is >= 1.5x float32's", choices=DTYPES)
     compile: bool = opt(False, "torch.compile the model")
     seed: int = opt(1337, "seed of every random draw", lo=0, hi=2**31 - 1)
 
@@ -415,15 +419,36 @@ def learning_rate(config, it):
 # -----------------------------------------------------------------------------
 # the training loop
 
-def autocast_for(device):
-    """bf16 autocast on CUDA; a no-op context elsewhere (CPU and MPS train in float32)."""
-    return (torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda")
-            else torch.autocast("cpu", enabled=False))
+def pick_dtype(name, device, n_embd):
+    """--dtype -> "float32" or "bfloat16". auto: bfloat16 on CUDA; on a CPU, bfloat16 from width 256 up, if
+    a matmul there (4096 x n_embd @ n_embd x 4 n_embd) runs >= 1.5x faster in it than in float32, timed here
+    in milliseconds (CPUs with AMX or AVX512-BF16 do; others emulate bf16, slowly). Below width 256 a CPU
+    step is attention and bookkeeping more than matmuls, and bf16 did not pay (README). MPS: float32."""
+    if name != "auto":
+        return name
+    if device.startswith("cuda"):
+        return "bfloat16"
+    if device != "cpu" or n_embd < 256:
+        return "float32"
+    def seconds(dtype):
+        a, b = torch.randn(4096, n_embd, dtype=dtype), torch.randn(n_embd, 4 * n_embd, dtype=dtype)
+        a @ b   # warm-up
+        start = time.perf_counter()
+        for _ in range(5):
+            a @ b
+        return time.perf_counter() - start
+    return "bfloat16" if seconds(torch.float32) >= 1.5 * seconds(torch.bfloat16) else "float32"
+
+def autocast_for(device, dtype):
+    """Mixed precision (dtype "bfloat16"): matmuls and attention in bf16, reductions and the losses in
+    float32, as torch.autocast decides; a no-op context for "float32"."""
+    return torch.autocast("cuda" if device.startswith("cuda") else "cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16")
 
 def batch_loss(model, seqs, rows, config, tok, generator, device, cfg_drop_p, per_token=False):
-    """Draw a batch of packed rows with `generator` -> transfusion_forcing_loss on it, under autocast_for(device)."""
+    """Draw a batch of packed rows with `generator` -> transfusion_forcing_loss on it, under autocast_for
+    (config.dtype: pick_dtype's answer by then)."""
     batch = get_batch(seqs, rows, config.batch_size, generator, tok.special("<|pad|>"), device)
-    with autocast_for(device):
+    with autocast_for(device, config.dtype):
         return transfusion_forcing_loss(model, batch, null_id=tok.special("<|null|>"), lambda_audio=config.lambda_audio,
                                         cfg_drop_p=cfg_drop_p, noise_shift=config.noise_shift, generator=generator,
                                         per_token=per_token)
@@ -451,8 +476,8 @@ def validate(model, seqs, rows, config, tok, device):
     return {"loss": loss, "ce": ce, "mse": mse, "x0_err": (err / power).tolist()}  # 0 / 0 = NaN: an empty bin
 
 def check_config(config, device):
-    """Refuse, with one line each, what the flags alone show cannot work: a model shape, or flex
-    attention off CUDA (FlexAttention has no backward there)."""
+    """Refuse, with one line each, what the flags alone show cannot work: a model shape, flex
+    attention off CUDA (FlexAttention has no backward there), bf16 on MPS."""
     try:
         model_config(config, vocab_size=1)
     except ValueError as e:
@@ -460,6 +485,8 @@ def check_config(config, device):
     if config.attn == "flex" and not device.startswith("cuda"):
         raise SystemExit(f"error: --attn=flex trains only on CUDA (PyTorch has no FlexAttention backward on "
                          f"{device.split(':')[0]}); use --attn=sdpa (fast) or --attn=math (readable)")
+    if config.dtype == "bfloat16" and not device.startswith(("cuda", "cpu")):
+        raise SystemExit(f"error: --dtype=bfloat16 trains on CUDA or a CPU; use --dtype=float32 on {device}")
 
 def train(config):
     """Run training as config says; returns the list of log rows (dicts, one per step)."""
@@ -468,6 +495,7 @@ def train(config):
     rank = 0
     device = pick_device(config.device)
     check_config(config, device)
+    config.dtype = pick_dtype(config.dtype, device, config.n_embd)   # resolved once: the checkpoint records what ran
     ckpt_path = os.path.join(config.out_dir, "ckpt.pt")
     log_path = os.path.join(config.out_dir, "log.csv")
     ckpt = None
@@ -528,7 +556,8 @@ def train(config):
         text_rows = pack(text_seqs, config.block_size, config.seed)
 
     if master:
-        print(f"{config.arch} model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}; "
+        print(f"{config.arch} model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device} "
+              f"({config.dtype}); "
               f"{len(train_seqs)} train dialogues packed in {len(train_rows)} rows of <= {config.block_size} tokens")
     raw_model = model
     if config.compile:
