@@ -994,12 +994,30 @@ def causal_lm_loss(model, tokens, doc_id):
         x, _ = block(x, mask, backend, rope, text >= 0)
     return F.cross_entropy(model.text_head(x)[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
 
+def matmul_peak(device, dtype):
+    """FLOP/s of a square matmul in dtype ("float32" | "bfloat16") on device, 4096 wide on CUDA and 2048
+    elsewhere: the peak an MFU is measured against, taken in the same run as the step it judges."""
+    n = 4096 if device.startswith("cuda") else 2048
+    a, b = (torch.randn(n, n, device=device, dtype=getattr(torch, dtype)) for _ in range(2))
+    return 2 * n ** 3 / median_time(lambda: a @ b, device, repeats=5)
+
+def step_flops(model, batch):
+    """Model FLOPs of one training step (forward and backward) on a collated batch, counted as PaLM and
+    nanoGPT's estimate_mfu count them: 6 per weight per token, plus 12 n_layer n_embd per (query, key)
+    pair of a document (a packed row attends one document at a time)."""
+    doc_id, c = batch["doc_id"], model.config
+    lengths = torch.stack([(doc_id == d).sum(1) for d in range(int(doc_id.max()) + 1)])   # (n_docs per row, B)
+    tokens = int((doc_id >= 0).sum())
+    return 6 * sum(p.numel() for p in model.parameters()) * tokens + 12 * (c.n_layer + c.n_gen_layer) * c.n_embd * int(
+        (lengths ** 2).sum())
+
 def bench_training(model, seqs, tok, batch_size, device, repeats):
     """Seconds per training step (forward, backward, AdamW) of a fresh model of model's shape on rows packed
     as train.py packs them: with transfusion_forcing_loss and with causal_lm_loss on the same tokens and
     document mask, in the precision train.py would pick here (pick_dtype), and the AudioChat step in the
-    other precision too (CUDA and CPU) -> {"audiochat_s", "causal_lm_s", "slowdown": their ratio,
-    "float32_s", "bfloat16_s", "dtype", "batch": [B, L], "attn"}."""
+    other precision too (CUDA and CPU), and the AudioChat step's MFU (step_flops against matmul_peak in its
+    precision) -> {"audiochat_s", "causal_lm_s", "slowdown": their ratio, "float32_s", "bfloat16_s", "dtype",
+    "model_flops_per_s", "matmul_peak_flops_per_s", "mfu", "batch": [B, L], "attn"}."""
     torch.manual_seed(0)
     model = AudioChatModel(model.config).to(device)
     rows = sorted(pack(seqs, model.config.block_size, 0), key=lambda r: -sum(len(seqs[i]["tokens"]) for i in r))
@@ -1018,7 +1036,9 @@ def bench_training(model, seqs, tok, batch_size, device, repeats):
     s = {f"{k}_s": median_time(lambda: step(fn, dtype), device, repeats) for k, fn in losses.items()}
     for other in {"float32", "bfloat16"} - {dtype} if device.startswith(("cuda", "cpu")) else ():
         s[f"{other}_s"] = median_time(lambda: step(losses["audiochat"], other), device, repeats)
+    achieved, peak = step_flops(model, batch) / s["audiochat_s"], matmul_peak(device, dtype)
     return {**s, f"{dtype}_s": s["audiochat_s"], "slowdown": s["audiochat_s"] / s["causal_lm_s"], "dtype": dtype,
+            "model_flops_per_s": achieved, "matmul_peak_flops_per_s": peak, "mfu": achieved / peak,
             "batch": list(batch["tokens"].shape), "attn": model.backend}
 
 @torch.no_grad()
@@ -1139,6 +1159,8 @@ def bench_table(results):
     turns = " / ".join(["story", *(f"edit {k}" for k in range(1, len(spans["rows"])))])
     rows = [[f"training step time, AudioChat / a causal LM of the same size, same per-document mask ({B} x {L} tokens, "
              f"{training['attn']} attention, {training['dtype']})", f"{training['slowdown']:.2f}x"],
+            [f"training step's model FLOP/s against this device's {training['dtype']} matmul peak (MFU)",
+             f"{training['mfu']:.0%} ({training['model_flops_per_s'] / 1e12:.2f} / {training['matmul_peak_flops_per_s'] / 1e12:.2f} TFLOP/s)"],
             ["training step, float32 / bfloat16 autocast (seconds each)", "–" if "bfloat16_s" not in training else
              f"{training['float32_s'] / training['bfloat16_s']:.2f}x ({training['float32_s']:.3f} / {training['bfloat16_s']:.3f} s)"],
             [f"greedy decoding, speed-up from the KV cache ({decoded} tokens after a {asked}-token request)",

@@ -971,6 +971,13 @@ def test_bench_causal_lm_baseline_is_the_models_own_text_path():
     ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), toks[:, 1:].flatten())
     assert torch.allclose(E.causal_lm_loss(dense, toks, torch.tensor([[0] * 6 + [1] * 5] * 2)), ce, atol=1e-5)
 
+def test_bench_step_flops_by_hand():
+    """MFU's numerator: 6 per weight per token, 12 n_layer n_embd per (query, key) pair of each packed document."""
+    model = tiny_model()
+    c, n = model.config, sum(p.numel() for p in model.parameters())
+    batch = {"doc_id": torch.tensor([[0, 0, 0, 1, 1, -1], [0, 0, 0, 0, -1, -1]])}   # documents of 3, 2 and 4 tokens
+    assert E.step_flops(model, batch) == 6 * n * 9 + 12 * (c.n_layer + c.n_gen_layer) * c.n_embd * (9 + 4 + 16)
+
 def test_bench_writes_bench_json():
     """`eval.py --bench`, small, with no checkpoint and an untrained one: bench.json holds its ratios, all finite and > 0."""
     def numbers(x, key=""):   # (key, number) for every number in a nested value (booleans are not numbers)
