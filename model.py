@@ -368,7 +368,7 @@ class AudioChatModel(nn.Module):
         self.diffusion_head = DiffusionHead(config)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
-            if name.endswith("c_proj.weight"):
+            if ".c_proj." in name:   # MoT: attn.c_proj.text.weight and .audio.weight too
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_blocks))
         nn.init.zeros_(self.diffusion_head.out.weight)  # predict v = 0 at first: a calm start for the MSE
         if self.shift is not None:

@@ -447,6 +447,11 @@ def test_mot_sends_each_modality_through_its_own_weights():
         assert all(g == (f".{unused}." not in name) for name, g in grads.items()), (unused, grads)
     n = {arch: sum(p.numel() for p in tiny_model(arch=arch).blocks.parameters()) for arch in ("sct", "dense", "mot")}
     assert n["sct"] == n["dense"] and n["mot"] == 2 * n["sct"]   # a copy of every block weight per modality
+    sct, mot = (dict(tiny_model(arch=a).named_parameters()) for a in ("sct", "mot"))   # GPT-2's init, copy by copy
+    for name, copy in (("attn.c_proj", "attn.c_proj.{}"), ("mlp.c_proj", "mlp.{}.c_proj")):
+        std = [float(p.std()) for p in (sct[f"blocks.0.{name}.weight"], *(mot[f"blocks.0.{copy.format(m)}.weight"]
+                                                                          for m in ("text", "audio")))]
+        assert max(std) < 1.3 * min(std), (name, std)
 
 def test_model_audio_embedding_norm_matches_text():
     """A patch enters at the text embeddings' mean norm, whatever its scale."""
