@@ -33,8 +33,8 @@ from tqdm import tqdm
 from tokenizer import HOP, FRAME_RATE, N_MELS, AudioCodec
 from model import AudioChatModel, document_split, flex_block_mask, transfusion_mask
 from diffusion import SAMPLERS, cfg, rand, sample_audio, transfusion_forcing_loss
-from train import (PRESETS, TrainConfig, autocast_for, collate, load_checkpoint, load_dataset, load_tokenizers, model_config,
-                   opt, pack, parse_config, pick_device, pick_dtype, plot_losses, read_split, user_audio)
+from train import (PRESETS, TrainConfig, autocast_for, collate, load_checkpoint, load_dataset, load_tokenizers, matmul_flops,
+                   model_config, opt, pack, parse_config, pick_device, pick_dtype, plot_losses, read_split, user_audio)
 from sample import Chat, Turn, timed_lines
 from simulate_data import (EDIT_KINDS, PLAN_ERROR_KINDS, DesignerAgent, PlanError, UserAgent, dry_signal, find,
                            plan_to_text, plot_story, render, run_calls, side_of)
@@ -994,13 +994,6 @@ def causal_lm_loss(model, tokens, doc_id):
         x, _ = block(x, mask, backend, rope, text >= 0)
     return F.cross_entropy(model.text_head(x)[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
 
-def matmul_peak(device, dtype):
-    """FLOP/s of a square matmul in dtype ("float32" | "bfloat16") on device, 4096 wide on CUDA and 2048
-    elsewhere: the peak an MFU is measured against, taken in the same run as the step it judges."""
-    n = 4096 if device.startswith("cuda") else 2048
-    a, b = (torch.randn(n, n, device=device, dtype=getattr(torch, dtype)) for _ in range(2))
-    return 2 * n ** 3 / median_time(lambda: a @ b, device, repeats=5)
-
 def step_flops(model, batch):
     """Model FLOPs of one training step (forward and backward) on a collated batch, counted as PaLM and
     nanoGPT's estimate_mfu count them: 6 per weight per token, plus 12 n_layer n_embd per (query, key)
@@ -1015,7 +1008,7 @@ def bench_training(model, seqs, tok, batch_size, device, repeats):
     """Seconds per training step (forward, backward, AdamW) of a fresh model of model's shape on rows packed
     as train.py packs them: with transfusion_forcing_loss and with causal_lm_loss on the same tokens and
     document mask, in the precision train.py would pick here (pick_dtype), and the AudioChat step in the
-    other precision too (CUDA and CPU), and the AudioChat step's MFU (step_flops against matmul_peak in its
+    other precision too (CUDA and CPU), and the AudioChat step's MFU (step_flops against a square matmul's matmul_flops in its
     precision) -> {"audiochat_s", "causal_lm_s", "slowdown": their ratio, "float32_s", "bfloat16_s", "dtype",
     "model_flops_per_s", "matmul_peak_flops_per_s", "mfu", "batch": [B, L], "attn"}."""
     torch.manual_seed(0)
@@ -1036,7 +1029,8 @@ def bench_training(model, seqs, tok, batch_size, device, repeats):
     s = {f"{k}_s": median_time(lambda: step(fn, dtype), device, repeats) for k, fn in losses.items()}
     for other in {"float32", "bfloat16"} - {dtype} if device.startswith(("cuda", "cpu")) else ():
         s[f"{other}_s"] = median_time(lambda: step(losses["audiochat"], other), device, repeats)
-    achieved, peak = step_flops(model, batch) / s["audiochat_s"], matmul_peak(device, dtype)
+    n = 4096 if device.startswith("cuda") else 2048   # a square matmul: the peak an MFU is measured against
+    achieved, peak = step_flops(model, batch) / s["audiochat_s"], matmul_flops(device, dtype, n, n, n)
     return {**s, f"{dtype}_s": s["audiochat_s"], "slowdown": s["audiochat_s"] / s["causal_lm_s"], "dtype": dtype,
             "model_flops_per_s": achieved, "matmul_peak_flops_per_s": peak, "mfu": achieved / peak,
             "batch": list(batch["tokens"].shape), "attn": model.backend}

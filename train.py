@@ -419,25 +419,33 @@ def learning_rate(config, it):
 # -----------------------------------------------------------------------------
 # the training loop
 
+def matmul_flops(device, dtype, m, k, n, repeats=5):
+    """FLOP/s of an (m x k) @ (k x n) matmul in dtype ("float32" | "bfloat16") on device: the median of
+    `repeats` timed calls after a warm-up, the device synchronised around each."""
+    sync = getattr(torch, device.split(":")[0]).synchronize if device != "cpu" else (lambda: None)   # CUDA, MPS: async
+    a, b = (torch.randn(*shape, device=device, dtype=getattr(torch, dtype)) for shape in ((m, k), (k, n)))
+    times = []
+    for _ in range(repeats + 1):
+        sync()
+        start = time.perf_counter()
+        a @ b
+        sync()
+        times.append(time.perf_counter() - start)
+    return 2 * m * k * n / sorted(times[1:])[repeats // 2]
+
 def pick_dtype(name, device, n_embd):
     """--dtype -> "float32" or "bfloat16". auto: bfloat16 on CUDA; on a CPU, bfloat16 from width 256 up, if
-    a matmul there (4096 x n_embd @ n_embd x 4 n_embd) runs >= 1.5x faster in it than in float32, timed here
-    in milliseconds (CPUs with AMX or AVX512-BF16 do; others emulate bf16, slowly). Below width 256 a CPU
-    step is attention and bookkeeping more than matmuls, and bf16 did not pay (README). MPS: float32."""
+    a matmul there (4096 x n_embd @ n_embd x 4 n_embd) runs >= 1.5x faster in it than in float32 (CPUs with
+    AMX or AVX512-BF16 do; others emulate bf16, slowly). Below width 256 a CPU step is attention and
+    bookkeeping more than matmuls, and bf16 did not pay (README). MPS: float32."""
     if name != "auto":
         return name
     if device.startswith("cuda"):
         return "bfloat16"
     if device != "cpu" or n_embd < 256:
         return "float32"
-    def seconds(dtype):
-        a, b = torch.randn(4096, n_embd, dtype=dtype), torch.randn(n_embd, 4 * n_embd, dtype=dtype)
-        a @ b   # warm-up
-        start = time.perf_counter()
-        for _ in range(5):
-            a @ b
-        return time.perf_counter() - start
-    return "bfloat16" if seconds(torch.float32) >= 1.5 * seconds(torch.bfloat16) else "float32"
+    bf16, fp32 = (matmul_flops("cpu", d, 4096, n_embd, 4 * n_embd) for d in ("bfloat16", "float32"))
+    return "bfloat16" if bf16 >= 1.5 * fp32 else "float32"
 
 def autocast_for(device, dtype):
     """Mixed precision (dtype "bfloat16"): matmuls and attention in bf16, reductions and the losses in
