@@ -1007,10 +1007,10 @@ def step_flops(model, batch):
 def bench_training(model, seqs, tok, batch_size, device, repeats):
     """Seconds per training step (forward, backward, AdamW) of a fresh model of model's shape on rows packed
     as train.py packs them: with transfusion_forcing_loss and with causal_lm_loss on the same tokens and
-    document mask, in the precision train.py would pick here (pick_dtype), and the AudioChat step in the
-    other precision too (CUDA and CPU), and the AudioChat step's MFU (step_flops against a square matmul's matmul_flops in its
-    precision) -> {"audiochat_s", "causal_lm_s", "slowdown": their ratio, "float32_s", "bfloat16_s", "dtype",
-    "model_flops_per_s", "matmul_peak_flops_per_s", "mfu", "batch": [B, L], "attn"}."""
+    document mask, in the precision train.py would pick here (pick_dtype); the AudioChat step in the other
+    precision too (CUDA and CPU), and its MFU: step_flops per second against a square matmul's FLOP/s in
+    its precision -> {"audiochat_s", "causal_lm_s", "slowdown": their ratio, "float32_s", "bfloat16_s",
+    "dtype", "model_flops_per_s", "matmul_peak_flops_per_s", "mfu", "batch": [B, L], "attn"}."""
     torch.manual_seed(0)
     model = AudioChatModel(model.config).to(device)
     rows = sorted(pack(seqs, model.config.block_size, 0), key=lambda r: -sum(len(seqs[i]["tokens"]) for i in r))
