@@ -31,10 +31,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from tokenizer import HOP, FRAME_RATE, N_MELS, AudioCodec
-from model import AudioChatModel, document_split, flex_block_mask, transfusion_mask
+from model import AudioChatModel, document_positions, document_split, flex_block_mask, transfusion_mask
 from diffusion import SAMPLERS, cfg, rand, sample_audio, transfusion_forcing_loss
 from train import (PRESETS, TrainConfig, autocast_for, collate, load_checkpoint, load_dataset, load_tokenizers, matmul_flops,
-                   model_config, opt, pack, parse_config, pick_device, pick_dtype, plot_losses, read_split, user_audio)
+                   median_time, model_config, opt, pack, parse_config, pick_device, pick_dtype, plot_losses, read_split, user_audio)
 from sample import Chat, Turn, timed_lines
 from simulate_data import (EDIT_KINDS, PLAN_ERROR_KINDS, DesignerAgent, PlanError, UserAgent, dry_signal, find,
                            plan_to_text, plot_story, render, run_calls, side_of)
@@ -968,19 +968,6 @@ def evaluate(config):
 BENCH_DIALOGUES, DECODE_TOKENS, SAMPLER_STORIES, E2E_STORIES = 16, 100, 4, 3
 SAMPLER_RUNS = (("ddim", 150), ("dpmpp", 10), ("dpmpp", 15), ("dpmpp", 25))
 
-def median_time(fn, device, repeats=3, warmup=1):
-    """Median seconds of fn() over `repeats` calls after `warmup` untimed ones (compilation, allocator
-    growth), the device synchronised before each clock read: CUDA and MPS run asynchronously."""
-    sync = getattr(torch, device.split(":")[0]).synchronize if device != "cpu" else (lambda: None)
-    times = []
-    for _ in range(warmup + repeats):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times[warmup:]))
-
 def causal_lm_loss(model, tokens, doc_id):
     """The training row's baseline, model's layers as a plain GPT: tokens, doc_id (B, L) -> the mean
     next-token cross-entropy, every block under the causal mask within each document (as model.forward
@@ -995,14 +982,14 @@ def causal_lm_loss(model, tokens, doc_id):
     return F.cross_entropy(model.text_head(x)[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
 
 def step_flops(model, batch):
-    """Model FLOPs of one training step (forward and backward) on a collated batch, counted as PaLM and
-    nanoGPT's estimate_mfu count them: 6 per weight per token, plus 12 n_layer n_embd per (query, key)
-    pair of a document (a packed row attends one document at a time)."""
-    doc_id, c = batch["doc_id"], model.config
-    lengths = torch.stack([(doc_id == d).sum(1) for d in range(int(doc_id.max()) + 1)])   # (n_docs per row, B)
-    tokens = int((doc_id >= 0).sum())
-    return 6 * sum(p.numel() for p in model.parameters()) * tokens + 12 * (c.n_layer + c.n_gen_layer) * c.n_embd * int(
-        (lengths ** 2).sum())
+    """Model FLOPs of one training step (forward and backward) on a collated batch, PaLM's count as in
+    nanoGPT's estimate_mfu: 6 per weight a token passes (MoT: one copy of each layer) per token, plus
+    12 n_layer n_embd per (query, key) pair, the pairs counted inside each packed document (nanoGPT
+    counts the whole block). A document of n tokens has n^2 pairs, the sum of 2 p + 1 over its positions p."""
+    c, real = model.config, batch["doc_id"] >= 0
+    weights = sum(p.numel() for name, p in model.named_parameters() if ".audio." not in name)
+    pairs = int((2 * document_positions(batch["doc_id"]) + 1)[real].sum())
+    return 6 * weights * int(real.sum()) + 12 * (c.n_layer + c.n_gen_layer) * c.n_embd * pairs
 
 def bench_training(model, seqs, tok, batch_size, device, repeats):
     """Seconds per training step (forward, backward, AdamW) of a fresh model of model's shape on rows packed
@@ -1027,7 +1014,8 @@ def bench_training(model, seqs, tok, batch_size, device, repeats):
         optimizer.step()
     dtype = pick_dtype("auto", device, model.config.n_embd)
     s = {f"{k}_s": median_time(lambda: step(fn, dtype), device, repeats) for k, fn in losses.items()}
-    for other in {"float32", "bfloat16"} - {dtype} if device.startswith(("cuda", "cpu")) else ():
+    if device.startswith(("cuda", "cpu")):   # the other precision, for the bench's float32 / bf16 row
+        other = "float32" if dtype == "bfloat16" else "bfloat16"
         s[f"{other}_s"] = median_time(lambda: step(losses["audiochat"], other), device, repeats)
     n = 4096 if device.startswith("cuda") else 2048   # a square matmul: the peak an MFU is measured against
     achieved, peak = step_flops(model, batch) / s["audiochat_s"], matmul_flops(device, dtype, n, n, n)

@@ -81,15 +81,16 @@ def document_split(span_id, doc_id):
     boundary, so attention over a row of k documents is k attentions of one document each, and a
     dense kernel (sdpa) skips the cross-document blocks it would otherwise compute and mask.
     span_id, doc_id: (B, L) -> (index (n_docs, Lmax) long: each document's positions in the
-    flattened (B * L) row, B * L where it is padded; mask (n_docs, Lmax, Lmax) bool).
-    Built without a loop over documents: on a GPU each loop step would wait for the device."""
+    flattened (B * L) row, B * L where it is padded; mask (n_docs, Lmax, Lmax) bool). Each document is
+    one run of its id, padding (-1) at the row's end. No loop over documents: on a GPU every step of
+    one would wait for the device."""
     B, L = span_id.shape
     real = doc_id >= 0
     n_docs = doc_id.max(dim=1).values + 1                   # (B,) documents in each row
     doc = (n_docs.cumsum(0) - n_docs)[:, None] + doc_id     # (B, L) each token's document, counted over the batch
-    pos = document_positions(doc_id)
-    index = torch.full((int(n_docs.sum()), int(pos[real].max()) + 1), B * L, dtype=torch.long, device=span_id.device)
-    index[doc[real], pos[real]] = torch.arange(B * L, device=span_id.device).view(B, L)[real]
+    pos = document_positions(doc_id)[real]
+    index = torch.full((int(n_docs.sum()), int(pos.max()) + 1), B * L, dtype=torch.long, device=span_id.device)
+    index[doc[real], pos] = torch.arange(B * L, device=span_id.device).view(B, L)[real]
     spans = torch.cat([span_id.reshape(-1), span_id.new_full((1,), -1)])[index]   # padding: text
     return index, transfusion_mask(spans)   # padding rows keep their causal diagonal: never NaN
 

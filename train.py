@@ -419,25 +419,30 @@ def learning_rate(config, it):
 # -----------------------------------------------------------------------------
 # the training loop
 
-def matmul_flops(device, dtype, m, k, n, repeats=5):
-    """FLOP/s of an (m x k) @ (k x n) matmul in dtype ("float32" | "bfloat16") on device: the median of
-    `repeats` timed calls after a warm-up, the device synchronised around each."""
-    sync = getattr(torch, device.split(":")[0]).synchronize if device != "cpu" else (lambda: None)   # CUDA, MPS: async
-    a, b = (torch.randn(*shape, device=device, dtype=getattr(torch, dtype)) for shape in ((m, k), (k, n)))
+def median_time(fn, device, repeats=3, warmup=1):
+    """Median seconds of fn() over `repeats` calls after `warmup` untimed ones (compilation, allocator
+    growth), the device synchronised before each clock read: CUDA and MPS run asynchronously."""
+    sync = {"cuda": lambda: torch.cuda.synchronize(device), "mps": lambda: torch.mps.synchronize()}.get(
+        device.split(":")[0], lambda: None)
     times = []
-    for _ in range(repeats + 1):
+    for _ in range(warmup + repeats):
         sync()
-        start = time.perf_counter()
-        a @ b
+        t0 = time.perf_counter()
+        fn()
         sync()
-        times.append(time.perf_counter() - start)
-    return 2 * m * k * n / sorted(times[1:])[repeats // 2]
+        times.append(time.perf_counter() - t0)
+    return sorted(times[warmup:])[repeats // 2]
+
+def matmul_flops(device, dtype, m, k, n):
+    """FLOP/s of an (m x k) @ (k x n) matmul in dtype ("float32" | "bfloat16") on device (median_time of 5)."""
+    a, b = (torch.randn(*shape, device=device, dtype=getattr(torch, dtype)) for shape in ((m, k), (k, n)))
+    return 2 * m * k * n / median_time(lambda: a @ b, device, repeats=5)
 
 def pick_dtype(name, device, n_embd):
     """--dtype -> "float32" or "bfloat16". auto: bfloat16 on CUDA; on a CPU, bfloat16 from width 256 up, if
     a matmul there (4096 x n_embd @ n_embd x 4 n_embd) runs >= 1.5x faster in it than in float32 (CPUs with
     AMX or AVX512-BF16 do; others emulate bf16, slowly). Below width 256 a CPU step is attention and
-    bookkeeping more than matmuls, and bf16 did not pay (README). MPS: float32."""
+    bookkeeping more than matmuls, where bf16 gains little. MPS: float32."""
     if name != "auto":
         return name
     if device.startswith("cuda"):
@@ -448,8 +453,8 @@ def pick_dtype(name, device, n_embd):
     return "bfloat16" if bf16 >= 1.5 * fp32 else "float32"
 
 def autocast_for(device, dtype):
-    """Mixed precision (dtype "bfloat16"): matmuls and attention in bf16, reductions and the losses in
-    float32, as torch.autocast decides; a no-op context for "float32"."""
+    """Mixed precision (dtype "bfloat16"): torch.autocast runs matmuls and attention in bf16 and keeps
+    reductions in float32 (the losses cast to float32 themselves); a no-op context for "float32"."""
     return torch.autocast("cuda" if device.startswith("cuda") else "cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16")
 
 def batch_loss(model, seqs, rows, config, tok, generator, device, cfg_drop_p, per_token=False):
@@ -503,7 +508,6 @@ def train(config):
     rank = 0
     device = pick_device(config.device)
     check_config(config, device)
-    config.dtype = pick_dtype(config.dtype, device, config.n_embd)   # resolved once: the checkpoint records what ran
     ckpt_path = os.path.join(config.out_dir, "ckpt.pt")
     log_path = os.path.join(config.out_dir, "log.csv")
     ckpt = None
@@ -515,6 +519,9 @@ def train(config):
         if ckpt["iter_num"] >= config.max_iters:
             raise SystemExit(f"error: {ckpt_path} is already at step {ckpt['iter_num']}, so --max_iters={config.max_iters} "
                              f"has nothing left to train (give a larger --max_iters; nothing was changed)")
+        if config.dtype == "auto":   # a resumed run keeps the precision it ran in
+            config.dtype = ckpt["config"].get("dtype", "auto")
+    config.dtype = pick_dtype(config.dtype, device, config.n_embd)   # resolved once: the checkpoint records what ran
     if ddp:
         import torch.distributed as dist
         on_gpu = device.startswith("cuda")
