@@ -33,7 +33,7 @@ from tqdm import tqdm
 from tokenizer import HOP, FRAME_RATE, N_MELS, AudioCodec
 from model import AudioChatModel, document_positions, document_split, flex_block_mask, transfusion_mask
 from diffusion import SAMPLERS, cfg, rand, sample_audio, transfusion_forcing_loss
-from train import (PRESETS, TrainConfig, autocast_for, collate, load_checkpoint, load_dataset, load_tokenizers, matmul_flops,
+from train import (BF16_DEVICES, PRESETS, TrainConfig, autocast_for, collate, load_checkpoint, load_dataset, load_tokenizers, matmul_flops,
                    median_time, model_config, opt, pack, parse_config, pick_device, pick_dtype, plot_losses, read_split, user_audio)
 from sample import Chat, Turn, timed_lines
 from simulate_data import (EDIT_KINDS, PLAN_ERROR_KINDS, DesignerAgent, PlanError, UserAgent, dry_signal, find,
@@ -1014,7 +1014,7 @@ def bench_training(model, seqs, tok, batch_size, device, repeats):
         optimizer.step()
     dtype = pick_dtype("auto", device, model.config.n_embd)
     s = {f"{k}_s": median_time(lambda: step(fn, dtype), device, repeats) for k, fn in losses.items()}
-    if device.startswith(("cuda", "cpu")):   # the other precision, for the bench's float32 / bf16 row
+    if device.startswith(BF16_DEVICES):   # the other precision, for the bench's float32 / bf16 row
         other = "float32" if dtype == "bfloat16" else "bfloat16"
         s[f"{other}_s"] = median_time(lambda: step(losses["audiochat"], other), device, repeats)
     n = 4096 if device.startswith("cuda") else 2048   # a square matmul: the peak an MFU is measured against

@@ -41,6 +41,7 @@ from diffusion import alpha_sigma, transfusion_forcing_loss
 # configuration: a dataclass whose every field is a --flag (the one config mechanism of the project)
 
 DTYPES = ("auto", "float32", "bfloat16")   # training precision (pick_dtype)
+BF16_DEVICES = ("cuda", "cpu")            # where torch.autocast runs bf16 (not MPS)
 
 def opt(default, help, choices=None, lo=None, hi=None):
     """A flag: its default, what it does, and what values it accepts (a set of choices or a range)."""
@@ -447,7 +448,7 @@ def pick_dtype(name, device, n_embd):
         return name
     if device.startswith("cuda"):
         return "bfloat16"
-    if device != "cpu" or n_embd < 256:
+    if not device.startswith(BF16_DEVICES) or n_embd < 256:
         return "float32"
     bf16, fp32 = (matmul_flops("cpu", d, 4096, n_embd, 4 * n_embd) for d in ("bfloat16", "float32"))
     return "bfloat16" if bf16 >= 1.5 * fp32 else "float32"
@@ -498,7 +499,7 @@ def check_config(config, device):
     if config.attn == "flex" and not device.startswith("cuda"):
         raise SystemExit(f"error: --attn=flex trains only on CUDA (PyTorch has no FlexAttention backward on "
                          f"{device.split(':')[0]}); use --attn=sdpa (fast) or --attn=math (readable)")
-    if config.dtype == "bfloat16" and not device.startswith(("cuda", "cpu")):
+    if config.dtype == "bfloat16" and not device.startswith(BF16_DEVICES):
         raise SystemExit(f"error: --dtype=bfloat16 trains on CUDA or a CPU; use --dtype=float32 on {device}")
 
 def train(config):
